@@ -1,0 +1,64 @@
+"""FHIR dates as intervals (a partial date like `1950-03` is a whole month) and month arithmetic."""
+
+from __future__ import annotations
+
+import calendar
+from dataclasses import dataclass
+from datetime import date
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class DateSpan:
+    """The earliest and latest day a (possibly partial) FHIR date can mean."""
+
+    earliest: date
+    latest: date
+
+    @property
+    def exact(self) -> bool:
+        """True when the date is known to the day."""
+        return self.earliest == self.latest
+
+    def __str__(self) -> str:
+        return self.earliest.isoformat() if self.exact else f"{self.earliest}..{self.latest}"
+
+
+def parse_fhir_date(value: object) -> DateSpan | None:
+    """Parse a FHIR date or dateTime (`YYYY`, `YYYY-MM`, `YYYY-MM-DD[T...]`); None if unusable."""
+    if not isinstance(value, str) or len(value) < 4:
+        return None
+    text = value.strip()[:10]
+    try:
+        year = int(text[:4])
+        if len(text) == 4:
+            return DateSpan(date(year, 1, 1), date(year, 12, 31))
+        month = int(text[5:7])
+        if len(text) == 7:
+            last = calendar.monthrange(year, month)[1]
+            return DateSpan(date(year, month, 1), date(year, month, last))
+        day = date(year, month, int(text[8:10]))
+    except ValueError:
+        return None
+    return DateSpan(day, day)
+
+
+def add_months(day: date, months: int) -> date:
+    """The same day `months` later, clipped to the month's end (Jan 31 + 1 month = Feb 28/29)."""
+    month_index = day.month - 1 + months
+    year = day.year + month_index // 12
+    month = month_index % 12 + 1
+    return date(year, month, min(day.day, calendar.monthrange(year, month)[1]))
+
+
+def years_between(start: date, end: date) -> float:
+    """Whole and fractional years from start to end, calendar-aware for birthdays."""
+    years = end.year - start.year - ((end.month, end.day) < (start.month, start.day))
+    anniversary = add_months(start, 12 * years)
+    next_anniversary = add_months(start, 12 * (years + 1))
+    fraction = (end - anniversary).days / max((next_anniversary - anniversary).days, 1)
+    return years + fraction
+
+
+def age_span(birth: DateSpan, at: DateSpan) -> tuple[float, float]:
+    """The youngest and oldest age a person can have had at a date, given partial dates."""
+    return years_between(birth.latest, at.earliest), years_between(birth.earliest, at.latest)

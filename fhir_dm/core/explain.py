@@ -1,0 +1,120 @@
+"""Plain-language explanation of an assessment and plan, shared by every output format.
+
+The RiskAssessment notes, the CarePlan narrative, the CLI summary and the CDS Hooks card all
+render this one structure, so they never disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fhir_dm.core.plan import Plan, PlanItem
+from fhir_dm.knowledge.models import Knowledge
+
+FACTOR_CLASS_LABELS = {
+    "factor-high": "High-risk factor",
+    "factor-intermediate": "Intermediate-risk factor",
+    "factor-low": "Low-risk factor (recorded; does not change the tier)",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleRow:
+    """One line of the schedule table."""
+
+    round_label: str
+    test: str
+    due_start: str
+    due_end: str
+    consider: bool
+    condition: str
+    overdue: bool
+    rules: str
+    not_imacs: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """Everything a clinician reads about one patient's assessment."""
+
+    headline: str
+    tier_label: str | None
+    preliminary: bool
+    reasons: tuple[str, ...]
+    notices: tuple[str, ...]
+    unknown_facts: tuple[str, ...]
+    findings: tuple[str, ...]
+    schedule: tuple[ScheduleRow, ...]
+    ruleset: str
+    guideline: str
+    onset: str
+
+
+def _row(plan: Plan, item: PlanItem, knowledge: Knowledge) -> ScheduleRow:
+    test = knowledge.ruleset.tests[item.test_id]
+    return ScheduleRow(
+        round_label=item.round_label,
+        test=test.display,
+        due_start=item.due_start.isoformat(),
+        due_end=item.due_end.isoformat(),
+        consider=item.conditional,
+        condition=item.condition_text,
+        overdue=plan.overdue(item),
+        rules=", ".join(r.id for r in item.rules),
+        not_imacs=item.labelled_not_imacs,
+    )
+
+
+def explain(plan: Plan, knowledge: Knowledge) -> Explanation:
+    """Build the explanation of one patient's plan."""
+    a = plan.assessment
+    rs = knowledge.ruleset
+    tier_label = rs.tiers.level(a.tier).label if a.tier else None
+    if a.in_scope and tier_label:
+        headline = f"{tier_label} of IIM-associated cancer" + (
+            " (preliminary)" if a.preliminary else ""
+        )
+    else:
+        headline = f"Not stratified: {a.scope_reason}"
+    reasons = []
+    for f in a.factors:
+        label = FACTOR_CLASS_LABELS.get(f.kind, f.kind)
+        facts = "; ".join(f.facts)
+        reasons.append(
+            f"{label}: {f.label} [{facts}] (rule {f.id}; evidence {f.evidence}: {f.source})"
+        )
+    if a.in_scope and not a.factors:
+        reasons.append("No risk factor was recorded.")
+    if a.preliminary:
+        reasons.append(
+            "Preliminary: the tier could rise once these are known: "
+            + ", ".join(a.preliminary_because)
+            + "."
+        )
+    for item_rules in {
+        r.id: r
+        for i in plan.items
+        for r in i.rules
+        if r.kind in ("red-flag", "flare", "missing-data")
+    }.values():
+        reasons.append(
+            f"{item_rules.label}: {'; '.join(item_rules.facts)} "
+            f"(rule {item_rules.id}; evidence {item_rules.evidence})"
+        )
+    iim = a.facts.iim
+    onset = "unknown"
+    if iim and iim.onset:
+        onset = f"{iim.onset} (from {iim.onset_source})"
+    return Explanation(
+        headline=headline,
+        tier_label=tier_label,
+        preliminary=a.preliminary,
+        reasons=tuple(reasons),
+        notices=tuple(n.text for n in a.notices),
+        unknown_facts=a.unknown_facts,
+        findings=a.facts.findings,
+        schedule=tuple(_row(plan, item, knowledge) for item in plan.items),
+        ruleset=rs.label,
+        guideline=f"{rs.title} (doi:{rs.guideline.doi})",
+        onset=onset,
+    )

@@ -1,0 +1,366 @@
+"""Apply the rule set to a patient's facts: scope, risk factors, tier, preliminary flag.
+
+Predicates are evaluated in three values (true, false, unknown), so an unknown fact never
+counts as negative; the tier is computed as recorded and as it could become if the unknowns
+that matter were positive, which is what makes a tier preliminary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+from typing import Literal
+
+from fhir_dm.core.dates import add_months
+from fhir_dm.core.facts import UNKNOWN, PatientFacts
+from fhir_dm.knowledge.models import Knowledge, Predicate, RuleSet
+
+Tri = bool | None  # None = unknown
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    """A predicate's value and the facts (labels, resource references) that made it so."""
+
+    value: Tri
+    facts: tuple[str, ...] = ()
+    sources: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class FiredRule:
+    """A rule that applies to the patient, with everything needed to explain it."""
+
+    id: str
+    kind: str
+    label: str
+    evidence: str
+    source: str
+    facts: tuple[str, ...]
+    sources: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """Something a clinician must read with the plan (e.g. a possible paraneoplastic picture)."""
+
+    id: str
+    text: str
+    evidence: str
+    source: str
+    sources: tuple[str, ...] = ()
+
+
+ScopeStatus = Literal[
+    "in-scope", "no-iim", "juvenile", "excluded-subtype", "late-diagnosis", "window-closed"
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Assessment:
+    """The result of the rules for one patient, before any plan is made."""
+
+    facts: PatientFacts
+    ruleset: str
+    now: date
+    scope: ScopeStatus
+    scope_reason: str
+    window: tuple[date, date] | None
+    tier: str | None
+    preliminary: bool
+    preliminary_because: tuple[str, ...]
+    factors: tuple[FiredRule, ...]
+    unknown_facts: tuple[str, ...]
+    notices: tuple[Notice, ...]
+
+    @property
+    def in_scope(self) -> bool:
+        return self.scope == "in-scope"
+
+
+class Evaluator:
+    """Evaluates predicates against one patient's facts."""
+
+    def __init__(
+        self,
+        facts: PatientFacts,
+        knowledge: Knowledge,
+        *,
+        tier: str | None = None,
+        assume_positive: frozenset[str] = frozenset(),
+    ) -> None:
+        self.facts = facts
+        self.knowledge = knowledge
+        self.tier = tier
+        self.assume_positive = assume_positive
+        self.labels = {a.id: a.label for a in knowledge.ruleset.antibodies}
+        self.labels.update({f.id: f.label for f in knowledge.ruleset.features})
+
+    def __call__(self, p: Predicate) -> Evaluation:
+        if p.all is not None:
+            parts = [self(child) for child in p.all]
+            if any(part.value is False for part in parts):
+                return Evaluation(False)
+            value: Tri = True if all(part.value is True for part in parts) else None
+            return _merge(value, parts)
+        if p.any is not None:
+            parts = [self(child) for child in p.any]
+            if any(part.value is True for part in parts):
+                return _merge(True, [part for part in parts if part.value is True])
+            return Evaluation(False if all(part.value is False for part in parts) else None)
+        if p.subtype_in is not None:
+            iim = self.facts.iim
+            if iim is None:
+                return Evaluation(None)
+            return Evaluation(
+                iim.subtype in p.subtype_in, (self._subtype_label(),), (iim.reference,)
+            )
+        if p.antibody_positive is not None:
+            return self._antibodies(p.antibody_positive, want=True)
+        if p.antibody_negative is not None:
+            return self._antibodies(p.antibody_negative, want=False)
+        if p.onset_age_gt is not None:
+            return self._age_over(p.onset_age_gt)
+        if p.feature is not None:
+            return self._features(p.feature)
+        if p.tier_in is not None:
+            return Evaluation(self.tier in p.tier_in if self.tier else None, (f"tier {self.tier}",))
+        if p.site_flag is not None:
+            return Evaluation(
+                bool(getattr(self.knowledge.site.site, p.site_flag)),
+                (f"site setting {p.site_flag}",),
+            )
+        raise AssertionError("unreachable: predicates are validated at load time")
+
+    def _subtype_label(self) -> str:
+        assert self.facts.iim is not None
+        subtype = self.facts.iim.subtype
+        return next(s.label for s in self.knowledge.ruleset.subtypes if s.id == subtype)
+
+    def _antibodies(self, names: tuple[str, ...], *, want: bool) -> Evaluation:
+        """Any-positive (want=True) or all-negative (want=False) over the named antibodies."""
+        hits, unknown = [], False
+        for name in names:
+            fact = self.facts.antibody(name)
+            if fact.value is UNKNOWN:
+                if want and f"antibody:{name}" in self.assume_positive:
+                    return Evaluation(True, (f"{self.labels[name]} (untested)",))
+                unknown = True
+                continue
+            if want and fact.value is True:
+                return Evaluation(True, (f"{self.labels[name]} positive",), fact.sources)
+            if not want:
+                if fact.value is True:
+                    return Evaluation(False)
+                hits.append((f"{self.labels[name]} negative", fact.sources))
+        if want:
+            return Evaluation(None if unknown else False)
+        if unknown:
+            return Evaluation(None)
+        return Evaluation(True, tuple(h[0] for h in hits), tuple(s for h in hits for s in h[1]))
+
+    def _age_over(self, threshold: float) -> Evaluation:
+        span = self.facts.onset_age
+        if span is None:
+            return Evaluation(True if "onset_age" in self.assume_positive else None)
+        youngest, oldest = span
+        iim = self.facts.iim
+        sources = (self.facts.patient_reference,) + ((iim.reference,) if iim else ())
+        label = (
+            f"age at onset {youngest:.0f}"
+            if oldest - youngest < 1
+            else f"age at onset {youngest:.0f}-{oldest:.0f}"
+        )
+        if youngest > threshold:
+            return Evaluation(True, (label,), sources)
+        if oldest <= threshold:
+            return Evaluation(False, (label,), sources)
+        return Evaluation(True if "onset_age" in self.assume_positive else None)
+
+    def _features(self, names: tuple[str, ...]) -> Evaluation:
+        unknown = False
+        for name in names:
+            fact = self.facts.feature(name)
+            if fact.value is True:
+                return Evaluation(
+                    True, (self.labels.get(name, name.replace("_", " ")),), fact.sources
+                )
+            if fact.value is UNKNOWN:
+                unknown = True
+        return Evaluation(None if unknown else False)
+
+
+def _merge(value: Tri, parts: list[Evaluation]) -> Evaluation:
+    return Evaluation(
+        value,
+        tuple(f for part in parts for f in part.facts),
+        tuple(dict.fromkeys(s for part in parts for s in part.sources)),
+    )
+
+
+def _tier(rs: RuleSet, high: int, intermediate: int) -> str:
+    for rule in rs.tiers.rules:
+        if rule.min_high is not None and high >= rule.min_high:
+            return rule.tier
+        if rule.min_intermediate is not None and intermediate >= rule.min_intermediate:
+            return rule.tier
+    return rs.tiers.default
+
+
+def _count(evaluator: Evaluator, rs: RuleSet) -> tuple[list[FiredRule], int, int]:
+    fired, high, intermediate = [], 0, 0
+    for factor in rs.factors:
+        result = evaluator(factor.when)
+        if result.value is not True:
+            continue
+        fired.append(
+            FiredRule(
+                factor.id,
+                f"factor-{factor.factor_class}",
+                factor.label,
+                factor.evidence,
+                factor.source,
+                result.facts,
+                result.sources,
+            )
+        )
+        high += factor.factor_class == "high"
+        intermediate += factor.factor_class == "intermediate"
+    return fired, high, intermediate
+
+
+def _scope(
+    facts: PatientFacts, knowledge: Knowledge, now: date
+) -> tuple[ScopeStatus, str, tuple[date, date] | None]:
+    scope = knowledge.ruleset.scope
+    iim = facts.iim
+    if iim is None:
+        return "no-iim", scope.no_iim_reason, None
+    if iim.subtype in scope.juvenile.subtypes:
+        return "juvenile", scope.juvenile.reason, None
+    if facts.onset_age is not None and facts.onset_age[1] < scope.adult_onset_min_age.value:
+        return (
+            "juvenile",
+            f"Onset before age {scope.adult_onset_min_age.value:.0f}. {scope.juvenile.reason}",
+            None,
+        )
+    for excluded in scope.excluded_subtypes:
+        if iim.subtype == excluded.subtype:
+            return "excluded-subtype", excluded.reason, None
+    years = int(scope.window_years.value)
+    if iim.onset is None:
+        start = now
+    else:
+        start = iim.onset.earliest
+        delay = int(scope.max_diagnosis_delay_years.value)
+        if (
+            iim.recorded
+            and not iim.onset_source.startswith("recordedDate")
+            and add_months(iim.onset.latest, 12 * delay) < iim.recorded.earliest
+        ):
+            return "late-diagnosis", scope.late_diagnosis_reason.format(years=delay), None
+        if add_months(iim.onset.latest, 12 * years) < now:
+            return "window-closed", scope.window_closed_reason.format(years=years), None
+    return "in-scope", "", (start, add_months(start, 12 * years))
+
+
+def _unknown_labels(facts: PatientFacts, knowledge: Knowledge) -> tuple[str, ...]:
+    rs = knowledge.ruleset
+    out = []
+    if facts.onset_age is None:
+        out.append("age at onset")
+    if facts.sex.value is UNKNOWN:
+        out.append("sex")
+    out.extend(
+        f"{a.label} antibody" for a in rs.antibodies if facts.antibody(a.id).value is UNKNOWN
+    )
+    feature_labels = {f.id: f.label for f in rs.features}
+    for name in [f.id for f in rs.features] + [
+        "refractory",
+        "current_smoking",
+        "family_history_cancer",
+    ]:
+        if name.endswith("_condition"):
+            continue
+        if facts.feature(name).value is UNKNOWN:
+            out.append(feature_labels.get(name, name.replace("_", " ")))
+    return tuple(out)
+
+
+def _unknown_preliminary_facts(facts: PatientFacts, knowledge: Knowledge) -> tuple[str, ...]:
+    labels = {f"antibody:{a.id}": f"{a.label} antibody" for a in knowledge.ruleset.antibodies}
+    out = []
+    for name in knowledge.ruleset.tiers.preliminary_if_unknown:
+        if name == "onset_age" and facts.onset_age is None:
+            out.append("age at onset")
+        elif (
+            name.startswith("antibody:") and facts.antibody(name.partition(":")[2]).value is UNKNOWN
+        ):
+            out.append(labels[name])
+    return tuple(out)
+
+
+def assess_facts(facts: PatientFacts, knowledge: Knowledge, *, now: date) -> Assessment:
+    """Scope, factors, tier and preliminary flag for one patient."""
+    rs = knowledge.ruleset
+    scope, reason, window = _scope(facts, knowledge, now)
+    notices = []
+    active = facts.feature("active_malignancy")
+    if active.is_true():
+        notices.append(
+            Notice(
+                "active-malignancy",
+                rs.active_malignancy.message,
+                rs.active_malignancy.evidence,
+                rs.active_malignancy.source,
+                active.sources,
+            )
+        )
+    if scope != "in-scope":
+        fired, _, _ = _count(Evaluator(facts, knowledge), rs)
+        return Assessment(
+            facts,
+            rs.label,
+            now,
+            scope,
+            reason,
+            window,
+            None,
+            False,
+            (),
+            tuple(fired),
+            _unknown_labels(facts, knowledge),
+            tuple(notices),
+        )
+
+    fired, high, intermediate = _count(Evaluator(facts, knowledge), rs)
+    tier = _tier(rs, high, intermediate)
+    preliminary = False
+    because: tuple[str, ...] = ()
+    if tier != rs.tiers.levels[-1].id:
+        optimistic = Evaluator(
+            facts, knowledge, assume_positive=frozenset(rs.tiers.preliminary_if_unknown)
+        )
+        _, high_up, intermediate_up = _count(optimistic, rs)
+        preliminary = rs.tiers.rank(_tier(rs, high_up, intermediate_up)) > rs.tiers.rank(tier)
+        if preliminary:
+            because = _unknown_preliminary_facts(facts, knowledge)
+    flare = facts.feature("flare")
+    if flare.is_true():
+        notices.append(
+            Notice("flare", rs.flare.message, rs.flare.evidence, rs.flare.source, flare.sources)
+        )
+    return Assessment(
+        facts,
+        rs.label,
+        now,
+        scope,
+        reason,
+        window,
+        tier,
+        preliminary,
+        because,
+        tuple(fired),
+        _unknown_labels(facts, knowledge),
+        tuple(notices),
+    )

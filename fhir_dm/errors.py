@@ -1,0 +1,134 @@
+"""The one exception tree of fhir-dm; edges map it to OperationOutcome or an exit code.
+
+```
+FhirDmError                       status  issue_code
+├── InputError                    400     invalid        the caller's data is wrong
+│   ├── NotJsonError              400     structure
+│   ├── NotFhirError              400     structure      expression from the validation path
+│   ├── NoPatientError            400     required
+│   ├── PayloadTooLargeError      413     too-long
+│   └── UnsupportedMediaTypeError 415     not-supported
+├── PatientNotFoundError          404     not-found
+├── AuthError                     401     login
+│   └── ForbiddenError            403     forbidden
+├── UpstreamError                 502     exception      names the FHIR call that failed
+│   ├── UpstreamTimeoutError      504     timeout
+│   └── UpstreamRejectedError     502     processing     quotes the server's OperationOutcome
+├── PreconditionFailedError       412     incomplete     CDS Hooks: prefetch missing, unfetchable
+└── KnowledgeError                500     exception      bad config/: fail at startup, CLI exit 2
+```
+
+Missing or unrecognised clinical data is never an error: it flows into the output as
+unknown facts. Messages must never contain patient data (they reach logs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class FhirDmError(Exception):
+    """Base of every error fhir-dm raises on purpose."""
+
+    status: int = 500
+    issue_code: str = "exception"
+
+    def __init__(self, message: str, *, expression: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.expression = tuple(expression)
+
+
+class InputError(FhirDmError):
+    """Raised when the caller's data cannot be used at all."""
+
+    status = 400
+    issue_code = "invalid"
+
+
+class NotJsonError(InputError):
+    """Raised when the input is not JSON."""
+
+    issue_code = "structure"
+
+
+class NotFhirError(InputError):
+    """Raised when JSON is not a valid FHIR R4 resource; `expression` holds the path."""
+
+    issue_code = "structure"
+
+
+class NoPatientError(InputError):
+    """Raised when a bundle holds no Patient to assess."""
+
+    issue_code = "required"
+
+
+class PayloadTooLargeError(InputError):
+    """Raised when a request body exceeds the configured limit."""
+
+    status = 413
+    issue_code = "too-long"
+
+
+class UnsupportedMediaTypeError(InputError):
+    """Raised when a request body is not FHIR JSON."""
+
+    status = 415
+    issue_code = "not-supported"
+
+
+class PatientNotFoundError(FhirDmError):
+    """Raised when the FHIR server has no Patient with the requested id."""
+
+    status = 404
+    issue_code = "not-found"
+
+
+class AuthError(FhirDmError):
+    """Raised when a caller or an upstream token request fails authentication."""
+
+    status = 401
+    issue_code = "login"
+
+
+class ForbiddenError(AuthError):
+    """Raised when an authenticated caller may not do what it asked."""
+
+    status = 403
+    issue_code = "forbidden"
+
+
+class UpstreamError(FhirDmError):
+    """Raised when a call to the FHIR server fails; the message names the call."""
+
+    status = 502
+    issue_code = "exception"
+
+
+class UpstreamTimeoutError(UpstreamError):
+    """Raised when the FHIR server does not answer in time."""
+
+    status = 504
+    issue_code = "timeout"
+
+
+class UpstreamRejectedError(UpstreamError):
+    """Raised when the FHIR server refuses a request; quotes its OperationOutcome text."""
+
+    status = 502
+    issue_code = "processing"
+
+
+class PreconditionFailedError(FhirDmError):
+    """Raised when CDS Hooks prefetch data is missing and cannot be fetched."""
+
+    status = 412
+    issue_code = "incomplete"
+
+
+class KnowledgeError(FhirDmError):
+    """Raised when config/ is missing or invalid; the service must not start."""
+
+    status = 500
+    issue_code = "exception"

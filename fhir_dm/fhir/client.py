@@ -1,0 +1,460 @@
+"""The service's only HTTP I/O: reads, paged searches and transactions against one FHIR server."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import urljoin, urlsplit
+
+import requests
+from requests.auth import AuthBase
+
+from fhir_dm.errors import (
+    InputError,
+    UpstreamError,
+    UpstreamRejectedError,
+    UpstreamTimeoutError,
+)
+from fhir_dm.fhir.auth import NoAuth, auth_from_config
+from fhir_dm.fhir.config import FhirServerConfig
+from fhir_dm.fhir.retry import RetryPolicy, is_idempotent_bundle
+
+__all__ = ["FhirClient", "client_from_config", "upstream_status"]
+
+_log = logging.getLogger(__name__)
+
+FHIR_JSON = "application/fhir+json"
+DEFAULT_TIMEOUT = (5.0, 30.0)
+DEFAULT_PAGE_SIZE = 200
+DEFAULT_MAX_PAGES = 100
+MAX_DIAGNOSTICS_CHARS = 300
+_RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
+_RESOURCE_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+Resource = dict[str, Any]
+SearchParams = Mapping[str, str | Sequence[str]]
+
+
+class FhirClient:
+    """A FHIR R4 REST client over one `requests.Session`, with every verb on one request path.
+
+    Usage::
+
+        with FhirClient("http://localhost:8080/fhir", auth=BearerAuth(token)) as fhir:
+            patient = fhir.read("Patient", patient_id)              # None when 404/410
+            conditions = fhir.search("Condition", {"patient": patient_id})
+            response = fhir.transaction(bundle, idempotent=True)    # retried: all conditional
+
+    GETs, and transactions declared idempotent, are retried on 429/502/503/504, timeouts and
+    connection errors; everything else fails on the first error. Failures raise the
+    `UpstreamError` tree; messages and logs name the call, never ids, query values or bodies.
+    The client owns `session` and closes it in `close()`.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        session: requests.Session | None = None,
+        auth: AuthBase | None = None,
+        timeout: tuple[float, float] = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        max_pages: int = DEFAULT_MAX_PAGES,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._base_url = base_url.rstrip("/")
+        self._origin = _origin(self._base_url)
+        self._session = session if session is not None else requests.Session()
+        self._session.headers["Accept"] = FHIR_JSON
+        self._auth = auth if auth is not None else NoAuth()
+        self._timeout = timeout
+        self._retry = retry if retry is not None else RetryPolicy()
+        self._page_size = page_size
+        self._max_pages = max_pages
+        self._sleep = sleep
+        self._clock = clock
+
+    @property
+    def base_url(self) -> str:
+        """The server's base URL, without a trailing slash."""
+        return self._base_url
+
+    def read(self, resource_type: str, id: str) -> Resource | None:
+        """GET one resource; None when the server says it does not exist (404) or is gone (410)."""
+        _check_resource_type(resource_type)
+        if not _RESOURCE_ID.fullmatch(id):
+            raise InputError("not a valid FHIR resource id")
+        response = self._request(
+            "GET",
+            f"{self._base_url}/{resource_type}/{id}",
+            call=f"GET {resource_type}/{{id}}",
+            resource_type=resource_type,
+            safe=True,
+            absent_statuses=frozenset({404, 410}),
+        )
+        if response is None:
+            return None
+        return _fhir_json(response, f"GET {resource_type}/{{id}}")
+
+    def search(self, resource_type: str, params: SearchParams) -> list[Resource]:
+        """Every resource of every page (matches and `_include`s; `outcome` entries dropped)."""
+        return [
+            entry["resource"]
+            for entry in self.search_bundle_entries(resource_type, params)
+            if isinstance(entry.get("resource"), dict)
+            and _search_mode(entry) in ("match", "include")
+        ]
+
+    def search_bundle_entries(self, resource_type: str, params: SearchParams) -> list[Resource]:
+        """Every Bundle entry of every page, following `next` links on the server's own host.
+
+        `_count` is set to the page size unless given. A `next` link to another host is refused
+        (credentials go to the configured server only) and more than `max_pages` pages fail,
+        so a server that pages forever cannot hold a request forever.
+        """
+        _check_resource_type(resource_type)
+        call = f"GET {resource_type}?…"
+        query = _query_pairs(params)
+        if not any(name == "_count" for name, _ in query):
+            query.append(("_count", str(self._page_size)))
+        url: str | None = f"{self._base_url}/{resource_type}"
+        query_or_none: list[tuple[str, str]] | None = query
+        entries: list[Resource] = []
+        pages = 0
+        while url is not None:
+            if pages >= self._max_pages:
+                raise _upstream_error(
+                    UpstreamError,
+                    f"{call} failed: paging limit exceeded ({self._max_pages} pages)",
+                    None,
+                )
+            response = self._request(
+                "GET", url, call=call, resource_type=resource_type, safe=True, params=query_or_none
+            )
+            assert response is not None
+            bundle = _fhir_json(response, call, expected_type="Bundle")
+            pages += 1
+            page_entries = bundle.get("entry") or []
+            if not isinstance(page_entries, list):
+                raise _not_fhir(call, response.status_code)
+            entries.extend(entry for entry in page_entries if isinstance(entry, dict))
+            url = self._next_link(bundle, call)
+            query_or_none = None  # the next link carries the whole query
+        return entries
+
+    def transaction(self, bundle: Mapping[str, Any], *, idempotent: bool) -> Resource:
+        """POST a transaction Bundle to the base URL; returns the transaction-response Bundle.
+
+        Pass `idempotent=True` only when every entry is conditional (see
+        `is_idempotent_bundle`); only then is a failed POST repeated, because repeating any
+        other write could apply it twice.
+        """
+        if idempotent and not is_idempotent_bundle(bundle):
+            raise ValueError("idempotent=True but the bundle holds a non-conditional write")
+        call = "POST transaction bundle"
+        response = self._request(
+            "POST",
+            self._base_url,
+            call=call,
+            resource_type="transaction",
+            safe=idempotent,
+            body=json.dumps(bundle, ensure_ascii=False).encode("utf-8"),
+            rejected_on_5xx=True,
+        )
+        assert response is not None
+        return _fhir_json(response, call, expected_type="Bundle")
+
+    def capabilities(self, *, retry: bool = True) -> Resource:
+        """The server's CapabilityStatement; a cheap call that proves the server answers.
+
+        A readiness probe passes `retry=False`: the probe repeats itself, and backing off
+        inside it would hold a worker for the whole retry budget.
+        """
+        call = "GET metadata"
+        response = self._request(
+            "GET", f"{self._base_url}/metadata", call=call, resource_type="metadata", safe=retry
+        )
+        assert response is not None
+        return _fhir_json(response, call)
+
+    def close(self) -> None:
+        """Release the session's pooled connections."""
+        self._session.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _request(
+        self,
+        method: str,
+        url: str,
+        *,
+        call: str,
+        resource_type: str,
+        safe: bool,
+        params: list[tuple[str, str]] | None = None,
+        body: bytes | None = None,
+        absent_statuses: frozenset[int] = frozenset(),
+        rejected_on_5xx: bool = False,
+    ) -> requests.Response | None:
+        """Send one call, retrying when `safe`; None for an `absent_statuses` answer.
+
+        Every verb comes through here, so headers, timeouts, auth, retries, logging and error
+        mapping cannot drift apart between verbs.
+        """
+        headers = {"Content-Type": f"{FHIR_JSON}; charset=utf-8"} if body is not None else {}
+        attempt = 0
+        while True:
+            started = time.monotonic()
+            try:
+                response = self._session.request(
+                    method,
+                    url,
+                    params=params,
+                    data=body,
+                    headers=headers,
+                    timeout=self._timeout,
+                    auth=self._auth,
+                    # A redirected POST would silently become a GET; reads may follow one
+                    # (requests drops the Authorization header when the host changes).
+                    allow_redirects=method == "GET",
+                )
+            except requests.Timeout as exc:
+                self._log_call(method, resource_type, "timeout", started)
+                if safe and self._may_retry(attempt, method, resource_type, "timeout", None):
+                    attempt += 1
+                    continue
+                raise _upstream_error(UpstreamTimeoutError, f"{call} timed out", None) from exc
+            except requests.ConnectionError as exc:
+                self._log_call(method, resource_type, "connection error", started)
+                if safe and self._may_retry(attempt, method, resource_type, "connection", None):
+                    attempt += 1
+                    continue
+                raise _upstream_error(
+                    UpstreamError, f"{call} failed: cannot connect to the FHIR server", None
+                ) from exc
+            except requests.RequestException as exc:
+                self._log_call(method, resource_type, type(exc).__name__, started)
+                raise _upstream_error(
+                    UpstreamError, f"{call} failed: {type(exc).__name__}", None
+                ) from exc
+
+            status = response.status_code
+            self._log_call(method, resource_type, status, started)
+            if 200 <= status < 300:
+                return response
+            if status in absent_statuses:
+                return None
+            if (
+                safe
+                and self._retry.retries_status(status)
+                and self._may_retry(
+                    attempt, method, resource_type, status, response.headers.get("Retry-After")
+                )
+            ):
+                response.close()
+                attempt += 1
+                continue
+            raise _status_error(call, response, rejected_on_5xx=rejected_on_5xx)
+
+    def _may_retry(
+        self,
+        attempt: int,
+        method: str,
+        resource_type: str,
+        reason: int | str,
+        retry_after: str | None,
+    ) -> bool:
+        """Sleep before the next attempt and say True, or say False when retries are used up."""
+        if attempt >= self._retry.max_retries:
+            return False
+        delay = self._retry.delay(attempt, retry_after, now=self._clock())
+        _log.warning(
+            "FHIR %s %s -> %s; retry %d of %d in %.1f s",
+            method,
+            resource_type,
+            reason,
+            attempt + 1,
+            self._retry.max_retries,
+            delay,
+        )
+        self._sleep(delay)
+        return True
+
+    def _next_link(self, bundle: Resource, call: str) -> str | None:
+        """The `next` link of a searchset page, only if it stays on the configured server."""
+        links = bundle.get("link") or []
+        if not isinstance(links, list):
+            return None
+        for link in links:
+            if isinstance(link, dict) and link.get("relation") == "next":
+                href = link.get("url")
+                if not isinstance(href, str) or not href:
+                    return None
+                absolute = urljoin(f"{self._base_url}/", href)
+                if _origin(absolute) != self._origin:
+                    raise _upstream_error(
+                        UpstreamError,
+                        f"{call} failed: the server's next-page link points to another host;"
+                        " refusing to follow it",
+                        None,
+                    )
+                return absolute
+        return None
+
+    @staticmethod
+    def _log_call(method: str, resource_type: str, outcome: int | str, started: float) -> None:
+        """One line per HTTP exchange: never ids, query values, bodies or tokens."""
+        elapsed_ms = (time.monotonic() - started) * 1000
+        _log.info("FHIR %s %s -> %s in %.0f ms", method, resource_type, outcome, elapsed_ms)
+
+
+def client_from_config(cfg: FhirServerConfig) -> FhirClient:
+    """Build the client, its session and its auth from settings."""
+    session = requests.Session()
+    return FhirClient(
+        cfg.base_url,
+        session=session,
+        auth=auth_from_config(cfg.auth, session),
+        timeout=(cfg.connect_timeout, cfg.read_timeout),
+        retry=RetryPolicy(
+            max_retries=cfg.max_retries,
+            backoff_factor=cfg.backoff_factor,
+            max_backoff=cfg.max_backoff,
+        ),
+        page_size=cfg.page_size,
+        max_pages=cfg.max_pages,
+    )
+
+
+def upstream_status(exc: BaseException) -> int | None:
+    """The HTTP status the FHIR or token server answered with, if the error came from one."""
+    status = getattr(exc, "upstream_status", None)
+    return status if isinstance(status, int) else None
+
+
+def _upstream_error(cls: type[UpstreamError], message: str, status: int | None) -> UpstreamError:
+    """An UpstreamError with `upstream_status` set, for callers that care about the code."""
+    exc = cls(message)
+    setattr(exc, "upstream_status", status)  # noqa: B010 - not declared in errors.py
+    return exc
+
+
+def _status_error(
+    call: str, response: requests.Response, *, rejected_on_5xx: bool
+) -> UpstreamError:
+    """Map a final non-2xx answer: 504 timed out, 4xx rejected, 5xx failed (rejected for writes)."""
+    status = response.status_code
+    message = f"{call} failed: HTTP {status}"
+    cls: type[UpstreamError]
+    if status == 504:
+        cls = UpstreamTimeoutError
+    elif status < 500 or rejected_on_5xx:
+        cls = UpstreamRejectedError
+    else:
+        cls = UpstreamError
+    if rejected_on_5xx:
+        # Only a write's OperationOutcome is quoted: a read's diagnostics may echo ids or
+        # query values, which must not reach logs.
+        diagnostics = _diagnostics(response)
+        if diagnostics:
+            message = f"{message}: {diagnostics}"
+    return _upstream_error(cls, message, status)
+
+
+def _diagnostics(response: requests.Response) -> str:
+    """The OperationOutcome's issue texts, joined and cut to MAX_DIAGNOSTICS_CHARS."""
+    try:
+        body: Any = response.json()
+    except ValueError:
+        return ""
+    if not isinstance(body, dict) or body.get("resourceType") != "OperationOutcome":
+        return ""
+    texts: list[str] = []
+    for issue in body.get("issue") or []:
+        if not isinstance(issue, dict):
+            continue
+        text = issue.get("diagnostics")
+        if not isinstance(text, str):
+            details = issue.get("details")
+            text = details.get("text") if isinstance(details, dict) else None
+        if isinstance(text, str) and text.strip():
+            texts.append(" ".join(text.split()))
+    joined = "; ".join(texts)
+    if len(joined) > MAX_DIAGNOSTICS_CHARS:
+        joined = joined[: MAX_DIAGNOSTICS_CHARS - 1] + "…"
+    return joined
+
+
+def _fhir_json(
+    response: requests.Response, call: str, *, expected_type: str | None = None
+) -> Resource:
+    """The body as a FHIR resource dict, or UpstreamError when it is not FHIR JSON."""
+    try:
+        body: Any = response.json()
+    except ValueError as exc:
+        raise _not_fhir(call, response.status_code) from exc
+    if not isinstance(body, dict) or not isinstance(body.get("resourceType"), str):
+        raise _not_fhir(call, response.status_code)
+    if expected_type is not None and body["resourceType"] != expected_type:
+        raise _upstream_error(
+            UpstreamError,
+            f"{call} returned {body['resourceType']} instead of a {expected_type}",
+            response.status_code,
+        )
+    return body
+
+
+def _not_fhir(call: str, status: int) -> UpstreamError:
+    return _upstream_error(UpstreamError, f"{call} returned a body that is not FHIR JSON", status)
+
+
+def _search_mode(entry: Mapping[str, Any]) -> str:
+    """An entry's search.mode; absent means match (FHIR R4 3.1.1.4)."""
+    search = entry.get("search")
+    mode = search.get("mode") if isinstance(search, dict) else None
+    return mode if isinstance(mode, str) else "match"
+
+
+def _query_pairs(params: SearchParams) -> list[tuple[str, str]]:
+    """Search params as (name, value) pairs; a sequence value repeats the name (AND)."""
+    pairs: list[tuple[str, str]] = []
+    for name, value in params.items():
+        if isinstance(value, str):
+            pairs.append((name, value))
+        else:
+            pairs.extend((name, item) for item in value)
+    return pairs
+
+
+def _check_resource_type(resource_type: str) -> None:
+    """Resource types are code constants; anything else would let a caller rewrite the path."""
+    if not _RESOURCE_TYPE.fullmatch(resource_type):
+        raise ValueError("not a FHIR resource type name")
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with default ports filled in, for same-server checks."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(scheme)
+    except ValueError:
+        port = None
+    return scheme, (parts.hostname or "").lower(), port

@@ -1,0 +1,1 @@
+"""The knowledge base: pydantic models over config/ and the loader."""

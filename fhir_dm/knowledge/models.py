@@ -1,0 +1,480 @@
+"""Typed, validated form of config/: the rule set, the terminology and the site settings.
+
+The models check every cross-reference (a factor names a known antibody, a panel names known
+tests, a value set cites a known source), so a bad edit fails at start-up, not mid-assessment.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Evidence = Literal["guideline", "provisional", "design", "not-imacs"]
+Confidence = Literal["seen-verbatim", "seen-indirect", "judgment"]
+Sex = Literal["female", "male"]
+TierId = str
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Sourced(_Frozen):
+    evidence: Evidence
+    source: str
+
+
+# --- terminology ---------------------------------------------------------------------------
+
+
+class CodeEntry(_Frozen):
+    """One code (or code prefix) of a value set, with where it was seen."""
+
+    system: str
+    code: str | None = None
+    prefix: str | None = None
+    display: str
+    source: str
+    confidence: Confidence
+
+    @model_validator(mode="after")
+    def _one_of_code_or_prefix(self) -> CodeEntry:
+        if (self.code is None) == (self.prefix is None):
+            raise ValueError("give exactly one of 'code' or 'prefix'")
+        return self
+
+
+class ValueSet(_Frozen):
+    """A concept the rules ask about, as the codes that express it."""
+
+    title: str
+    include: tuple[CodeEntry, ...] = ()
+    synonyms: tuple[str, ...] = ()
+
+
+class LocalCode(_Frozen):
+    """A site-local code mapped onto one of the project's value sets."""
+
+    system: str
+    code: str
+    value_set: str
+    display: str = ""
+
+
+class ResultStrings(_Frozen):
+    """Free-text result words, per meaning, compared case-insensitively."""
+
+    positive: tuple[str, ...]
+    weak_positive: tuple[str, ...]
+    negative: tuple[str, ...]
+    indeterminate: tuple[str, ...]
+
+
+class Terminology(_Frozen):
+    """Everything in config/terminology/, merged."""
+
+    systems: dict[str, str]
+    sources: dict[str, str]
+    value_sets: dict[str, ValueSet]
+    result_strings: ResultStrings
+    medication_names: dict[str, tuple[str, ...]]
+    mappings: tuple[LocalCode, ...] = ()
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> Terminology:
+        for vs_id, vs in self.value_sets.items():
+            for i, entry in enumerate(vs.include):
+                where = f"value_sets.{vs_id}.include.{i}"
+                if entry.system not in self.systems:
+                    raise ValueError(f"{where}: unknown system alias '{entry.system}'")
+                if entry.source not in self.sources:
+                    raise ValueError(f"{where}: unknown source key '{entry.source}'")
+        for i, mapping in enumerate(self.mappings):
+            if mapping.value_set not in self.value_sets:
+                raise ValueError(f"mappings.{i}: unknown value set '{mapping.value_set}'")
+        return self
+
+    def system_url(self, alias: str) -> str:
+        """Resolve a system alias; unknown aliases are already rejected at load time."""
+        return self.systems[alias]
+
+
+# --- rule set ------------------------------------------------------------------------------
+
+
+class Predicate(_Frozen):
+    """A condition over patient facts; exactly one field is set (see config/README.md)."""
+
+    all: tuple[Predicate, ...] | None = None
+    any: tuple[Predicate, ...] | None = None
+    subtype_in: tuple[str, ...] | None = None
+    antibody_positive: tuple[str, ...] | None = None
+    antibody_negative: tuple[str, ...] | None = None
+    onset_age_gt: float | None = None
+    feature: tuple[str, ...] | None = None
+    tier_in: tuple[TierId, ...] | None = None
+    site_flag: Literal["npc_region"] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Predicate:
+        given = [name for name in type(self).model_fields if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a predicate has exactly one key, got {given or 'none'}")
+        return self
+
+    def walk(self) -> list[Predicate]:
+        """This predicate and every nested one, for reference checks."""
+        out = [self]
+        for child in (self.all or ()) + (self.any or ()):
+            out.extend(child.walk())
+        return out
+
+
+class Valued(_Sourced):
+    value: float
+
+
+class ExcludedSubtype(_Sourced):
+    subtype: str
+    reason: str
+
+
+class Juvenile(_Sourced):
+    subtypes: tuple[str, ...]
+    reason: str
+
+
+class Scope(_Frozen):
+    adult_onset_min_age: Valued
+    window_years: Valued
+    max_diagnosis_delay_years: Valued
+    excluded_subtypes: tuple[ExcludedSubtype, ...] = ()
+    juvenile: Juvenile
+    no_iim_reason: str
+    late_diagnosis_reason: str
+    window_closed_reason: str
+
+
+class Concept(_Frozen):
+    """A named concept (subtype, antibody, feature) and the value set that identifies it."""
+
+    id: str
+    label: str
+    value_set: str
+
+
+class Refractory(_Sourced):
+    label: str
+    ck_above_uln_count: int = Field(ge=1)
+    min_months_apart: int = Field(ge=0)
+    requires_active_immunosuppression: bool
+    or_feature: str
+
+
+class FlareDerivation(_Sourced):
+    label: str
+    or_feature: str
+
+
+class CreatineKinase(_Frozen):
+    value_set: str
+    default_upper_limit_u_per_l: float = Field(gt=0)
+    unit_factors_to_u_per_l: dict[str, float]
+
+
+class Derived(_Frozen):
+    refractory: Refractory
+    flare: FlareDerivation
+    creatine_kinase: CreatineKinase
+
+
+class Factor(_Sourced):
+    id: str
+    factor_class: Literal["high", "intermediate", "low"] = Field(alias="class")
+    label: str
+    when: Predicate
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class TierLevel(_Frozen):
+    id: TierId
+    label: str
+    risk_probability: Literal["high", "moderate", "low"]
+
+
+class TierRule(_Frozen):
+    tier: TierId
+    min_high: int | None = None
+    min_intermediate: int | None = None
+
+
+class Tiers(_Sourced):
+    levels: tuple[TierLevel, ...]
+    rules: tuple[TierRule, ...]
+    default: TierId
+    preliminary_if_unknown: tuple[str, ...]
+    low_factors_lower_tier: bool = False
+
+    def level(self, tier_id: TierId) -> TierLevel:
+        """The level of a tier id (ids are checked at load time)."""
+        return next(level for level in self.levels if level.id == tier_id)
+
+    def rank(self, tier_id: TierId) -> int:
+        """Position of a tier, lowest first, so tiers can be compared."""
+        return [level.id for level in self.levels].index(tier_id)
+
+
+class CodeRef(_Frozen):
+    system: str
+    code: str
+    display: str
+    source: str
+
+
+class Test(_Frozen):
+    display: str
+    kind: Literal["order", "activity"]
+    category: Literal["laboratory", "imaging", "procedure"]
+    sex: Sex | None = None
+    code: CodeRef
+
+
+class Panel(_Sourced):
+    label: str
+    tests: tuple[str, ...]
+
+
+class Round(_Frozen):
+    id: str
+    label: str
+    offset_months: int = Field(ge=0)
+    due_within_months: int = Field(ge=1)
+    panels: tuple[str, ...] = ()
+    tests: tuple[str, ...] = ()
+
+
+class Schedule(_Sourced):
+    rounds: tuple[Round, ...]
+
+
+class Addon(_Sourced):
+    id: str
+    label: str
+    tests: tuple[str, ...]
+    round: str
+    when: Predicate
+    conditional: bool = True
+
+
+class RedFlags(_Sourced):
+    facts: tuple[str, ...]
+    add_panels: tuple[str, ...]
+    round: str
+
+
+class ActiveMalignancy(_Sourced):
+    message: str
+
+
+class FlareRule(_Sourced):
+    message: str
+    add_panels: tuple[str, ...]
+    unless_done_within_months: int
+    round: str
+
+
+class LungSurveillance(_Sourced):
+    label: str
+    when: Predicate
+    rounds: tuple[Round, ...]
+
+
+class AntibodyTesting(_Sourced):
+    when_untested: tuple[str, ...]
+    test: str
+    round: str
+
+
+class Guideline(_Frozen):
+    citation: str
+    doi: str
+    url: str
+    correction_doi: str | None = None
+
+
+class RuleSet(_Frozen):
+    """One versioned rule set (config/ruleset/<name>.yaml)."""
+
+    name: str
+    version: str
+    title: str
+    canonical_base: str
+    guideline: Guideline
+    evidence_levels: dict[str, str]
+    scope: Scope
+    subtypes: tuple[Concept, ...]
+    antibodies: tuple[Concept, ...]
+    features: tuple[Concept, ...]
+    derived: Derived
+    factors: tuple[Factor, ...]
+    tiers: Tiers
+    tests: dict[str, Test]
+    panels: dict[str, Panel]
+    schedules: dict[TierId, Schedule]
+    addons: tuple[Addon, ...]
+    red_flags: RedFlags
+    active_malignancy: ActiveMalignancy
+    flare: FlareRule
+    lung_surveillance: LungSurveillance
+    antibody_testing: AntibodyTesting
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> RuleSet:
+        subtypes = {s.id for s in self.subtypes}
+        antibodies = {a.id for a in self.antibodies}
+        features = {f.id for f in self.features} | {"refractory", "flare"}
+        tiers = {level.id for level in self.tiers.levels}
+        problems: list[str] = []
+
+        def check_predicate(where: str, predicate: Predicate) -> None:
+            for p in predicate.walk():
+                for name, known in (
+                    ("subtype_in", subtypes),
+                    ("antibody_positive", antibodies),
+                    ("antibody_negative", antibodies),
+                    ("feature", features),
+                    ("tier_in", tiers),
+                ):
+                    for ref in getattr(p, name) or ():
+                        if ref not in known:
+                            problems.append(f"{where}: unknown {name} reference '{ref}'")
+
+        def check_tests(where: str, test_ids: tuple[str, ...]) -> None:
+            problems.extend(f"{where}: unknown test '{t}'" for t in test_ids if t not in self.tests)
+
+        def check_panels(where: str, panel_ids: tuple[str, ...]) -> None:
+            problems.extend(
+                f"{where}: unknown panel '{p}'" for p in panel_ids if p not in self.panels
+            )
+
+        for i, factor in enumerate(self.factors):
+            check_predicate(f"factors.{i}.when", factor.when)
+        for i, addon in enumerate(self.addons):
+            check_predicate(f"addons.{i}.when", addon.when)
+            check_tests(f"addons.{i}.tests", addon.tests)
+        check_predicate("lung_surveillance.when", self.lung_surveillance.when)
+        for name, panel in self.panels.items():
+            check_tests(f"panels.{name}.tests", panel.tests)
+        for tier, schedule in self.schedules.items():
+            if tier not in tiers:
+                problems.append(f"schedules.{tier}: unknown tier")
+            for i, rnd in enumerate(schedule.rounds):
+                check_panels(f"schedules.{tier}.rounds.{i}.panels", rnd.panels)
+                check_tests(f"schedules.{tier}.rounds.{i}.tests", rnd.tests)
+        for i, rnd in enumerate(self.lung_surveillance.rounds):
+            check_tests(f"lung_surveillance.rounds.{i}.tests", rnd.tests)
+        problems.extend(
+            f"tiers.levels: tier '{t}' has no schedule" for t in tiers if t not in self.schedules
+        )
+        for i, rule in enumerate(self.tiers.rules):
+            if rule.tier not in tiers:
+                problems.append(f"tiers.rules.{i}: unknown tier '{rule.tier}'")
+        if self.tiers.default not in tiers:
+            problems.append(f"tiers.default: unknown tier '{self.tiers.default}'")
+        for fact in self.tiers.preliminary_if_unknown:
+            kind, _, ref = fact.partition(":")
+            if not (fact == "onset_age" or (kind == "antibody" and ref in antibodies)):
+                problems.append(f"tiers.preliminary_if_unknown: unknown fact '{fact}'")
+        check_panels("red_flags.add_panels", self.red_flags.add_panels)
+        check_panels("flare.add_panels", self.flare.add_panels)
+        check_tests("antibody_testing.test", (self.antibody_testing.test,))
+        problems.extend(
+            f"antibody_testing.when_untested: unknown antibody '{a}'"
+            for a in self.antibody_testing.when_untested
+            if a not in antibodies
+        )
+        problems.extend(
+            f"scope.juvenile.subtypes: unknown subtype '{s}'"
+            for s in self.scope.juvenile.subtypes
+            if s not in subtypes
+        )
+        for excluded in self.scope.excluded_subtypes:
+            if excluded.subtype not in subtypes:
+                problems.append(f"scope.excluded_subtypes: unknown subtype '{excluded.subtype}'")
+        for level in self.evidence_levels:
+            if level not in get_args(Evidence):
+                problems.append(f"evidence_levels: unknown level '{level}'")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def label(self) -> str:
+        """Name and version, as every output states it."""
+        return f"{self.name} {self.version}"
+
+    def schedule_rounds(self, tier: TierId) -> tuple[Round, ...]:
+        """The rounds of a tier's schedule."""
+        return self.schedules[tier].rounds
+
+
+# --- site ----------------------------------------------------------------------------------
+
+
+class SiteFlags(_Frozen):
+    npc_region: bool = False
+
+
+class AntibodyResults(_Frozen):
+    weak_positive: Literal["positive", "unknown"] = "positive"
+
+
+class ObservationSettings(_Frozen):
+    usable_statuses: tuple[str, ...] = ("final", "amended", "corrected")
+
+
+class Orders(_Frozen):
+    service_request_intent: Literal["proposal", "plan", "order"] = "proposal"
+    service_request_status: Literal["active", "draft"] = "active"
+    care_plan_intent: Literal["proposal", "plan", "order"] = "proposal"
+    priority: Literal["routine", "urgent", "asap", "stat"] = "routine"
+
+
+class Site(_Frozen):
+    """config/site.yaml: how this installation reads data and what it writes."""
+
+    site: SiteFlags = SiteFlags()
+    antibody_results: AntibodyResults = AntibodyResults()
+    observations: ObservationSettings = ObservationSettings()
+    orders: Orders = Orders()
+    ruleset: str
+
+
+class Knowledge(_Frozen):
+    """The rule set, terminology and site settings one assessment runs with."""
+
+    ruleset: RuleSet
+    terminology: Terminology
+    site: Site
+
+    @model_validator(mode="after")
+    def _value_sets_exist(self) -> Knowledge:
+        known = self.terminology.value_sets
+        rs = self.ruleset
+        refs = [
+            *(f"subtypes.{c.id}:{c.value_set}" for c in rs.subtypes),
+            *(f"antibodies.{c.id}:{c.value_set}" for c in rs.antibodies),
+            *(f"features.{c.id}:{c.value_set}" for c in rs.features),
+            f"derived.creatine_kinase:{rs.derived.creatine_kinase.value_set}",
+        ]
+        missing = [r for r in refs if r.rpartition(":")[2] not in known]
+        for test_id, test in rs.tests.items():
+            if test.code.system not in self.terminology.systems:
+                missing.append(f"tests.{test_id}.code.system:{test.code.system}")
+            if test.code.source not in self.terminology.sources:
+                missing.append(f"tests.{test_id}.code.source:{test.code.source}")
+        if missing:
+            raise ValueError("unknown value set, system or source: " + ", ".join(missing))
+        return self

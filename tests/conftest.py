@@ -1,0 +1,24 @@
+"""Shared fixtures: the real knowledge base, one engine, and a pinned evaluation date."""
+
+from __future__ import annotations
+
+from datetime import date
+
+import pytest
+
+from fhir_dm.core.assess import Engine
+from fhir_dm.knowledge.load import load_knowledge
+from fhir_dm.knowledge.models import Knowledge
+
+# A pinned evaluation date a few months after the factories' default onset (2024-03-01).
+NOW = date(2024, 4, 15)
+
+
+@pytest.fixture(scope="session")
+def knowledge() -> Knowledge:
+    return load_knowledge()
+
+
+@pytest.fixture(scope="session")
+def engine(knowledge: Knowledge) -> Engine:
+    return Engine(knowledge, software_version="test")

@@ -1,0 +1,242 @@
+"""Plans: rounds and due windows per tier, sex-specific tests, add-ons, red flags, surveillance."""
+
+from __future__ import annotations
+
+from datetime import date
+
+import pytest
+
+from fhir_dm.core.assess import Engine
+from tests import factories as f
+from tests.unit.core.helpers import planned_tests, run_one
+
+YOUNG = "1994-01-01"
+BASIC_ORDERS = {"cbc", "lft", "esr", "crp", "spep", "urinalysis", "chest-xray"}
+FEMALE_ONLY = {"cervical-cytology", "mammography", "transvaginal-us"}
+
+
+def high_risk(gender: str | None = "female", *extra_fn: object) -> list[dict[str, object]]:
+    p = f.patient(birth_date=YOUNG, gender=gender)
+    return [p, f.iim_condition(p), f.antibody(p, "tif1g"), *(fn(p) for fn in extra_fn)]  # type: ignore[operator]
+
+
+def test_high_tier_rounds_and_due_windows(engine: Engine) -> None:
+    result = run_one(engine, *high_risk())
+    rounds = [(r[0], r[2], r[3]) for r in result.plan.rounds()]
+    assert rounds == [
+        ("diagnosis", date(2024, 3, 1), date(2024, 6, 1)),
+        ("year-1", date(2025, 3, 1), date(2025, 6, 1)),
+        ("year-2", date(2026, 3, 1), date(2026, 6, 1)),
+        ("year-3", date(2027, 3, 1), date(2027, 6, 1)),
+    ]
+    for round_id in ("year-1", "year-2", "year-3"):
+        assert set(planned_tests(result, round_id)) == BASIC_ORDERS | {
+            "history-exam",
+            "national-screening",
+        }
+
+
+def test_one_service_request_per_test_per_round_with_shared_requisition(engine: Engine) -> None:
+    result = run_one(engine, *high_risk())
+    keys = [
+        (r["requisition"]["value"], r["code"]["coding"][0]["code"]) for r in result.service_requests
+    ]
+    assert len(keys) == len(set(keys))
+    year1 = {
+        r["requisition"]["value"]
+        for r in result.service_requests
+        if r["requisition"]["value"].endswith("year-1")
+    }
+    assert len(year1) == 1
+
+
+def test_moderate_has_no_repeat_rounds(engine: Engine) -> None:
+    p = f.patient(birth_date=YOUNG)
+    negatives = [f.antibody(p, ab, "negative") for ab in ("tif1g", "nxp2", "sae1")]
+    result = run_one(engine, p, f.iim_condition(p), *negatives)
+    assert result.tier == "moderate"
+    assert {r[0] for r in result.plan.rounds()} == {"diagnosis"}
+    assert {"ct-ncap", "ca125", "fobt"} <= set(planned_tests(result))
+
+
+def test_standard_has_basic_panel_only(engine: Engine) -> None:
+    p = f.patient(birth_date=YOUNG)
+    negatives = [f.antibody(p, ab, "negative") for ab in ("tif1g", "nxp2", "sae1", "srp")]
+    result = run_one(engine, p, f.iim_condition(p, code="31384009"), *negatives)
+    assert result.tier == "standard"
+    assert set(planned_tests(result)) == BASIC_ORDERS | {"history-exam", "national-screening"}
+
+
+def test_male_gets_psa_and_no_female_tests(engine: Engine) -> None:
+    result = run_one(engine, *high_risk("male"))
+    tests = set(planned_tests(result))
+    assert "psa" in tests
+    assert not tests & FEMALE_ONLY
+
+
+def test_female_gets_female_tests_and_no_psa(engine: Engine) -> None:
+    tests = set(planned_tests(run_one(engine, *high_risk("female"))))
+    assert tests >= FEMALE_ONLY
+    assert "psa" not in tests
+
+
+def test_unknown_sex_makes_sex_specific_tests_conditional(engine: Engine) -> None:
+    result = run_one(engine, *high_risk(None))
+    specific = {i.test_id: i for i in result.plan.items if i.test_id in FEMALE_ONLY | {"psa"}}
+    assert set(specific) == FEMALE_ONLY | {"psa"}
+    assert all(i.conditional for i in specific.values())
+    assert "sex" in result.plan.assessment.unknown_facts
+
+
+def test_pet_ct_and_gi_endoscopy_are_consider_items_for_high(engine: Engine) -> None:
+    result = run_one(engine, *high_risk())
+    items = {i.test_id: i for i in result.plan.items if i.round_id == "diagnosis"}
+    for test_id in ("pet-ct", "upper-gi-endoscopy", "colonoscopy"):
+        assert items[test_id].conditional
+    pet = next(r for r in result.service_requests if r["code"]["coding"][0]["code"] == "443271005")
+    assert pet["asNeededCodeableConcept"]["coding"][0]["code"] == "consider"
+
+
+def test_pet_ct_tif1g_single_investigation_rule(engine: Engine) -> None:
+    p = f.patient(birth_date="1950-01-01")
+    result = run_one(
+        engine,
+        p,
+        f.iim_condition(p),
+        f.antibody(p, "tif1g"),
+        f.condition(p, f.concept(f.SCT, "40739000")),
+    )
+    pet = next(i for i in result.plan.items if i.test_id == "pet-ct")
+    assert {r.id for r in pet.rules} == {"pet-ct-negative-workup", "pet-ct-tif1g"}
+
+
+def test_pet_ct_tif1g_rule_needs_a_clinical_feature(engine: Engine) -> None:
+    p = f.patient(birth_date="1950-01-01")
+    result = run_one(engine, p, f.iim_condition(p), f.antibody(p, "tif1g"))
+    pet = next(i for i in result.plan.items if i.test_id == "pet-ct")
+    assert {r.id for r in pet.rules} == {"pet-ct-negative-workup"}
+
+
+def test_nasoendoscopy_only_in_npc_region(engine: Engine) -> None:
+    assert "nasoendoscopy" not in planned_tests(run_one(engine, *high_risk()))
+    k = engine.knowledge
+    npc = k.model_copy(
+        update={
+            "site": k.site.model_copy(
+                update={"site": k.site.site.model_copy(update={"npc_region": True})}
+            )
+        }
+    )
+    assert "nasoendoscopy" in planned_tests(run_one(Engine(npc), *high_risk()))
+
+
+def test_red_flag_adds_enhanced_panel_to_standard_tier(engine: Engine) -> None:
+    p = f.patient(birth_date=YOUNG)
+    negatives = [f.antibody(p, ab, "negative") for ab in ("tif1g", "nxp2", "sae1", "srp")]
+    result = run_one(
+        engine,
+        p,
+        f.iim_condition(p, code="31384009"),
+        *negatives,
+        f.condition(p, f.concept(f.SCT, "422868009")),
+    )
+    assert result.tier == "standard"
+    ct = next(i for i in result.plan.items if i.test_id == "ct-ncap")
+    assert [r.id for r in ct.rules] == ["red-flags"]
+    assert "weight loss" in ct.rules[0].facts[0]
+
+
+def test_antibody_panel_proposed_when_untested(engine: Engine) -> None:
+    p = f.patient(birth_date=YOUNG)
+    result = run_one(engine, p, f.iim_condition(p))
+    assert "myositis-antibodies" in planned_tests(result, "diagnosis")
+
+
+def test_antibody_panel_not_proposed_when_tested(engine: Engine) -> None:
+    assert "myositis-antibodies" not in planned_tests(
+        run_one(
+            engine,
+            *high_risk(
+                "female",
+                lambda p: f.antibody(p, "nxp2", "negative"),
+                lambda p: f.antibody(p, "sae1", "negative"),
+            ),
+        )
+    )
+
+
+def test_lung_surveillance_for_mda5(engine: Engine) -> None:
+    result = run_one(engine, *high_risk("female", lambda p: f.antibody(p, "mda5")))
+    lung = [i for i in result.plan.items if i.round_id.startswith("lung")]
+    assert {(i.round_id, i.test_id) for i in lung} == {
+        ("lung-baseline", "hrct-chest"),
+        ("lung-baseline", "pft-dlco"),
+        ("lung-6m", "pft-dlco"),
+        ("lung-12m", "pft-dlco"),
+    }
+    assert all(i.labelled_not_imacs for i in lung)
+    request = next(
+        r for r in result.service_requests if r["code"]["coding"][0]["code"] == "58477-1"
+    )
+    assert any("Not part of the IMACS" in n["text"] for n in request["note"])
+
+
+def test_flare_adds_enhanced_panel_unless_recently_done(engine: Engine) -> None:
+    p = f.patient(birth_date=YOUNG)
+    negatives = [f.antibody(p, ab, "negative") for ab in ("tif1g", "nxp2", "sae1", "srp")]
+    flare = f.condition(p, f.concept(f.LOCAL_PROBLEMS, "DM-FLARE"))
+    result = run_one(
+        engine, p, f.iim_condition(p, code="31384009"), *negatives, flare, now=date(2025, 1, 10)
+    )
+    assert "ct-ncap" in planned_tests(result)
+    assert any("flare" in n for n in result.explanation.notices)
+    done_ct = {
+        "resourceType": "Procedure",
+        "id": "ct-1",
+        "status": "completed",
+        "subject": f.ref(p),
+        "code": f.concept(f.LOINC, "89283-6"),
+        "performedDateTime": "2024-11-01",
+    }
+    again = run_one(
+        engine,
+        p,
+        f.iim_condition(p, code="31384009"),
+        *negatives,
+        flare,
+        done_ct,
+        now=date(2025, 1, 10),
+    )
+    assert "ct-ncap" not in planned_tests(again)
+
+
+def test_flare_derived_from_ck_series(engine: Engine) -> None:
+    p = f.patient(birth_date=YOUNG)
+    cks = [
+        f.ck(p, 3000, effective="2024-03-05"),
+        f.ck(p, 150, effective="2024-06-01"),
+        f.ck(p, 2200, effective="2024-10-01"),
+    ]
+    result = run_one(engine, p, f.iim_condition(p), *cks, now=date(2024, 10, 10))
+    assert result.plan.assessment.facts.feature("flare").value is True
+
+
+def test_past_rounds_dropped_but_first_round_kept_overdue(engine: Engine) -> None:
+    result = run_one(engine, *high_risk(), now=date(2025, 8, 1))
+    assert [r[0] for r in result.plan.rounds()] == ["diagnosis", "year-2", "year-3"]
+    first = next(i for i in result.plan.items if i.round_id == "diagnosis")
+    assert result.plan.overdue(first)
+
+
+def test_plan_is_the_same_on_another_day(engine: Engine) -> None:
+    resources = high_risk()
+    a = run_one(engine, *resources, now=date(2024, 4, 1))
+    b = run_one(engine, *resources, now=date(2024, 5, 20))
+    assert a.identity == b.identity
+
+
+@pytest.mark.parametrize("now", [date(2024, 4, 1), date(2026, 2, 1)])
+def test_four_chest_radiographs_only_when_assessed_early(engine: Engine, now: date) -> None:
+    result = run_one(engine, *high_risk(), now=now)
+    cxr = [r for r in result.service_requests if r["code"]["coding"][0]["code"] == "36643-5"]
+    assert len(cxr) == (4 if now.year == 2024 else 3)

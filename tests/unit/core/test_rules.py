@@ -1,0 +1,197 @@
+"""Rules: scope, every risk factor, every tier, the preliminary flag and notices."""
+
+from __future__ import annotations
+
+from datetime import date
+
+import pytest
+
+from fhir_dm.core.assess import Engine
+from tests import factories as f
+from tests.unit.core.helpers import run_one
+
+YOUNG = "1994-01-01"  # 30 at the default onset: age-over-40 does not apply
+
+
+def fired(result: object) -> set[str]:
+    return {r.id for r in result.plan.assessment.factors}  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("factor", "extra"),
+    [
+        ("ab-tif1g", lambda p: [f.antibody(p, "tif1g")]),
+        ("ab-nxp2", lambda p: [f.antibody(p, "nxp2")]),
+        ("ab-sae1", lambda p: [f.antibody(p, "sae1")]),
+        ("ab-hmgcr", lambda p: [f.antibody(p, "hmgcr")]),
+        ("dysphagia", lambda p: [f.condition(p, f.concept(f.SCT, "40739000"))]),
+        ("skin-necrosis", lambda p: [f.condition(p, f.concept(f.ICD10CM, "L98.491"))]),
+        ("refractory", lambda p: [f.condition(p, f.concept(f.LOCAL_PROBLEMS, "DM-REFRACTORY"))]),
+        ("ab-antisynthetase", lambda p: [f.antibody(p, "jo1")]),
+        ("ild", lambda p: [f.condition(p, f.concept(f.SCT, "233703007"))]),
+        ("raynaud", lambda p: [f.condition(p, f.concept(f.ICD10CM, "I73.00"))]),
+        ("arthritis", lambda p: [f.condition(p, f.concept(f.ICD10CM, "M06.4"))]),
+    ],
+)
+def test_each_factor_fires(engine: Engine, factor: str, extra: object) -> None:
+    p = f.patient(birth_date=YOUNG)
+    result = run_one(engine, p, f.iim_condition(p), *extra(p))  # type: ignore[operator]
+    assert factor in fired(result)
+
+
+def test_subtype_and_age_factors(engine: Engine) -> None:
+    p = f.patient(birth_date="1960-01-01")
+    result = run_one(engine, p, f.iim_condition(p))
+    assert {"subtype-dm", "age-over-40"} <= fired(result)
+
+
+def test_age_exactly_40_is_not_over_40(engine: Engine) -> None:
+    p = f.patient(birth_date="1984-03-01")  # 40 on the onset day 2024-03-01
+    assert "age-over-40" not in fired(run_one(engine, p, f.iim_condition(p)))
+
+
+def test_seronegative_imnm(engine: Engine) -> None:
+    p = f.patient(birth_date=YOUNG)
+    result = run_one(
+        engine,
+        p,
+        f.iim_condition(p, code="715863001"),
+        f.antibody(p, "srp", "negative"),
+        f.antibody(p, "hmgcr", "negative"),
+    )
+    assert "imnm-seronegative" in fired(result)
+
+
+def test_tier_high_with_two_high_factors(engine: Engine) -> None:
+    p = f.patient(birth_date=YOUNG)
+    result = run_one(engine, p, f.iim_condition(p), f.antibody(p, "tif1g"))
+    assert result.tier == "high"
+    assert not result.plan.assessment.preliminary
+
+
+def test_tier_moderate_with_one_high_factor_and_all_antibodies_known(engine: Engine) -> None:
+    p = f.patient(birth_date=YOUNG)
+    negatives = [f.antibody(p, ab, "negative") for ab in ("tif1g", "nxp2", "sae1")]
+    result = run_one(engine, p, f.iim_condition(p), *negatives)
+    assert result.tier == "moderate"
+    assert not result.plan.assessment.preliminary
+
+
+def test_tier_moderate_with_two_intermediate_factors(engine: Engine) -> None:
+    p = f.patient(birth_date=YOUNG)
+    result = run_one(
+        engine,
+        p,
+        f.iim_condition(p, code="715863001"),
+        f.antibody(p, "sae1"),
+        f.antibody(p, "hmgcr"),
+        f.antibody(p, "tif1g", "negative"),
+        f.antibody(p, "nxp2", "negative"),
+    )
+    assert result.tier == "moderate"
+
+
+def test_tier_standard(engine: Engine) -> None:
+    p = f.patient(birth_date=YOUNG)
+    negatives = [f.antibody(p, ab, "negative") for ab in ("tif1g", "nxp2", "sae1", "srp")]
+    result = run_one(engine, p, f.iim_condition(p, code="31384009"), *negatives)
+    assert result.tier == "standard"
+    assert not result.plan.assessment.preliminary
+
+
+def test_low_factors_do_not_lower_the_tier(engine: Engine) -> None:
+    p = f.patient(birth_date=YOUNG)
+    result = run_one(
+        engine,
+        p,
+        f.iim_condition(p),
+        f.antibody(p, "tif1g"),
+        f.antibody(p, "jo1"),
+        f.condition(p, f.concept(f.SCT, "233703007")),
+    )
+    assert result.tier == "high"
+    assert {"ab-antisynthetase", "ild"} <= fired(result)
+
+
+def test_preliminary_when_cancer_antibodies_untested(engine: Engine) -> None:
+    p = f.patient(birth_date=YOUNG)
+    result = run_one(engine, p, f.iim_condition(p))
+    a = result.plan.assessment
+    assert (result.tier, a.preliminary) == ("moderate", True)
+    assert set(a.preliminary_because) == {
+        "anti-TIF1-gamma antibody",
+        "anti-NXP2 antibody",
+        "anti-SAE1 antibody",
+    }
+    assert result.risk_assessment["status"] == "preliminary"
+
+
+def test_preliminary_when_age_unknown(engine: Engine) -> None:
+    p = f.patient(birth_date=None)
+    negatives = [f.antibody(p, ab, "negative") for ab in ("tif1g", "nxp2", "sae1")]
+    result = run_one(engine, p, f.iim_condition(p), *negatives)
+    assert result.plan.assessment.preliminary
+    assert result.plan.assessment.preliminary_because == ("age at onset",)
+
+
+def test_high_is_never_preliminary(engine: Engine) -> None:
+    p = f.patient(birth_date="1950-01-01")
+    result = run_one(engine, p, f.iim_condition(p))
+    assert result.tier == "high"
+    assert not result.plan.assessment.preliminary
+
+
+def test_juvenile_by_code(engine: Engine) -> None:
+    p = f.patient(birth_date="2012-01-01")
+    result = run_one(engine, p, f.iim_condition(p, system=f.ICD10CM, code="M33.03"))
+    assert result.plan.assessment.scope == "juvenile"
+    assert result.tier is None and result.service_requests == () and result.care_plan is None
+    assert "Juvenile" in result.risk_assessment["prediction"][0]["rationale"]
+
+
+def test_juvenile_by_onset_age(engine: Engine) -> None:
+    p = f.patient(birth_date="2010-01-01")
+    result = run_one(engine, p, f.iim_condition(p))
+    assert result.plan.assessment.scope == "juvenile"
+    assert result.service_requests == ()
+
+
+def test_window_closed(engine: Engine) -> None:
+    p = f.patient()
+    result = run_one(engine, p, f.iim_condition(p, onset="2019-01-01"), now=date(2024, 4, 15))
+    assert result.plan.assessment.scope == "window-closed"
+    assert result.service_requests == ()
+
+
+def test_diagnosed_long_after_onset(engine: Engine) -> None:
+    p = f.patient()
+    result = run_one(
+        engine,
+        p,
+        f.iim_condition(p, onset="2019-01-01", recorded="2023-06-01"),
+        now=date(2023, 7, 1),
+    )
+    assert result.plan.assessment.scope == "late-diagnosis"
+    assert result.service_requests == ()
+
+
+def test_ibm_is_not_stratified(engine: Engine) -> None:
+    p = f.patient(birth_date="1950-01-01")
+    result = run_one(engine, p, f.iim_condition(p, code="72315009"))
+    assert result.plan.assessment.scope == "excluded-subtype"
+    assert result.tier is None and result.service_requests == ()
+    assert "Inclusion body myositis" in result.explanation.headline
+
+
+def test_no_iim(engine: Engine) -> None:
+    p = f.patient()
+    result = run_one(engine, p, f.condition(p, f.concept(f.SCT, "40739000")))
+    assert result.plan.assessment.scope == "no-iim"
+    assert result.service_requests == ()
+
+
+def test_active_malignancy_still_tiers_and_says_coordinate_with_oncology(engine: Engine) -> None:
+    p = f.patient(birth_date="1950-01-01")
+    result = run_one(engine, p, f.iim_condition(p), f.condition(p, f.concept(f.ICD10CM, "C34.90")))
+    assert result.tier == "high"
+    assert any("oncology" in n for n in result.explanation.notices)

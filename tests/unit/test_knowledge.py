@@ -1,0 +1,139 @@
+"""config/ loading: the real knowledge base loads; each kind of mistake gives a clear message."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fhir_dm.errors import KnowledgeError
+from fhir_dm.knowledge.load import DEFAULT_CONFIG_DIR, load_knowledge
+
+PACKAGE = Path(__file__).resolve().parents[2] / "fhir_dm"
+
+
+def test_real_config_loads_with_name_and_version() -> None:
+    k = load_knowledge()
+    assert k.ruleset.label == f"{k.ruleset.name} {k.ruleset.version}"
+    assert {f.factor_class for f in k.ruleset.factors} == {"high", "intermediate", "low"}
+
+
+def test_every_rule_has_evidence_and_source() -> None:
+    rs = load_knowledge().ruleset
+    sourced = [
+        *rs.factors,
+        *rs.addons,
+        *rs.panels.values(),
+        *rs.schedules.values(),
+        rs.red_flags,
+        rs.flare,
+        rs.lung_surveillance,
+        rs.antibody_testing,
+        rs.tiers,
+    ]
+    for item in sourced:
+        assert item.evidence in rs.evidence_levels
+        assert item.source.strip()
+
+
+@pytest.fixture
+def config_copy(tmp_path: Path) -> Path:
+    target = tmp_path / "config"
+    shutil.copytree(DEFAULT_CONFIG_DIR, target)
+    return target
+
+
+def _edit(path: Path, change: object) -> None:
+    data = yaml.safe_load(path.read_text())
+    change(data)  # type: ignore[operator]
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+@pytest.mark.parametrize(
+    ("file", "change", "message"),
+    [
+        (
+            "ruleset/imacs-2023.yaml",
+            lambda d: d["factors"][1].pop("evidence"),
+            "ruleset/imacs-2023.yaml: factors.1.evidence: Field required",
+        ),
+        (
+            "ruleset/imacs-2023.yaml",
+            lambda d: d["factors"][0].update(evidence="strong"),
+            "factors.0.evidence",
+        ),
+        (
+            "ruleset/imacs-2023.yaml",
+            lambda d: d["panels"]["basic"]["tests"].append("x-ray-of-moon"),
+            "unknown test 'x-ray-of-moon'",
+        ),
+        (
+            "ruleset/imacs-2023.yaml",
+            lambda d: d["factors"][1]["when"].update(antibody_positive=["tif2"]),
+            "unknown antibody_positive reference 'tif2'",
+        ),
+        (
+            "ruleset/imacs-2023.yaml",
+            lambda d: d["factors"][1]["when"].update(feature=["x"]),
+            "exactly one key",
+        ),
+        (
+            "ruleset/imacs-2023.yaml",
+            lambda d: d.update(surprise=1),
+            "surprise: Extra inputs are not permitted",
+        ),
+        (
+            "terminology/conditions.yaml",
+            lambda d: d["value_sets"]["dysphagia"]["include"][0].update(source="NOWHERE"),
+            "unknown source key 'NOWHERE'",
+        ),
+        (
+            "terminology/conditions.yaml",
+            lambda d: d["value_sets"]["dysphagia"]["include"][0].update(prefix="R13"),
+            "exactly one of 'code' or 'prefix'",
+        ),
+        (
+            "terminology/local-codes.yaml",
+            lambda d: d["mappings"][0].update(value_set="nope"),
+            "unknown value set 'nope'",
+        ),
+        (
+            "site.yaml",
+            lambda d: d["orders"].update(service_request_intent="demand"),
+            "site.yaml: orders.service_request_intent",
+        ),
+    ],
+)
+def test_bad_config_messages(config_copy: Path, file: str, change: object, message: str) -> None:
+    _edit(config_copy / file, change)
+    with pytest.raises(KnowledgeError) as err:
+        load_knowledge(config_copy)
+    assert message in err.value.message
+
+
+def test_invalid_yaml(config_copy: Path) -> None:
+    (config_copy / "site.yaml").write_text("site: [unclosed\n")
+    with pytest.raises(KnowledgeError, match=r"site\.yaml: not valid YAML"):
+        load_knowledge(config_copy)
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(KnowledgeError, match="not found"):
+        load_knowledge(tmp_path / "nope")
+
+
+# Shapes of clinical codes: LOINC (12345-6), SNOMED CT (6-18 digits), ICD-10 (A12.3).
+CODE_LITERAL = re.compile(r"""["'](\d{3,7}-\d|\d{6,18}|[A-Z]\d\d\.\d{1,4})["']""")
+
+
+def test_no_clinical_code_is_a_literal_in_python() -> None:
+    """Rules, codes and intervals live in config/; the package only interprets them."""
+    offenders = [
+        f"{path.relative_to(PACKAGE)}: {m.group(0)}"
+        for path in PACKAGE.rglob("*.py")
+        for m in CODE_LITERAL.finditer(path.read_text())
+    ]
+    assert offenders == []
