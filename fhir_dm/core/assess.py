@@ -66,10 +66,15 @@ def as_moment(now: date | datetime) -> datetime:
 class Engine:
     """The core bound to one Knowledge; build once, call `assess` per request (thread-safe)."""
 
-    def __init__(self, knowledge: Knowledge, *, software_version: str = "0") -> None:
+    def __init__(
+        self, knowledge: Knowledge, *, software_version: str = "0", validate_output: bool = True
+    ) -> None:
         self.knowledge = knowledge
         self.matcher = Matcher(knowledge.terminology)
         self.software = f"{SOFTWARE_NAME} {software_version}"
+        # Validating every generated resource through its R4B model is a safety net against
+        # builder bugs; it costs about two thirds of the core's time (see bench/).
+        self.validate_output = validate_output
 
     def assess(self, data: Any, *, now: date | datetime) -> AssessmentRun:
         """Assess every patient in a Bundle (any type) or a single Patient resource."""
@@ -88,7 +93,7 @@ class Engine:
         plan = build_plan(assessment, k)
         explanation = explain(plan, k)
         identity = identity_for(plan, k.ruleset)
-        ctx = BuildContext(k, plan, identity, moment)
+        ctx = BuildContext(k, plan, identity, moment, self.validate_output)
 
         risk_url = identity.full_url("risk")
         risk = build_risk_assessment(ctx, explanation)
