@@ -8,6 +8,7 @@ statuses, unparseable dates) is listed in `findings`, in words that carry no pat
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
@@ -16,7 +17,7 @@ from typing import Any, Final
 from fhir_dm.core.dates import DateSpan, add_months, age_span, parse_fhir_date
 from fhir_dm.core.inputs import PatientRecord, Resource
 from fhir_dm.core.terminology import Matcher
-from fhir_dm.knowledge.models import Knowledge
+from fhir_dm.knowledge.models import Knowledge, Refractory
 
 
 class _Unknown:
@@ -50,15 +51,6 @@ DONE_STATUSES = {
     "ServiceRequest": frozenset({"completed"}),
 }
 ACTIVE_MEDICATION = frozenset({"active", "on-hold"})
-# Facts derived from several resources; rules may name them like condition features.
-DERIVED_FEATURES = (
-    "refractory",
-    "flare",
-    "current_smoking",
-    "family_history_cancer",
-    "personal_history_cancer",
-    "active_malignancy",
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +60,7 @@ class Fact:
     value: FactValue
     sources: tuple[str, ...] = ()
     note: str = ""
+    when: date | None = None
 
     @property
     def known(self) -> bool:
@@ -252,15 +245,22 @@ class _Reader:
         for feature in self.rs.features:
             present: list[str] = []
             resolved: list[str] = []
+            dates: list[date] = []
             for ref, cond, value_sets in conditions:
                 if feature.value_set not in value_sets:
                     continue
                 status = _status_code(cond.get("clinicalStatus"))
                 (resolved if status in INACTIVE_CLINICAL else present).append(ref)
-            if present:
-                features[feature.id] = Fact(True, tuple(present))
-            elif resolved:
-                features[feature.id] = Fact(False, tuple(resolved), "recorded as resolved")
+                span = parse_fhir_date(cond.get("onsetDateTime")) or parse_fhir_date(
+                    cond.get("recordedDate")
+                )
+                if span:
+                    dates.append(span.latest)
+            # A feature of the disease counts for cancer risk even once it has resolved.
+            if present or resolved:
+                note = "" if present else "recorded as resolved"
+                when = max(dates) if dates else None
+                features[feature.id] = Fact(True, tuple(present + resolved), note, when)
             else:
                 features[feature.id] = UNKNOWN_FACT
             self.sources.update(present + resolved)
@@ -331,8 +331,12 @@ class _Reader:
             if not results:
                 facts[antibody.id] = UNKNOWN_FACT
                 continue
-            # The latest result decides; on the same day a positive outweighs a negative.
-            day, positive, ref = max(results, key=lambda r: (r[0], r[1]))
+            # Any positive result counts (the safer reading: assays differ and myositis
+            # antibodies rarely disappear); conflicting results are reported.
+            positives = [r for r in results if r[1]]
+            if positives and len(positives) < len(results):
+                self.note(f"anti-{antibody.id}: conflicting results; the positive one is used")
+            day, positive, ref = max(positives or results, key=lambda r: r[0])
             facts[antibody.id] = Fact(positive, (ref,))
             self.sources.add(ref.split("#")[0])
         return facts
@@ -480,11 +484,13 @@ class _Reader:
 
     # --- medications and screening ---
 
-    def immunosuppressed(self) -> Fact:
-        names = [
-            n.lower() for n in self.k.terminology.medication_names.get("immunosuppressant", ())
-        ]
-        found = []
+    def immunosuppression(self) -> tuple[Fact, date | None]:
+        """Active systemic immunosuppression, and its earliest recorded start."""
+        term = self.k.terminology
+        names = _word_pattern(term.medication_names.get("immunosuppressant", ()))
+        excluded = _word_pattern(term.medication_exclude_words)
+        found: list[str] = []
+        starts: list[date] = []
         for ref, med in self.of_type("MedicationRequest", "MedicationStatement"):
             if med.get("status") not in ACTIVE_MEDICATION:
                 continue
@@ -492,9 +498,21 @@ class _Reader:
             texts = [concept.get("text") or ""] + [
                 c.get("display") or "" for c in concept.get("coding") or []
             ]
-            if any(name in text.lower() for text in texts for name in names):
-                found.append(ref)
-        return Fact(True, tuple(found)) if found else UNKNOWN_FACT
+            text = " ".join(texts)
+            if not names.search(text) or excluded.search(text):
+                continue
+            found.append(ref)
+            start = (
+                parse_fhir_date(med.get("authoredOn"))
+                or parse_fhir_date(med.get("effectiveDateTime"))
+                or parse_fhir_date((med.get("effectivePeriod") or {}).get("start"))
+            )
+            if start:
+                starts.append(start.earliest)
+        if not found:
+            return UNKNOWN_FACT, None
+        self.sources.update(found)
+        return Fact(True, tuple(found)), min(starts) if starts else None
 
     def screening_done(self) -> dict[str, date]:
         by_code = {
@@ -523,27 +541,46 @@ class _Reader:
         return done
 
 
-def _refractory(rs_refractory: Any, ck: Sequence[CkResult], treated: Fact, coded: Fact) -> Fact:
+def _word_pattern(words: Sequence[str]) -> re.Pattern[str]:
+    alternatives = "|".join(re.escape(w) for w in words) or r"(?!x)x"
+    return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
+
+
+def _refractory(
+    rule: Refractory, ck: Sequence[CkResult], treated: Fact, since: date | None, coded: Fact
+) -> Fact:
+    """CK above the limit on enough measurements, far enough apart, while on treatment."""
     if coded.is_true():
         return coded
-    high = [r for r in ck if r.above_limit]
-    if treated.is_true() and len(high) >= rs_refractory.ck_above_uln_count:
-        first, last = high[0], high[-1]
-        if add_months(first.when, rs_refractory.min_months_apart) <= last.when:
-            return Fact(True, tuple(r.reference for r in high) + treated.sources, "derived from CK")
-    if not ck:
+    if rule.requires_active_immunosuppression and not treated.is_true():
+        # Not known to be treated: "refractory despite treatment" cannot be judged.
         return UNKNOWN_FACT
-    return Fact(False, tuple(r.reference for r in ck), "CK series does not meet the rule")
+    on_treatment = [r for r in ck if since is None or r.when >= since]
+    high = [r for r in on_treatment if r.above_limit]
+    if len(high) >= rule.ck_above_uln_count:
+        first, last = high[0], high[-1]
+        if add_months(first.when, rule.min_months_apart) <= last.when:
+            sources = tuple(r.reference for r in high) + treated.sources
+            return Fact(True, sources, "derived from CK on treatment")
+    if not on_treatment:
+        return UNKNOWN_FACT
+    return Fact(
+        False, tuple(r.reference for r in on_treatment), "CK on treatment does not meet the rule"
+    )
 
 
 def _flare(ck: Sequence[CkResult], coded: Fact) -> Fact:
+    """A coded flare, or CK above the limit again after it had normalised (dated by the rise)."""
     if coded.is_true():
         return coded
     was_high = was_normal_after = False
     for r in ck:
         if r.above_limit and was_normal_after:
             return Fact(
-                True, tuple(x.reference for x in ck), "CK above the limit again after normalising"
+                True,
+                tuple(x.reference for x in ck),
+                "CK above the limit again after normalising",
+                when=r.when,
             )
         if r.above_limit:
             was_high = True
@@ -573,10 +610,14 @@ def extract_facts(record: PatientRecord, knowledge: Knowledge, matcher: Matcher)
     features.update(reader.cancer_facts(conditions))
     features["current_smoking"] = reader.smoking(observations, conditions)
     ck = reader.creatine_kinase(observations)
-    treated = reader.immunosuppressed()
+    treated, since = reader.immunosuppression()
     derived = knowledge.ruleset.derived
     features["refractory"] = _refractory(
-        derived.refractory, ck, treated, features.get(derived.refractory.or_feature, UNKNOWN_FACT)
+        derived.refractory,
+        ck,
+        treated,
+        since,
+        features.get(derived.refractory.or_feature, UNKNOWN_FACT),
     )
     features["flare"] = _flare(ck, features.get(derived.flare.or_feature, UNKNOWN_FACT))
     antibodies = reader.antibody_results(observations)

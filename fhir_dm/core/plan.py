@@ -66,9 +66,10 @@ class _Builder:
         self.anchor = anchor
         self.items: dict[tuple[str, str], PlanItem] = {}
         self.rounds: dict[str, Round] = {}
+        self.anchors: dict[str, date] = {}  # rounds dated from another event than onset
 
     def window_for(self, rnd: Round) -> tuple[date, date]:
-        start = add_months(self.anchor, rnd.offset_months)
+        start = add_months(self.anchors.get(rnd.id, self.anchor), rnd.offset_months)
         return start, add_months(start, rnd.due_within_months)
 
     def register_round(self, rnd: Round) -> None:
@@ -126,11 +127,17 @@ class _Builder:
         )
 
     def add_panels(
-        self, panels: tuple[str, ...], rnd: Round, rule: FiredRule, **kw: object
+        self,
+        panels: tuple[str, ...],
+        rnd: Round,
+        rule: FiredRule,
+        *,
+        conditional: bool = False,
+        condition_text: str = "",
     ) -> None:
         for panel in panels:
             for test_id in self.rs.panels[panel].tests:
-                self.add(test_id, rnd, rule, **kw)  # type: ignore[arg-type]
+                self.add(test_id, rnd, rule, conditional=conditional, condition_text=condition_text)
 
     def round_named(self, round_id: str) -> Round:
         if round_id in self.rounds:
@@ -185,31 +192,39 @@ def build_plan(assessment: Assessment, knowledge: Knowledge) -> Plan:
         rule = FiredRule(
             "red-flags",
             "red-flag",
-            "Red flags prompt cancer screening whatever the tier",
+            rs.red_flags.label,
             rs.red_flags.evidence,
             rs.red_flags.source,
             labels,
             sources,
         )
-        b.add_panels(rs.red_flags.add_panels, b.round_named(rs.red_flags.round), rule)
+        b.add_panels(
+            rs.red_flags.add_panels,
+            b.round_named(rs.red_flags.round),
+            rule,
+            conditional=rs.red_flags.conditional,
+            condition_text=f"{rs.red_flags.label}: {', '.join(labels)}",
+        )
 
     flare = facts.feature("flare")
     if flare.is_true():
-        marker = [facts.screening_done.get(t) for t in rs.panels[rs.flare.add_panels[0]].tests]
-        recent = [
-            d for d in marker if d and add_months(d, rs.flare.unless_done_within_months) >= a.now
-        ]
-        if not recent:
-            rule = FiredRule(
-                "flare",
-                "flare",
-                "Flare after remission: re-screen",
-                rs.flare.evidence,
-                rs.flare.source,
-                ("disease flare after remission",),
-                flare.sources,
-            )
-            b.add_panels(rs.flare.add_panels, b.round_named(rs.flare.round), rule)
+        flare_rule = rs.flare
+        rule = FiredRule(
+            "flare",
+            "flare",
+            "Flare after remission: re-screen for cancer (not IMACS)",
+            flare_rule.evidence,
+            flare_rule.source,
+            ("disease flare after remission" + (f" on {flare.when}" if flare.when else ""),),
+            flare.sources,
+        )
+        b.anchors[flare_rule.round.id] = flare.when or a.now
+        for panel in flare_rule.add_panels:
+            for test_id in rs.panels[panel].tests:
+                done = facts.screening_done.get(test_id)
+                if done and add_months(done, flare_rule.unless_done_within_months) >= a.now:
+                    continue  # done recently enough
+                b.add(test_id, flare_rule.round, rule, not_imacs=True)
 
     evaluator = Evaluator(facts, knowledge, tier=a.tier)
     for addon in rs.addons:

@@ -93,6 +93,7 @@ class Evaluator:
         self.knowledge = knowledge
         self.tier = tier
         self.assume_positive = assume_positive
+        self.unspecified_subtypes = {s.id for s in knowledge.ruleset.subtypes if s.unspecified}
         self.labels = {a.id: a.label for a in knowledge.ruleset.antibodies}
         self.labels.update({f.id: f.label for f in knowledge.ruleset.features})
 
@@ -112,6 +113,8 @@ class Evaluator:
             iim = self.facts.iim
             if iim is None:
                 return Evaluation(None)
+            if iim.subtype in self.unspecified_subtypes:
+                return Evaluation(True if "subtype" in self.assume_positive else None)
             return Evaluation(
                 iim.subtype in p.subtype_in, (self._subtype_label(),), (iim.reference,)
             )
@@ -163,13 +166,14 @@ class Evaluator:
         span = self.facts.onset_age
         if span is None:
             return Evaluation(True if "onset_age" in self.assume_positive else None)
-        youngest, oldest = span
+        # Ages are compared in completed years, as clinicians state them ("over 40" = 41+).
+        youngest, oldest = int(span[0]), int(span[1])
         iim = self.facts.iim
         sources = (self.facts.patient_reference,) + ((iim.reference,) if iim else ())
         label = (
-            f"age at onset {youngest:.0f}"
-            if oldest - youngest < 1
-            else f"age at onset {youngest:.0f}-{oldest:.0f}"
+            f"age at onset {youngest}"
+            if youngest == oldest
+            else f"age at onset {youngest}-{oldest}"
         )
         if youngest > threshold:
             return Evaluation(True, (label,), sources)
@@ -289,10 +293,13 @@ def _unknown_labels(facts: PatientFacts, knowledge: Knowledge) -> tuple[str, ...
 
 def _unknown_preliminary_facts(facts: PatientFacts, knowledge: Knowledge) -> tuple[str, ...]:
     labels = {f"antibody:{a.id}": f"{a.label} antibody" for a in knowledge.ruleset.antibodies}
+    unspecified = {s.id for s in knowledge.ruleset.subtypes if s.unspecified}
     out = []
     for name in knowledge.ruleset.tiers.preliminary_if_unknown:
         if name == "onset_age" and facts.onset_age is None:
             out.append("age at onset")
+        elif name == "subtype" and facts.iim is not None and facts.iim.subtype in unspecified:
+            out.append("IIM subtype")
         elif (
             name.startswith("antibody:") and facts.antibody(name.partition(":")[2]).value is UNKNOWN
         ):

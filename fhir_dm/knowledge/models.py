@@ -10,6 +10,16 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# Facts the core derives from several resources; rules may name them like condition features.
+DERIVED_FEATURES = (
+    "refractory",
+    "flare",
+    "current_smoking",
+    "family_history_cancer",
+    "personal_history_cancer",
+    "active_malignancy",
+)
+
 Evidence = Literal["guideline", "provisional", "design", "not-imacs"]
 Confidence = Literal["seen-verbatim", "seen-indirect", "judgment"]
 Sex = Literal["female", "male"]
@@ -79,6 +89,7 @@ class Terminology(_Frozen):
     value_sets: dict[str, ValueSet]
     result_strings: ResultStrings
     medication_names: dict[str, tuple[str, ...]]
+    medication_exclude_words: tuple[str, ...] = ()
     mappings: tuple[LocalCode, ...] = ()
 
     @model_validator(mode="after")
@@ -162,6 +173,7 @@ class Concept(_Frozen):
     id: str
     label: str
     value_set: str
+    unspecified: bool = False
 
 
 class Refractory(_Sourced):
@@ -272,6 +284,8 @@ class RedFlags(_Sourced):
     facts: tuple[str, ...]
     add_panels: tuple[str, ...]
     round: str
+    conditional: bool = True
+    label: str
 
 
 class ActiveMalignancy(_Sourced):
@@ -282,7 +296,7 @@ class FlareRule(_Sourced):
     message: str
     add_panels: tuple[str, ...]
     unless_done_within_months: int
-    round: str
+    round: Round
 
 
 class LungSurveillance(_Sourced):
@@ -334,7 +348,7 @@ class RuleSet(_Frozen):
     def _references_resolve(self) -> RuleSet:
         subtypes = {s.id for s in self.subtypes}
         antibodies = {a.id for a in self.antibodies}
-        features = {f.id for f in self.features} | {"refractory", "flare"}
+        features = {f.id for f in self.features} | set(DERIVED_FEATURES)
         tiers = {level.id for level in self.tiers.levels}
         problems: list[str] = []
 
@@ -385,9 +399,14 @@ class RuleSet(_Frozen):
             problems.append(f"tiers.default: unknown tier '{self.tiers.default}'")
         for fact in self.tiers.preliminary_if_unknown:
             kind, _, ref = fact.partition(":")
-            if not (fact == "onset_age" or (kind == "antibody" and ref in antibodies)):
+            if not (fact in ("onset_age", "subtype") or (kind == "antibody" and ref in antibodies)):
                 problems.append(f"tiers.preliminary_if_unknown: unknown fact '{fact}'")
         check_panels("red_flags.add_panels", self.red_flags.add_panels)
+        problems.extend(
+            f"red_flags.facts: unknown feature '{f}'"
+            for f in self.red_flags.facts
+            if f not in features
+        )
         check_panels("flare.add_panels", self.flare.add_panels)
         check_tests("antibody_testing.test", (self.antibody_testing.test,))
         problems.extend(

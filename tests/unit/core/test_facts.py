@@ -286,10 +286,12 @@ def test_refuted_conditions_are_ignored(engine: Engine, verification: str) -> No
     assert facts.iim is None
 
 
-def test_resolved_feature_is_not_present(engine: Engine) -> None:
+def test_resolved_feature_still_counts_and_says_so(engine: Engine) -> None:
+    """A disease feature that has resolved was still part of the disease (cancer risk)."""
     p = f.patient()
     dysphagia = f.condition(p, f.concept(f.ICD10CM, "R13.10"), clinical_status="resolved")
-    assert facts_of(engine, p, f.iim_condition(p), dysphagia).feature("dysphagia").value is False
+    fact = facts_of(engine, p, f.iim_condition(p), dysphagia).feature("dysphagia")
+    assert (fact.value, fact.note) == (True, "recorded as resolved")
 
 
 # --- dates ---------------------------------------------------------------------------------------
@@ -435,3 +437,34 @@ def test_former_smoker_is_not_current(engine: Engine) -> None:
         .value
         is False
     )
+
+
+def test_refractory_unknown_when_not_known_to_be_treated(engine: Engine) -> None:
+    p = f.patient()
+    cks = [f.ck(p, 2500, effective="2024-03-05"), f.ck(p, 1800, effective="2024-07-01")]
+    assert facts_of(engine, p, f.iim_condition(p), *cks).feature("refractory").value is UNKNOWN
+
+
+def test_refractory_counts_ck_only_from_treatment_start(engine: Engine) -> None:
+    p = f.patient()
+    med = f.medication(p, "Prednisolone 40 mg") | {"authoredOn": "2024-06-01"}
+    cks = [f.ck(p, 2500, effective="2024-03-05"), f.ck(p, 1800, effective="2024-07-01")]
+    assert facts_of(engine, p, f.iim_condition(p), med, *cks).feature("refractory").value is False
+
+
+def test_topical_preparations_are_not_immunosuppression(engine: Engine) -> None:
+    p = f.patient()
+    cks = [f.ck(p, 2500, effective="2024-03-05"), f.ck(p, 1800, effective="2024-07-01")]
+    cream = f.medication(p, "Tacrolimus 0.1% ointment")
+    assert (
+        facts_of(engine, p, f.iim_condition(p), cream, *cks).feature("refractory").value is UNKNOWN
+    )
+
+
+def test_conflicting_antibody_results_use_the_positive_and_say_so(engine: Engine) -> None:
+    p = f.patient()
+    old = f.antibody(p, "tif1g", "positive", effective="2023-01-01")
+    new = f.antibody(p, "tif1g", "negative", effective="2024-03-01")
+    facts = facts_of(engine, p, f.iim_condition(p), new, old)
+    assert facts.antibody("tif1g").value is True
+    assert any("conflicting" in x for x in facts.findings)

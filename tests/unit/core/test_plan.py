@@ -12,7 +12,7 @@ from tests.unit.core.helpers import planned_tests, run_one
 
 YOUNG = "1994-01-01"
 BASIC_ORDERS = {"cbc", "lft", "esr", "crp", "spep", "urinalysis", "chest-xray"}
-FEMALE_ONLY = {"cervical-cytology", "mammography", "transvaginal-us"}
+FEMALE_ONLY = {"cervical-cytology", "mammography", "transvaginal-us", "abdominal-us"}
 
 
 def high_risk(gender: str | None = "female", *extra_fn: object) -> list[dict[str, object]]:
@@ -144,6 +144,7 @@ def test_red_flag_adds_enhanced_panel_to_standard_tier(engine: Engine) -> None:
     ct = next(i for i in result.plan.items if i.test_id == "ct-ncap")
     assert [r.id for r in ct.rules] == ["red-flags"]
     assert "weight loss" in ct.rules[0].facts[0]
+    assert ct.conditional and "red flags" in ct.condition_text
 
 
 def test_antibody_panel_proposed_when_untested(engine: Engine) -> None:
@@ -184,11 +185,13 @@ def test_lung_surveillance_for_mda5(engine: Engine) -> None:
 def test_flare_adds_enhanced_panel_unless_recently_done(engine: Engine) -> None:
     p = f.patient(birth_date=YOUNG)
     negatives = [f.antibody(p, ab, "negative") for ab in ("tif1g", "nxp2", "sae1", "srp")]
-    flare = f.condition(p, f.concept(f.LOCAL_PROBLEMS, "DM-FLARE"))
+    flare = f.condition(p, f.concept(f.LOCAL_PROBLEMS, "DM-FLARE"), onset="2024-12-20")
     result = run_one(
         engine, p, f.iim_condition(p, code="31384009"), *negatives, flare, now=date(2025, 1, 10)
     )
-    assert "ct-ncap" in planned_tests(result)
+    ct = next(i for i in result.plan.items if i.test_id == "ct-ncap")
+    assert (ct.round_id, ct.due_start, ct.labelled_not_imacs) == ("flare", date(2024, 12, 20), True)
+    assert "fobt" in planned_tests(result, "flare")
     assert any("flare" in n for n in result.explanation.notices)
     done_ct = {
         "resourceType": "Procedure",
@@ -208,6 +211,7 @@ def test_flare_adds_enhanced_panel_unless_recently_done(engine: Engine) -> None:
         now=date(2025, 1, 10),
     )
     assert "ct-ncap" not in planned_tests(again)
+    assert "fobt" in planned_tests(again, "flare")  # each test is skipped on its own
 
 
 def test_flare_derived_from_ck_series(engine: Engine) -> None:

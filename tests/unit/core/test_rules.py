@@ -195,3 +195,22 @@ def test_active_malignancy_still_tiers_and_says_coordinate_with_oncology(engine:
     result = run_one(engine, p, f.iim_condition(p), f.condition(p, f.concept(f.ICD10CM, "C34.90")))
     assert result.tier == "high"
     assert any("oncology" in n for n in result.explanation.notices)
+
+
+def test_unspecified_subtype_is_unknown_not_negative(engine: Engine) -> None:
+    p = f.patient(birth_date=YOUNG)
+    negatives = [f.antibody(p, ab, "negative") for ab in ("tif1g", "nxp2", "sae1")]
+    result = run_one(engine, p, f.iim_condition(p, code="702380008"), *negatives)
+    a = result.plan.assessment
+    assert (result.tier, a.preliminary, a.preliminary_because) == (
+        "standard",
+        True,
+        ("IIM subtype",),
+    )
+
+
+def test_age_over_40_uses_completed_years(engine: Engine) -> None:
+    p = f.patient(birth_date="1983-11-01")  # 40 years 4 months at onset 2024-03-01
+    assert "age-over-40" not in fired(run_one(engine, p, f.iim_condition(p)))
+    q = f.patient(birth_date="1983-02-01")  # 41 at onset
+    assert "age-over-40" in fired(run_one(engine, q, f.iim_condition(q)))
