@@ -80,7 +80,8 @@ def test_references_inside_the_result(engine: Engine) -> None:
     assert care_plan["supportingInfo"][0]["reference"] in urls
     for request in result.service_requests:
         assert request["basedOn"][0]["reference"] in urls
-        assert request["reasonReference"][0]["reference"] in urls
+        assert request["supportingInfo"][0]["reference"] in urls
+        assert request["reasonReference"][0]["reference"].startswith("Condition/")
         assert request["subject"] == {"reference": "Patient/seed-case"}
     activity_refs = {a["reference"]["reference"] for a in care_plan["activity"] if "reference" in a}
     assert len(activity_refs) == len(result.service_requests)
