@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fhir_dm.core.assess import PatientResult
+from fhir_dm.core.build.bundle import full_url_for
 from fhir_dm.core.build.common import Json
 
 OPEN_PLAN_STATUSES = frozenset({"draft", "active", "on-hold"})
@@ -47,7 +48,7 @@ def _revoke(resource: Mapping[str, Any]) -> Json:
     version = (resource.get("meta") or {}).get("versionId")
     if version:
         request["ifMatch"] = f'W/"{version}"'
-    return {"fullUrl": url, "resource": updated, "request": request}
+    return {"fullUrl": full_url_for(url), "resource": updated, "request": request}
 
 
 def plan_revision(

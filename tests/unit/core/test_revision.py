@@ -46,7 +46,9 @@ def test_changed_plan_revokes_old_plan_and_open_requests_only(engine: Engine) ->
     assert len(revision.revoked_requests) == len(requests) - 1
     for entry in revision.revoke_entries:
         assert entry["resource"]["status"] == "revoked"
-        assert entry["request"] == {"method": "PUT", "url": entry["fullUrl"], "ifMatch": 'W/"1"'}
+        url = f"{entry['resource']['resourceType']}/{entry['resource']['id']}"
+        assert entry["request"] == {"method": "PUT", "url": url, "ifMatch": 'W/"1"'}
+        assert entry["fullUrl"].startswith("urn:uuid:")
     bundle = write_back_bundle(new, revision)
     assert bundle["entry"][: len(revision.revoke_entries)] == list(revision.revoke_entries)
 
