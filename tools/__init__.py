@@ -1,0 +1,1 @@
+"""Developer tools: artifact generators and the local FHIR test server."""
