@@ -1,0 +1,74 @@
+"""Integration fixtures: one real HAPI FHIR server per test session, with profiles/ loaded."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+PROFILES_DIR = Path(__file__).resolve().parents[2] / "profiles"
+START_TIMEOUT_S = 300
+REQUEST_TIMEOUT_S = 120
+FHIR_JSON = "application/fhir+json"
+# Terminology first, so the profiles' bindings resolve as soon as the profiles arrive.
+LOAD_ORDER = ("CodeSystem", "ValueSet", "StructureDefinition")
+
+Json = dict[str, Any]
+
+
+@pytest.fixture(scope="session")
+def fhir_base_url() -> Iterator[str]:
+    """Start HAPI FHIR once per session (building it if needed); fail loudly if it cannot start."""
+    # Imported here, so a broken server module fails the integration tests, not collection.
+    from tools.hapi_server import HapiServer
+
+    server = HapiServer()
+    try:
+        base_url = server.start(timeout=START_TIMEOUT_S)
+    except Exception as exc:
+        server.stop()
+        raise RuntimeError(f"the HAPI FHIR test server did not start: {exc}") from exc
+    try:
+        yield base_url.rstrip("/")
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def fhir_http() -> Iterator[requests.Session]:
+    """A plain HTTP session speaking FHIR JSON (for PUT and $validate, which FhirClient lacks)."""
+    with requests.Session() as session:
+        session.headers.update({"Accept": FHIR_JSON, "Content-Type": FHIR_JSON})
+        yield session
+
+
+def profile_artifacts() -> list[Json]:
+    """Every artifact in profiles/, terminology first."""
+    artifacts = [
+        json.loads(p.read_text(encoding="utf-8")) for p in sorted(PROFILES_DIR.glob("*.json"))
+    ]
+
+    def rank(resource: Json) -> int:
+        kind = resource["resourceType"]
+        return LOAD_ORDER.index(kind) if kind in LOAD_ORDER else len(LOAD_ORDER)
+
+    return sorted(artifacts, key=rank)
+
+
+@pytest.fixture(scope="session")
+def loaded_profiles(fhir_base_url: str, fhir_http: requests.Session) -> dict[str, Json]:
+    """PUT every artifact of profiles/ to ``{type}/{id}``; returns them by canonical url."""
+    loaded: dict[str, Json] = {}
+    for resource in profile_artifacts():
+        where = f"{resource['resourceType']}/{resource['id']}"
+        response = fhir_http.put(
+            f"{fhir_base_url}/{where}", data=json.dumps(resource), timeout=REQUEST_TIMEOUT_S
+        )
+        if response.status_code not in (200, 201):
+            raise RuntimeError(f"PUT {where} failed: HTTP {response.status_code}: {response.text}")
+        loaded[resource["url"]] = resource
+    return loaded
