@@ -25,6 +25,7 @@ from typing import Any
 
 from fhir.resources.R4B import get_fhir_model_class
 
+from fhir_dm.cds.settings import CdsConfig, load_cds_config
 from fhir_dm.core.build.care_plan import DM_CATEGORY, US_CORE_ASSESS_PLAN
 from fhir_dm.core.build.common import PROFILE_NAMES
 from fhir_dm.core.build.service_request import CONSIDER_CODE
@@ -268,6 +269,20 @@ def ruleset_code_system(ctx: _Context) -> Json:
                 "definition": f"{rs.guideline.citation} doi:{rs.guideline.doi}",
             }
         ],
+    )
+
+
+def override_reason_code_system(ctx: _Context, cds: CdsConfig) -> Json:
+    """dm-cds-override-reason: why a clinician overrides a CDS Hooks card (config/cds.yaml)."""
+    expected = ctx.url("CodeSystem", "dm-cds-override-reason")
+    if cds.override_reasons.system != expected:
+        raise ValueError(f"cds.yaml: override_reasons.system must be {expected}")
+    return _code_system(
+        ctx,
+        "dm-cds-override-reason",
+        "IIM cancer-screening card override reasons",
+        "Reasons a clinician can give for not acting on the CDS Hooks card.",
+        [{"code": r.code, "display": r.display} for r in cds.override_reasons.reasons],
     )
 
 
@@ -981,8 +996,10 @@ def operation_system(ctx: _Context) -> Json:
                     "out",
                     1,
                     "Bundle",
-                    "The generated resources as a transaction "
-                    "Bundle (preview), or the result of writing them.",
+                    "A collection Bundle: first an OperationOutcome with one information "
+                    "issue per patient (tier; preview, written or unchanged; revocations), "
+                    "then the generated resources (as they would be written, or with their "
+                    "server locations once written).",
                 ),
             ],
         }
@@ -1023,8 +1040,10 @@ def operation_patient(ctx: _Context) -> Json:
                     "out",
                     1,
                     "Bundle",
-                    "The generated resources as a transaction "
-                    "Bundle (preview), or the result of writing them.",
+                    "A collection Bundle: first an OperationOutcome with one information "
+                    "issue per patient (tier; preview, written or unchanged; revocations), "
+                    "then the generated resources (as they would be written, or with their "
+                    "server locations once written).",
                 ),
             ],
         }
@@ -1035,7 +1054,9 @@ def operation_patient(ctx: _Context) -> Json:
 # --- entry points --------------------------------------------------------------------------
 
 
-def build_artifacts(knowledge: Knowledge | None = None) -> dict[str, Json]:
+def build_artifacts(
+    knowledge: Knowledge | None = None, cds: CdsConfig | None = None
+) -> dict[str, Json]:
     """Every artifact of profiles/, as ``{file name: resource}``, validated through R4B."""
     ctx = _Context(knowledge if knowledge is not None else load_knowledge())
     resources = [
@@ -1043,6 +1064,7 @@ def build_artifacts(knowledge: Knowledge | None = None) -> dict[str, Json]:
         risk_tier_code_system(ctx),
         careplan_category_code_system(ctx),
         ruleset_code_system(ctx),
+        override_reason_code_system(ctx, cds if cds is not None else load_cds_config()),
         antibodies_value_set(ctx),
         subtypes_value_set(ctx),
         screening_tests_value_set(ctx),

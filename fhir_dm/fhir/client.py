@@ -219,6 +219,10 @@ class FhirClient:
         mapping cannot drift apart between verbs.
         """
         headers = {"Content-Type": f"{FHIR_JSON}; charset=utf-8"} if body is not None else {}
+        if method == "GET":
+            # Servers may answer a repeated search from a cache (HAPI: 60 s by default); a
+            # write-back decision must see what was written a moment ago.
+            headers["Cache-Control"] = "no-cache"
         attempt = 0
         while True:
             started = time.monotonic()

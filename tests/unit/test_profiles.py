@@ -199,8 +199,10 @@ def test_project_codings_emitted_exist_in_the_code_systems(
                 == concepts[coding["code"]]["display"]
             )
             seen.add((cs["id"], coding["code"]))
-    # the variety above reaches every project code system, 'consider' included
-    assert {cs for cs, _ in seen} == {cs["id"] for cs in code_systems.values()}
+    # the variety above reaches every project code system, 'consider' included (override
+    # reasons appear only on CDS Hooks cards: checked below)
+    emitted = {cs["id"] for cs in code_systems.values()} - {"dm-cds-override-reason"}
+    assert {cs for cs, _ in seen} == emitted
     assert ("dm-screening", "consider") in seen
 
 
@@ -372,3 +374,14 @@ def test_operation_definitions_for_system_and_patient_levels(knowledge: Knowledg
     assert sp["out", "return"]["type"] == pp["out", "return"]["type"] == "Bundle"
     assert "true (default)" in sp["in", "preview"]["documentation"]
     assert "false (default)" in pp["in", "preview"]["documentation"]
+
+
+def test_cds_override_reasons_are_the_code_system() -> None:
+    from fhir_dm.cds.settings import load_cds_config
+
+    reasons = load_cds_config().override_reasons
+    (cs,) = [r for r in _of_type("CodeSystem").values() if r["id"] == "dm-cds-override-reason"]
+    assert cs["url"] == reasons.system
+    assert {c["code"]: c["display"] for c in cs["concept"]} == {
+        r.code: r.display for r in reasons.reasons
+    }

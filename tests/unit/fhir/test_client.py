@@ -443,6 +443,15 @@ def test_bearer_token_is_sent(rsps: responses.RequestsMock) -> None:
     assert rsps.calls[0].request.headers["Authorization"] == "Bearer t0k3n"
 
 
+def test_reads_and_searches_bypass_server_caches(rsps: responses.RequestsMock) -> None:
+    rsps.get(f"{BASE}/Condition", json={"resourceType": "Bundle", "type": "searchset"})
+
+    with FhirClient(BASE) as fhir:
+        fhir.search("Condition", {"patient": "p1"})
+
+    assert rsps.calls[0].request.headers["Cache-Control"] == "no-cache"
+
+
 def test_client_from_config_applies_settings(rsps: responses.RequestsMock) -> None:
     cfg = FhirServerConfig(
         base_url=f"{BASE}/",

@@ -1,0 +1,57 @@
+"""The Flask app factory: settings in, a service with its blueprints and error handlers out."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import requests
+from flask import Flask
+
+from fhir_dm import __version__
+from fhir_dm.core.assess import Engine
+from fhir_dm.fhir.client import client_from_config
+from fhir_dm.knowledge.load import load_knowledge
+from fhir_dm.locks import PatientLocks
+from fhir_dm.web import cds_hooks, logs, operations, outcomes, system
+from fhir_dm.web.settings import EXTENSION_KEY, Service, Settings, load_settings
+from fhir_dm.web.trust import InboundAuth
+from fhir_dm.writeback import WriteBack
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the service; without `settings`, read them from FHIR_DM_* variables.
+
+    Everything long-lived (knowledge, engine, FHIR client, inbound auth, locks) is built here,
+    once, and kept in `app.extensions["fhir_dm"]` as a typed `Service`; CDS Hooks is added when
+    `settings.cds` is set. A bad configuration raises KnowledgeError here, so the service never
+    starts half-configured.
+    """
+    settings = settings if settings is not None else load_settings()
+    logs.configure_logging(settings.log_level)
+    knowledge = load_knowledge(settings.config_dir)
+    engine = Engine(knowledge, software_version=__version__)
+    fhir = client_from_config(settings.fhir)
+    locks = PatientLocks(settings.lock_dir)
+    service = Service(
+        settings=settings,
+        knowledge=knowledge,
+        engine=engine,
+        fhir=fhir,
+        auth=InboundAuth(settings.trust, session=requests.Session()),
+        locks=locks,
+        writeback=WriteBack(fhir, engine, locks),
+        capability_statement=system.build_capability_statement(
+            settings, knowledge, started=datetime.now(UTC)
+        ),
+    )
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.extensions[EXTENSION_KEY] = service
+    logs.init_app(app)
+    outcomes.init_app(app)
+    app.register_blueprint(system.bp)
+    app.register_blueprint(operations.bp)
+    if settings.cds is not None:
+        cds_hooks.init_app(app, settings.cds, engine=engine, knowledge=knowledge)
+    return app

@@ -1,0 +1,445 @@
+"""CDS Hooks 2.0 endpoints: discovery, the patient-view service, feedback and its summary.
+
+Routes (under the app root)::
+
+    GET  /cds-services                              discovery
+    POST /cds-services/{id}                         the patient-view hook -> cards
+    POST /cds-services/{id}/feedback                CDS Hooks feedback (accepted / overridden)
+    GET  /cds-services/{id}/feedback/summary        counts per card type and override reason
+
+Every call is authenticated with the EHR's signed JWT (`aud` = `public_base_url` + the path
+called); any failure is a bare 401 without a body. Wire it into an app with `init_app`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import requests
+from flask import Blueprint, Flask, Response, current_app, request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from werkzeug.exceptions import NotFound
+
+from fhir_dm.cds.cards import CardBuilder
+from fhir_dm.cds.feedback import MEMORY, FeedbackStore, IssuedCardRecord
+from fhir_dm.cds.models import (
+    CdsRequest,
+    CdsResponse,
+    Discovery,
+    FeedbackRequest,
+    ServiceDescriptor,
+)
+from fhir_dm.cds.prefetch import (
+    DEFAULT_FETCH_WORKERS,
+    Fetcher,
+    FetcherFactory,
+    PrefetchTemplate,
+    build_templates,
+    discovery_prefetch,
+    resolve_prefetch,
+)
+from fhir_dm.cds.settings import CdsConfig, load_cds_config
+from fhir_dm.core.assess import Engine
+from fhir_dm.errors import AuthError, InputError, PreconditionFailedError
+from fhir_dm.fhir.auth import BearerAuth
+from fhir_dm.fhir.client import FhirClient
+from fhir_dm.fhir.retry import RetryPolicy
+from fhir_dm.knowledge.models import Knowledge
+from fhir_dm.web.outcomes import read_json_body
+from fhir_dm.web.trust import InboundAuth, TrustConfig
+
+logger = logging.getLogger(__name__)
+
+bp = Blueprint("cds_hooks", __name__)
+
+EXTENSION_KEY = "fhir_dm_cds"
+DISCOVERY_PATH = "/cds-services"
+JSON_UTF8 = "application/json; charset=utf-8"
+DEFAULT_PUBLIC_BASE_URL = "http://127.0.0.1:8080"
+DEFAULT_MAX_REQUEST_BYTES = 10 * 1024 * 1024
+DEFAULT_FETCH_TIMEOUT = (3.0, 10.0)
+DEFAULT_FETCH_MAX_RETRIES = 1
+DEFAULT_FETCH_PAGE_SIZE = 200
+DEFAULT_FETCH_MAX_PAGES = 20
+CORS_MAX_AGE_SECONDS = 600
+
+Clock = Callable[[], date | datetime]
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _check_server_entry(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{value!r} is not an absolute http(s) URL")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ValueError(f"{value!r} must not carry credentials, a query or a fragment")
+    return value.rstrip("/")
+
+
+class CdsSettings(BaseModel):
+    """Settings of the CDS Hooks edge; clinical content (cards, prefetch) is in config/cds.yaml.
+
+    Usage::
+
+        CdsSettings(
+            public_base_url="https://dm.example.org",
+            trust=TrustConfig(mode="jwt", issuers=(IssuerTrust(iss=..., jwks_url=...),)),
+            allowed_fhir_servers=("https://ehr.example.org/fhir/r4",),
+            feedback_db="/var/lib/fhir-dm/cds-feedback.sqlite3",
+        )
+        CdsSettings(trust=TrustConfig(mode="off"))   # development: any fhirServer, no JWT
+
+    `public_base_url` is the externally visible URL of the app root: JWT audiences are it plus
+    the path called. `allowed_fhir_servers` lists base URLs the EHR's access token may be sent
+    to (scheme, host and port exact, path a segment prefix); an empty list accepts any server
+    only when trust is off.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    config_file: Path | None = None
+    public_base_url: str = DEFAULT_PUBLIC_BASE_URL
+    trust: TrustConfig
+    discovery_requires_auth: bool = True
+    allowed_fhir_servers: tuple[str, ...] = ()
+    fetch_connect_timeout: float = Field(default=DEFAULT_FETCH_TIMEOUT[0], gt=0)
+    fetch_read_timeout: float = Field(default=DEFAULT_FETCH_TIMEOUT[1], gt=0)
+    fetch_max_retries: int = Field(default=DEFAULT_FETCH_MAX_RETRIES, ge=0, le=5)
+    fetch_page_size: int = Field(default=DEFAULT_FETCH_PAGE_SIZE, ge=1, le=1000)
+    fetch_max_pages: int = Field(default=DEFAULT_FETCH_MAX_PAGES, ge=1)
+    fetch_workers: int = Field(default=DEFAULT_FETCH_WORKERS, ge=1, le=16)
+    feedback_db: str = MEMORY
+    feedback_retention_days: int = Field(default=365, ge=1)
+    keep_override_comments: bool = False
+    cors_allowed_origins: tuple[str, ...] = ()
+    max_request_bytes: int = Field(default=DEFAULT_MAX_REQUEST_BYTES, gt=0)
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _absolute_base(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("public_base_url must be an absolute http(s) URL")
+        return value.rstrip("/")
+
+    @field_validator("allowed_fhir_servers")
+    @classmethod
+    def _server_entries(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_check_server_entry(v) for v in value)
+
+    @model_validator(mode="after")
+    def _jwt_or_off(self) -> CdsSettings:
+        if self.trust.mode == "static":
+            raise ValueError(
+                "CDS clients authenticate with signed JWTs (CDS Hooks 2.0): set trust.mode to"
+                " 'jwt', or 'off' for development"
+            )
+        return self
+
+    @property
+    def development(self) -> bool:
+        return self.trust.mode == "off"
+
+
+def fhir_server_allowed(url: str, allowed: tuple[str, ...], *, development: bool) -> bool:
+    """Whether the EHR's token may be sent to `url` (an SSRF and token-leak guard)."""
+    if not allowed:
+        return development
+    target = urlsplit(url.rstrip("/"))
+    for entry in allowed:
+        base = urlsplit(entry)
+        if (
+            target.scheme == base.scheme
+            and target.hostname == base.hostname
+            and target.port == base.port
+            and (target.path == base.path or target.path.startswith(base.path.rstrip("/") + "/"))
+        ):
+            return True
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class CdsHooksService:
+    """Everything the CDS Hooks views need, built once by `init_app`."""
+
+    settings: CdsSettings
+    config: CdsConfig
+    templates: tuple[PrefetchTemplate, ...]
+    engine: Engine
+    knowledge: Knowledge
+    auth: InboundAuth
+    cards: CardBuilder
+    store: FeedbackStore
+    clock: Clock
+    descriptor: ServiceDescriptor
+
+    @property
+    def service_id(self) -> str:
+        return self.config.service.id
+
+    def audience(self, path: str) -> str:
+        return self.settings.public_base_url + path
+
+
+def init_app(
+    app: Flask,
+    cds_settings: CdsSettings,
+    *,
+    engine: Engine,
+    knowledge: Knowledge,
+    clock: Clock | None = None,
+    http_session: requests.Session | None = None,
+    trust_clock: Callable[[], float] = time.time,
+    feedback_store: FeedbackStore | None = None,
+) -> None:
+    """Register the CDS Hooks blueprint; raise KnowledgeError when config/cds.yaml is unusable.
+
+    `clock` gives the evaluation instant (default: now, UTC); `http_session` fetches the
+    EHRs' JWK Sets; `trust_clock` is the JWT verifier's clock (epoch seconds).
+    """
+    if not cds_settings.enabled:
+        logger.info("CDS Hooks disabled")
+        return
+    config = load_cds_config(cds_settings.config_file)
+    templates = build_templates(config.prefetch, knowledge)
+    cards = CardBuilder(knowledge, config)
+    if cds_settings.development:
+        logger.warning("CDS Hooks in development mode: no JWT checks, any fhirServer accepted")
+    elif not cds_settings.allowed_fhir_servers:
+        logger.warning("CDS Hooks: no allowed_fhir_servers; incomplete prefetch is answered 412")
+    store = feedback_store or FeedbackStore(
+        cds_settings.feedback_db,
+        keep_comments=cds_settings.keep_override_comments,
+        retention_days=cds_settings.feedback_retention_days,
+    )
+    service_info = config.service
+    service = CdsHooksService(
+        settings=cds_settings,
+        config=config,
+        templates=templates,
+        engine=engine,
+        knowledge=knowledge,
+        auth=InboundAuth(
+            cds_settings.trust, session=http_session or requests.Session(), clock=trust_clock
+        ),
+        cards=cards,
+        store=store,
+        clock=clock or _utc_now,
+        descriptor=ServiceDescriptor(
+            hook=service_info.hook,
+            title=service_info.title,
+            description=service_info.description,
+            id=service_info.id,
+            prefetch=discovery_prefetch(templates),
+            usage_requirements=service_info.usage_requirements,
+        ),
+    )
+    app.extensions[EXTENSION_KEY] = service
+    app.register_blueprint(bp)
+
+
+def current_cds() -> CdsHooksService:
+    service = current_app.extensions[EXTENSION_KEY]
+    if not isinstance(service, CdsHooksService):
+        raise TypeError(f"app.extensions[{EXTENSION_KEY!r}] is not a CdsHooksService")
+    return service
+
+
+# --- request plumbing ---------------------------------------------------------------------
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    body = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return Response(body, status=status, content_type=JSON_UTF8)
+
+
+def _unauthorized() -> Response:
+    """CDS Hooks best practice: a bare 401, saying nothing about why."""
+    return Response(status=401, headers={"WWW-Authenticate": "Bearer"})
+
+
+def _authenticated(service: CdsHooksService, path: str) -> bool:
+    try:
+        service.auth.authenticate(
+            request.headers.get("Authorization"), audience=service.audience(path)
+        )
+    except AuthError:
+        return False
+    return True
+
+
+def _parse(model: type[_Model], data: Any, what: str) -> _Model:
+    """Validate a request body; the message names paths and problems, never values."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        paths = []
+        problems = []
+        for err in exc.errors()[:5]:
+            loc = ".".join(str(p) for p in err["loc"])
+            paths.append(loc or what)
+            problems.append(f"{loc or what}: {err['msg']}")
+        raise InputError(f"invalid {what}: " + "; ".join(problems), expression=paths) from None
+
+
+def _service_or_404(service: CdsHooksService, service_id: str) -> None:
+    if service_id != service.service_id:
+        raise NotFound()
+
+
+def _fetcher_factory(service: CdsHooksService, call: CdsRequest) -> FetcherFactory:
+    """Clients for the EHR's FHIR server, with the EHR's token, only if the server is allowed."""
+    settings = service.settings
+
+    def make() -> Fetcher:
+        if call.fhir_server is None or call.fhir_authorization is None:
+            raise PreconditionFailedError(
+                "no fhirServer and fhirAuthorization in the request to fetch it with"
+            )
+        if not fhir_server_allowed(
+            call.fhir_server, settings.allowed_fhir_servers, development=settings.development
+        ):
+            logger.warning("CDS call names a fhirServer that is not allowed; not contacted")
+            raise PreconditionFailedError("the request's fhirServer is not on the allowed list")
+        token = call.fhir_authorization.access_token.get_secret_value()
+        return FhirClient(
+            call.fhir_server,
+            session=requests.Session(),
+            auth=BearerAuth(token),
+            timeout=(settings.fetch_connect_timeout, settings.fetch_read_timeout),
+            retry=RetryPolicy(max_retries=settings.fetch_max_retries, max_backoff=1.0),
+            page_size=settings.fetch_page_size,
+            max_pages=settings.fetch_max_pages,
+        )
+
+    return make
+
+
+# --- views ----------------------------------------------------------------------------------
+
+
+@bp.before_request
+def _body_limit() -> None:
+    request.max_content_length = current_cds().settings.max_request_bytes
+
+
+@bp.after_request
+def _cors(response: Response) -> Response:
+    """CORS for browser-based CDS clients, only for configured origins."""
+    origin = request.headers.get("Origin")
+    allowed = current_cds().settings.cors_allowed_origins
+    if origin and (origin in allowed or "*" in allowed):
+        response.headers["Access-Control-Allow-Origin"] = "*" if "*" in allowed else origin
+        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+        response.headers["Access-Control-Max-Age"] = str(CORS_MAX_AGE_SECONDS)
+        response.vary.add("Origin")
+    return response
+
+
+@bp.get(DISCOVERY_PATH)
+def discovery() -> Response:
+    """`GET /cds-services`: the one patient-view service and its prefetch templates."""
+    service = current_cds()
+    if service.settings.discovery_requires_auth and not _authenticated(service, DISCOVERY_PATH):
+        return _unauthorized()
+    return _json(Discovery(services=[service.descriptor]).dump())
+
+
+@bp.post(f"{DISCOVERY_PATH}/<service_id>")
+def call_service(service_id: str) -> Response:
+    """`POST /cds-services/{id}`: assess the context patient and answer with cards."""
+    service = current_cds()
+    if not _authenticated(service, f"{DISCOVERY_PATH}/{service_id}"):
+        return _unauthorized()
+    _service_or_404(service, service_id)
+    started = time.perf_counter()
+    call = _parse(
+        CdsRequest, read_json_body(service.settings.max_request_bytes), "CDS Hooks request"
+    )
+    if call.hook != service.config.service.hook:
+        raise InputError(
+            f"this service answers the '{service.config.service.hook}' hook", expression=["hook"]
+        )
+    data = resolve_prefetch(
+        service.templates,
+        call.prefetch,
+        call.context.tokens(),
+        _fetcher_factory(service, call),
+        workers=service.settings.fetch_workers,
+    )
+    fetched_ms = (time.perf_counter() - started) * 1000
+    run = service.engine.assess(data.bundle(), now=service.clock())
+    result = run.results[0]
+    issued = service.cards.cards(
+        result,
+        hook_instance=call.hook_instance,
+        existing_plans=data.existing_plans,
+        unavailable=data.unavailable,
+    )
+    try:
+        service.store.record_issued(
+            service.service_id,
+            [
+                IssuedCardRecord(i.card.uuid or "", i.card_type, i.tier, i.suggestion_uuid)
+                for i in issued
+                if i.card.uuid
+            ],
+        )
+    except sqlite3.Error as exc:  # feedback attribution is secondary to answering the EHR
+        logger.error("CDS card record failed: %s", type(exc).__name__)
+    response = CdsResponse(cards=[i.card for i in issued]).dump()
+    logger.info(
+        "CDS %s: %d card(s) %s; %d key(s) fetched; data %.0f ms, total %.0f ms",
+        service.service_id,
+        len(issued),
+        ",".join(i.card_type for i in issued) or "none",
+        len(data.fetched),
+        fetched_ms,
+        (time.perf_counter() - started) * 1000,
+    )
+    return _json(response)
+
+
+@bp.post(f"{DISCOVERY_PATH}/<service_id>/feedback")
+def feedback(service_id: str) -> Response:
+    """`POST /cds-services/{id}/feedback`: store what the clinician did with a card."""
+    service = current_cds()
+    if not _authenticated(service, f"{DISCOVERY_PATH}/{service_id}/feedback"):
+        return _unauthorized()
+    _service_or_404(service, service_id)
+    body = _parse(FeedbackRequest, read_json_body(service.settings.max_request_bytes), "feedback")
+    receipt = service.store.record_feedback(
+        service.service_id, body.feedback, reason_display=service.config.override_reasons.display
+    )
+    logger.info(
+        "CDS feedback: %d stored, %d duplicate(s), %d for unknown cards",
+        receipt.stored,
+        receipt.duplicates,
+        receipt.unattributed,
+    )
+    return _json({"stored": receipt.stored, "duplicates": receipt.duplicates})
+
+
+@bp.get(f"{DISCOVERY_PATH}/<service_id>/feedback/summary")
+def feedback_summary(service_id: str) -> Response:
+    """Accepted / overridden counts per card type and override-reason counts."""
+    service = current_cds()
+    if not _authenticated(service, f"{DISCOVERY_PATH}/{service_id}/feedback/summary"):
+        return _unauthorized()
+    _service_or_404(service, service_id)
+    return _json(service.store.summary(service.service_id).as_json())
