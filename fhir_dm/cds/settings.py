@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fhir_dm.errors import KnowledgeError
-from fhir_dm.knowledge.load import DEFAULT_CONFIG_DIR
+from fhir_dm.knowledge.load import DEFAULT_CONFIG_DIR, read_yaml, validation_lines
 
 DEFAULT_CDS_CONFIG = DEFAULT_CONFIG_DIR / "cds.yaml"
 DEFAULT_MAX_CODES_PER_QUERY = 64
@@ -145,29 +144,11 @@ class CdsConfig(_Frozen):
     override_reasons: OverrideReasons
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise KnowledgeError(f"{path.name}: cannot read: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise KnowledgeError(f"{path.name}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise KnowledgeError(f"{path.name}: expected a mapping at the top level")
-    return data
-
-
 def load_cds_config(path: Path | str | None = None) -> CdsConfig:
     """Load and validate config/cds.yaml; raise KnowledgeError with one line per problem."""
     file = Path(path) if path is not None else DEFAULT_CDS_CONFIG
-    raw = _read_yaml(file)
+    raw = read_yaml(file)
     try:
         return CdsConfig.model_validate(raw)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            loc = ".".join(str(part) for part in err["loc"])
-            lines.append(
-                f"{file.name}: {loc}: {err['msg']}" if loc else f"{file.name}: {err['msg']}"
-            )
-        raise KnowledgeError("\n".join(lines)) from None
+        raise KnowledgeError(validation_lines(file.name, exc)) from None

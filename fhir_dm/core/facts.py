@@ -359,20 +359,27 @@ class _Reader:
                 continue
             yield member, target
 
+    def coded_answer(self, concept: Mapping[str, Any], ref: str) -> tuple[bool, bool | None]:
+        """(is an answer, its value): positive True, negative False, indeterminate None."""
+        value_sets = self.m.concept(concept).value_sets
+        if "answer-positive" in value_sets:
+            return True, True
+        if "answer-negative" in value_sets:
+            return True, False
+        if "answer-indeterminate" in value_sets:
+            self.note(f"{ref}: indeterminate result counted as unknown")
+            return True, None
+        return False, None
+
     def read_result(self, item: Mapping[str, Any], ref: str) -> bool | None:
         """Positive (True), negative (False) or unusable (None) from any result shape."""
         words = self.k.terminology.result_strings
         texts: list[str] = []
         if "valueCodeableConcept" in item:
             concept = item["valueCodeableConcept"]
-            value_sets = self.m.concept(concept).value_sets
-            if "answer-positive" in value_sets:
-                return True
-            if "answer-negative" in value_sets:
-                return False
-            if "answer-indeterminate" in value_sets:
-                self.note(f"{ref}: indeterminate result counted as unknown")
-                return None
+            is_answer, answer = self.coded_answer(concept, ref)
+            if is_answer:
+                return answer
             texts.append(concept.get("text") or "")
             texts.extend(c.get("display") or "" for c in concept.get("coding") or [])
         if "valueString" in item:
@@ -392,14 +399,9 @@ class _Reader:
                 self.note(f"{ref}: indeterminate result counted as unknown")
                 return None
         for interpretation in item.get("interpretation") or []:
-            value_sets = self.m.concept(interpretation).value_sets
-            if "answer-positive" in value_sets:
-                return True
-            if "answer-negative" in value_sets:
-                return False
-            if "answer-indeterminate" in value_sets:
-                self.note(f"{ref}: indeterminate result counted as unknown")
-                return None
+            is_answer, answer = self.coded_answer(interpretation, ref)
+            if is_answer:
+                return answer
         if "valueQuantity" in item:
             return self.quantity_result(item, ref)
         self.note(f"{ref}: antibody result could not be read")

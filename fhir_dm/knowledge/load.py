@@ -17,7 +17,8 @@ RULESET_DIR = "ruleset"
 SITE_FILE = "site.yaml"
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read one configuration file as a mapping; KnowledgeError (file name only) otherwise."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -29,7 +30,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _validation_lines(label: str, exc: ValidationError) -> str:
+def validation_lines(label: str, exc: ValidationError) -> str:
+    """One `file: key.path: message` line per pydantic error."""
     lines = []
     for err in exc.errors():
         loc = ".".join(str(part) for part in err["loc"])
@@ -40,7 +42,7 @@ def _validation_lines(label: str, exc: ValidationError) -> str:
 def _merge_terminology(directory: Path) -> dict[str, Any]:
     merged: dict[str, Any] = {"value_sets": {}}
     for path in sorted(directory.glob("*.yaml")):
-        for key, value in _read_yaml(path).items():
+        for key, value in read_yaml(path).items():
             if key == "value_sets":
                 clash = merged["value_sets"].keys() & value.keys()
                 if clash:
@@ -60,21 +62,21 @@ def load_knowledge(config_dir: Path | str | None = None) -> Knowledge:
     root = Path(config_dir) if config_dir is not None else DEFAULT_CONFIG_DIR
     if not root.is_dir():
         raise KnowledgeError(f"configuration directory not found: {root.name}")
-    site_raw = _read_yaml(root / SITE_FILE)
+    site_raw = read_yaml(root / SITE_FILE)
     try:
         site = Site.model_validate(site_raw)
     except ValidationError as exc:
-        raise KnowledgeError(_validation_lines(SITE_FILE, exc)) from exc
+        raise KnowledgeError(validation_lines(SITE_FILE, exc)) from exc
     ruleset_name = f"{RULESET_DIR}/{site.ruleset}.yaml"
     try:
-        ruleset = RuleSet.model_validate(_read_yaml(root / ruleset_name))
+        ruleset = RuleSet.model_validate(read_yaml(root / ruleset_name))
     except ValidationError as exc:
-        raise KnowledgeError(_validation_lines(ruleset_name, exc)) from exc
+        raise KnowledgeError(validation_lines(ruleset_name, exc)) from exc
     try:
         terminology = Terminology.model_validate(_merge_terminology(root / TERMINOLOGY_DIR))
     except ValidationError as exc:
-        raise KnowledgeError(_validation_lines(TERMINOLOGY_DIR, exc)) from exc
+        raise KnowledgeError(validation_lines(TERMINOLOGY_DIR, exc)) from exc
     try:
         return Knowledge(ruleset=ruleset, terminology=terminology, site=site)
     except ValidationError as exc:
-        raise KnowledgeError(_validation_lines("config", exc)) from exc
+        raise KnowledgeError(validation_lines("config", exc)) from exc
