@@ -1,0 +1,72 @@
+"""CarePlan: the screening plan, with its schedule as activities and a readable narrative."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from fhir_dm.core.build.common import (
+    BuildContext,
+    Json,
+    coding,
+    instant,
+    period,
+    plan_definition_url,
+    system_coding,
+)
+from fhir_dm.core.build.narrative import render_narrative
+from fhir_dm.core.build.service_request import item_note
+from fhir_dm.core.explain import Explanation
+
+US_CORE_ASSESS_PLAN = ("us-core-careplan-category", "assess-plan", "Assessment and Plan of Treatment")
+DM_CATEGORY = ("dm-careplan-category", "dm-cancer-screening", "IIM cancer screening")
+
+
+def build_care_plan(ctx: BuildContext, explanation: Explanation, risk_url: str,
+                    request_urls: Mapping[tuple[str, str], str]) -> Json:
+    """The CarePlan; orderable items reference their ServiceRequest, others are details."""
+    k = ctx.knowledge
+    plan = ctx.plan
+    a = plan.assessment
+    assert a.window is not None and a.tier is not None
+    activities: list[Json] = []
+    for item in plan.items:
+        url = request_urls.get(item.key)
+        if url is not None:
+            activities.append({"reference": {"reference": url}})
+            continue
+        test = k.ruleset.tests[item.test_id]
+        activities.append({
+            "detail": {
+                "code": {"coding": [coding(k, test.code)], "text": test.display},
+                "status": "not-started",
+                "scheduledPeriod": period(item.due_start, item.due_end),
+                "description": test.display + "".join(f" {n['text']}" for n in item_note(item)),
+            }
+        })
+    window = f"{a.window[0].isoformat()} to {a.window[1].isoformat()}"
+    data: Json = {
+        "resourceType": "CarePlan",
+        "meta": ctx.meta("CarePlan"),
+        "identifier": [
+            *ctx.identifier("plan"),
+            {"system": ctx.identity.series_system, "value": ctx.identity.series},
+        ],
+        "instantiatesCanonical": [plan_definition_url(k)],
+        "status": "active",
+        "intent": k.site.orders.care_plan_intent,
+        "category": [
+            {"coding": [system_coding(k, *US_CORE_ASSESS_PLAN)]},
+            {"coding": [system_coding(k, *DM_CATEGORY)]},
+        ],
+        "title": f"IIM cancer screening plan: {explanation.headline}",
+        "description": f"IMACS 2023 cancer screening for the {window} window; rule set {k.ruleset.label}.",
+        "subject": ctx.subject,
+        "period": {"start": a.window[0].isoformat(), "end": a.window[1].isoformat()},
+        "created": instant(ctx.now),
+        "supportingInfo": [{"reference": risk_url}],
+        "activity": activities,
+        "text": {"status": "generated", "div": render_narrative(explanation, window)},
+    }
+    if a.facts.iim is not None:
+        data["addresses"] = [{"reference": a.facts.iim.reference}]
+    return ctx.finish(data)
