@@ -323,40 +323,25 @@ def assess_facts(facts: PatientFacts, knowledge: Knowledge, *, now: date) -> Ass
                 active.sources,
             )
         )
-    if scope != "in-scope":
-        fired, _, _ = _count(Evaluator(facts, knowledge), rs)
-        return Assessment(
-            facts,
-            rs.label,
-            now,
-            scope,
-            reason,
-            window,
-            None,
-            False,
-            (),
-            tuple(fired),
-            _unknown_labels(facts, knowledge),
-            tuple(notices),
-        )
-
     fired, high, intermediate = _count(Evaluator(facts, knowledge), rs)
-    tier = _tier(rs, high, intermediate)
+    tier: str | None = None
     preliminary = False
     because: tuple[str, ...] = ()
-    if tier != rs.tiers.levels[-1].id:
-        optimistic = Evaluator(
-            facts, knowledge, assume_positive=frozenset(rs.tiers.preliminary_if_unknown)
-        )
-        _, high_up, intermediate_up = _count(optimistic, rs)
-        preliminary = rs.tiers.rank(_tier(rs, high_up, intermediate_up)) > rs.tiers.rank(tier)
-        if preliminary:
-            because = _unknown_preliminary_facts(facts, knowledge)
-    flare = facts.feature("flare")
-    if flare.is_true():
-        notices.append(
-            Notice("flare", rs.flare.message, rs.flare.evidence, rs.flare.source, flare.sources)
-        )
+    if scope == "in-scope":
+        tier = _tier(rs, high, intermediate)
+        if tier != rs.tiers.levels[-1].id:
+            optimistic = Evaluator(
+                facts, knowledge, assume_positive=frozenset(rs.tiers.preliminary_if_unknown)
+            )
+            _, high_up, intermediate_up = _count(optimistic, rs)
+            preliminary = rs.tiers.rank(_tier(rs, high_up, intermediate_up)) > rs.tiers.rank(tier)
+            if preliminary:
+                because = _unknown_preliminary_facts(facts, knowledge)
+        flare = facts.feature("flare")
+        if flare.is_true():
+            notices.append(
+                Notice("flare", rs.flare.message, rs.flare.evidence, rs.flare.source, flare.sources)
+            )
     return Assessment(
         facts,
         rs.label,

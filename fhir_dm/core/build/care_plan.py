@@ -17,12 +17,20 @@ from fhir_dm.core.build.narrative import render_narrative
 from fhir_dm.core.build.service_request import item_note
 from fhir_dm.core.explain import Explanation
 
-US_CORE_ASSESS_PLAN = ("us-core-careplan-category", "assess-plan", "Assessment and Plan of Treatment")
+US_CORE_ASSESS_PLAN = (
+    "us-core-careplan-category",
+    "assess-plan",
+    "Assessment and Plan of Treatment",
+)
 DM_CATEGORY = ("dm-careplan-category", "dm-cancer-screening", "IIM cancer screening")
 
 
-def build_care_plan(ctx: BuildContext, explanation: Explanation, risk_url: str,
-                    request_urls: Mapping[tuple[str, str], str]) -> Json:
+def build_care_plan(
+    ctx: BuildContext,
+    explanation: Explanation,
+    risk_url: str,
+    request_urls: Mapping[tuple[str, str], str],
+) -> Json:
     """The CarePlan; orderable items reference their ServiceRequest, others are details."""
     k = ctx.knowledge
     plan = ctx.plan
@@ -35,14 +43,16 @@ def build_care_plan(ctx: BuildContext, explanation: Explanation, risk_url: str,
             activities.append({"reference": {"reference": url}})
             continue
         test = k.ruleset.tests[item.test_id]
-        activities.append({
-            "detail": {
-                "code": {"coding": [coding(k, test.code)], "text": test.display},
-                "status": "not-started",
-                "scheduledPeriod": period(item.due_start, item.due_end),
-                "description": test.display + "".join(f" {n['text']}" for n in item_note(item)),
+        activities.append(
+            {
+                "detail": {
+                    "code": {"coding": [coding(k, test.code)], "text": test.display},
+                    "status": "not-started",
+                    "scheduledPeriod": period(item.due_start, item.due_end),
+                    "description": test.display + "".join(f" {n['text']}" for n in item_note(item)),
+                }
             }
-        })
+        )
     window = f"{a.window[0].isoformat()} to {a.window[1].isoformat()}"
     data: Json = {
         "resourceType": "CarePlan",
@@ -59,7 +69,9 @@ def build_care_plan(ctx: BuildContext, explanation: Explanation, risk_url: str,
             {"coding": [system_coding(k, *DM_CATEGORY)]},
         ],
         "title": f"IIM cancer screening plan: {explanation.headline}",
-        "description": f"IMACS 2023 cancer screening for the {window} window; rule set {k.ruleset.label}.",
+        "description": (
+            f"IMACS 2023 cancer screening for the {window} window; rule set {k.ruleset.label}."
+        ),
         "subject": ctx.subject,
         "period": {"start": a.window[0].isoformat(), "end": a.window[1].isoformat()},
         "created": instant(ctx.now),

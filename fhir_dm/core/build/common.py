@@ -38,7 +38,11 @@ def plan_definition_url(knowledge: Knowledge) -> str:
 
 
 def coding(knowledge: Knowledge, ref: CodeRef) -> Json:
-    return {"system": knowledge.terminology.system_url(ref.system), "code": ref.code, "display": ref.display}
+    return {
+        "system": knowledge.terminology.system_url(ref.system),
+        "code": ref.code,
+        "display": ref.display,
+    }
 
 
 def system_coding(knowledge: Knowledge, alias: str, code: str, display: str) -> Json:

@@ -23,11 +23,17 @@ def render_narrative(explanation: Explanation, window: str) -> str:
     for r in e.schedule:
         what = escape(r.test)
         if r.consider:
-            what = f"<i>Consider</i>: {what}" + (f" <i>({escape(r.condition)})</i>" if r.condition else "")
+            what = f"<i>Consider</i>: {what}" + (
+                f" <i>({escape(r.condition)})</i>" if r.condition else ""
+            )
         if r.not_imacs:
             what += " <i>(not IMACS)</i>"
-        due = f"{escape(r.due_start)} to {escape(r.due_end)}" + (" <b>(overdue)</b>" if r.overdue else "")
-        rows.append(f"<tr><td>{escape(r.round_label)}</td><td>{what}</td><td>{due}</td><td>{escape(r.rules)}</td></tr>")
+        due = f"{escape(r.due_start)} to {escape(r.due_end)}" + (
+            " <b>(overdue)</b>" if r.overdue else ""
+        )
+        rows.append(
+            f"<tr><td>{escape(r.round_label)}</td><td>{what}</td><td>{due}</td><td>{escape(r.rules)}</td></tr>"
+        )
     table = (
         "<table><thead><tr><th>When</th><th>Test</th><th>Due</th><th>Rule</th></tr></thead>"
         f"<tbody>{''.join(rows)}</tbody></table>"

@@ -27,8 +27,12 @@ def build_risk_assessment(ctx: BuildContext, explanation: Explanation) -> Json:
         prediction["qualitativeRisk"] = {
             "coding": [
                 system_coding(ctx.knowledge, "dm-risk-tier", level.id, level.label),
-                system_coding(ctx.knowledge, "risk-probability", level.risk_probability,
-                              f"{level.risk_probability.capitalize()} likelihood"),
+                system_coding(
+                    ctx.knowledge,
+                    "risk-probability",
+                    level.risk_probability,
+                    f"{level.risk_probability.capitalize()} likelihood",
+                ),
             ],
             "text": level.label + (" (preliminary)" if a.preliminary else ""),
         }
@@ -38,7 +42,9 @@ def build_risk_assessment(ctx: BuildContext, explanation: Explanation) -> Json:
         prediction["rationale"] = a.scope_reason
     notes = [explanation.headline, *explanation.reasons, *explanation.notices]
     if explanation.unknown_facts:
-        notes.append("Not recorded (unknown, not negative): " + ", ".join(explanation.unknown_facts) + ".")
+        notes.append(
+            "Not recorded (unknown, not negative): " + ", ".join(explanation.unknown_facts) + "."
+        )
     notes.extend(f"Input not used: {f}" for f in explanation.findings)
     notes.append(f"Rule set {rs.label}; {explanation.guideline}. A proposal for a clinician.")
     data: Json = {
@@ -49,7 +55,12 @@ def build_risk_assessment(ctx: BuildContext, explanation: Explanation) -> Json:
         "subject": ctx.subject,
         "occurrenceDateTime": instant(ctx.now),
         "method": {
-            "coding": [{**system_coding(ctx.knowledge, "dm-ruleset", rs.name, rs.title), "version": rs.version}],
+            "coding": [
+                {
+                    **system_coding(ctx.knowledge, "dm-ruleset", rs.name, rs.title),
+                    "version": rs.version,
+                }
+            ],
             "text": f"{rs.title}, rule set {rs.label}",
         },
         "basis": references(a.facts.all_sources),

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from fhir_dm.core.build.common import reference, BuildContext, Json, coding, period, references, system_coding
+from fhir_dm.core.build.common import (
+    BuildContext,
+    Json,
+    coding,
+    period,
+    reference,
+    references,
+    system_coding,
+)
 from fhir_dm.core.build.narrative import render_request_narrative
 from fhir_dm.core.plan import PlanItem
 
@@ -13,8 +21,13 @@ def item_note(item: PlanItem) -> list[Json]:
     notes = []
     for rule in item.rules:
         facts = "; ".join(rule.facts)
-        notes.append({"text": f"Rule {rule.id}: {rule.label}" + (f" [{facts}]" if facts else "")
-                      + f" (evidence {rule.evidence}: {rule.source})"})
+        notes.append(
+            {
+                "text": f"Rule {rule.id}: {rule.label}"
+                + (f" [{facts}]" if facts else "")
+                + f" (evidence {rule.evidence}: {rule.source})"
+            }
+        )
     if item.conditional:
         notes.append({"text": f"Consider: {item.condition_text}"})
     if item.labelled_not_imacs:
@@ -22,7 +35,9 @@ def item_note(item: PlanItem) -> list[Json]:
     return notes
 
 
-def build_service_request(ctx: BuildContext, item: PlanItem, care_plan_url: str, risk_url: str) -> Json:
+def build_service_request(
+    ctx: BuildContext, item: PlanItem, care_plan_url: str, risk_url: str
+) -> Json:
     """One ServiceRequest for an orderable plan item."""
     k = ctx.knowledge
     test = k.ruleset.tests[item.test_id]
@@ -34,7 +49,10 @@ def build_service_request(ctx: BuildContext, item: PlanItem, care_plan_url: str,
         "meta": ctx.meta("ServiceRequest"),
         "identifier": ctx.identifier(item.round_id, item.test_id),
         "basedOn": [{"reference": care_plan_url}],
-        "requisition": {"system": ctx.identity.requisition_system, "value": ctx.identity.value(item.round_id)},
+        "requisition": {
+            "system": ctx.identity.requisition_system,
+            "value": ctx.identity.value(item.round_id),
+        },
         "status": orders.service_request_status,
         "intent": orders.service_request_intent,
         "priority": orders.priority,
@@ -62,7 +80,11 @@ def build_service_request(ctx: BuildContext, item: PlanItem, care_plan_url: str,
     }
     if item.conditional:
         data["asNeededCodeableConcept"] = {
-            "coding": [system_coding(k, "dm-screening", CONSIDER_CODE, "Consider (conditional recommendation)")],
+            "coding": [
+                system_coding(
+                    k, "dm-screening", CONSIDER_CODE, "Consider (conditional recommendation)"
+                )
+            ],
             "text": item.condition_text,
         }
     return ctx.finish(data)
