@@ -57,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument(
             "--now", type=_date, default=None, help="evaluation date YYYY-MM-DD (default: today)"
         )
+        cmd.add_argument(
+            "--validate-output",
+            action="store_true",
+            help="validate every generated resource against its FHIR R4B model (slower)",
+        )
         if name == "assess":
             cmd.add_argument(
                 "--out", type=Path, default=None, help="write <name>.result.json files here"
@@ -154,7 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"fhir-dm: configuration error: {exc.message}\n")
         return EXIT_CONFIG
     try:
-        return _run(args, Engine(knowledge, software_version=__version__))
+        engine = Engine(
+            knowledge, software_version=__version__, validate_output=args.validate_output
+        )
+        return _run(args, engine)
     except FhirDmError as exc:
         sys.stderr.write(f"fhir-dm: {exc.message}\n")
         return EXIT_INPUT

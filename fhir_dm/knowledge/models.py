@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from fhir.resources.R4B.coding import Coding
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # Facts the core derives from several resources; rules may name them like condition features.
 DERIVED_FEATURES = (
@@ -496,4 +497,17 @@ class Knowledge(_Frozen):
                 missing.append(f"tests.{test_id}.code.source:{test.code.source}")
         if missing:
             raise ValueError("unknown value set, system or source: " + ", ".join(missing))
+        bad = []
+        for test_id, test in rs.tests.items():
+            coding = {
+                "system": self.terminology.system_url(test.code.system),
+                "code": test.code.code,
+                "display": test.code.display,
+            }
+            try:
+                Coding.model_validate(coding)
+            except ValidationError as exc:
+                bad.append(f"tests.{test_id}.code: {exc.errors()[0]['msg']}")
+        if bad:
+            raise ValueError("; ".join(bad))
         return self

@@ -29,7 +29,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings if settings is not None else load_settings()
     logs.configure_logging(settings.log_level)
     knowledge = load_knowledge(settings.config_dir)
-    engine = Engine(knowledge, software_version=__version__)
+    engine = Engine(
+        knowledge, software_version=__version__, validate_output=settings.validate_output
+    )
     fhir = client_from_config(settings.fhir)
     locks = PatientLocks(settings.lock_dir)
     service = Service(

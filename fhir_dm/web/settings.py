@@ -96,6 +96,7 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=DEFAULT_MAX_REQUEST_BYTES, gt=0)
     lock_dir: Path = Field(default_factory=default_lock_dir)
     log_level: LogLevel = DEFAULT_LOG_LEVEL
+    validate_output: bool = False
     cds: CdsSettings | None = None
 
     @model_validator(mode="before")

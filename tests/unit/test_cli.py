@@ -88,3 +88,12 @@ def test_bad_date_is_a_usage_error(seed_file: Path) -> None:
     with pytest.raises(SystemExit) as exc:
         cli.main(["assess", str(seed_file), "--now", "21/11/2026"])
     assert exc.value.code == 2
+
+
+def test_validate_output_flag_gives_the_same_result(
+    seed_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["assess", str(seed_file), "--now", "2015-10-25"]) == 0
+    fast = capsys.readouterr().out
+    assert cli.main(["assess", str(seed_file), "--now", "2015-10-25", "--validate-output"]) == 0
+    assert capsys.readouterr().out == fast

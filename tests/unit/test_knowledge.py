@@ -105,6 +105,11 @@ def _edit(path: Path, change: object) -> None:
             lambda d: d["orders"].update(service_request_intent="demand"),
             "site.yaml: orders.service_request_intent",
         ),
+        (
+            "ruleset/imacs-2023.yaml",
+            lambda d: d["tests"]["cbc"]["code"].update(code="58410  2"),
+            "tests.cbc.code",
+        ),
     ],
 )
 def test_bad_config_messages(config_copy: Path, file: str, change: object, message: str) -> None:

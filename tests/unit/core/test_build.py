@@ -9,6 +9,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.bundle import Bundle
 
 from fhir_dm.core.assess import Engine
+from fhir_dm.knowledge.models import Knowledge
 from tests import factories as f
 from tests.unit.core.helpers import run_one
 
@@ -26,6 +27,12 @@ def _varied_patients() -> list[list[dict[str, object]]]:
         [p3, f.iim_condition(p3)],
         [p4, f.iim_condition(p4, code="31384009"), f.condition(p4, f.concept(f.SCT, "422868009"))],
     ]
+
+
+def test_engine_can_validate_every_resource_it_builds(knowledge: Knowledge) -> None:
+    strict = Engine(knowledge, validate_output=True)
+    result = run_one(strict, *f.seed_case(), now=SEED_NOW)
+    assert len(result.service_requests) > 30
 
 
 def test_every_generated_resource_validates_and_round_trips(engine: Engine) -> None:
