@@ -112,6 +112,7 @@ def run_phase(
     """Run `call(i)` for i < count from `threads` threads, stopping at max_seconds; print."""
     latencies: list[float] = []
     failures = 0
+    first_failure: list[str] = []
     lock = threading.Lock()
     deadline = time.monotonic() + max_seconds
 
@@ -122,9 +123,11 @@ def run_phase(
         t0 = time.perf_counter()
         try:
             call(i)
-        except Exception:  # a bench counts failures; it does not stop at the first
+        except Exception as exc:  # a bench counts failures; it does not stop at the first
             with lock:
                 failures += 1
+                if not first_failure:
+                    first_failure.append(f"{type(exc).__name__}: {exc}"[:300])
             return
         with lock:
             latencies.append((time.perf_counter() - t0) * 1000)
@@ -142,11 +145,14 @@ def run_phase(
         f" client threads; latency ms p50 {statistics.median(latencies):.0f},"
         f" p99 {_percentile(latencies, 0.99):.0f}" + (f"; {failures} failed" if failures else "")
     )
+    if first_failure:
+        print(f"      first failure: {first_failure[0]}")
 
 
 def _expect(response: requests.Response, marker: str) -> None:
     if response.status_code != 200:
-        raise RuntimeError(f"HTTP {response.status_code}")
+        issue = (response.json().get("issue") or [{}])[0]
+        raise RuntimeError(f"HTTP {response.status_code}: {issue.get('diagnostics', '')}")
     diagnostics = response.json()["entry"][0]["resource"]["issue"][0]["diagnostics"]
     if marker not in diagnostics:
         raise RuntimeError(diagnostics)

@@ -41,6 +41,10 @@ Resource = dict[str, Any]
 SearchParams = Mapping[str, str | Sequence[str]]
 
 
+# Statuses worth repeating for an idempotent transaction only (see `FhirClient.transaction`).
+TRANSIENT_TRANSACTION_STATUSES = frozenset({500})
+
+
 class FhirClient:
     """A FHIR R4 REST client over one `requests.Session`, with every verb on one request path.
 
@@ -168,6 +172,10 @@ class FhirClient:
             safe=idempotent,
             body=json.dumps(bundle, ensure_ascii=False).encode("utf-8"),
             rejected_on_5xx=True,
+            # HAPI answers 500 when concurrent transactions collide (e.g. creating the same
+            # tag row) and rolls the whole transaction back; an all-conditional one is safe to
+            # repeat.
+            extra_retry_statuses=TRANSIENT_TRANSACTION_STATUSES if idempotent else frozenset(),
         )
         assert response is not None
         return _fhir_json(response, call, expected_type="Bundle")
@@ -212,6 +220,7 @@ class FhirClient:
         body: bytes | None = None,
         absent_statuses: frozenset[int] = frozenset(),
         rejected_on_5xx: bool = False,
+        extra_retry_statuses: frozenset[int] = frozenset(),
     ) -> requests.Response | None:
         """Send one call, retrying when `safe`; None for an `absent_statuses` answer.
 
@@ -267,7 +276,7 @@ class FhirClient:
                 return None
             if (
                 safe
-                and self._retry.retries_status(status)
+                and (self._retry.retries_status(status) or status in extra_retry_statuses)
                 and self._may_retry(
                     attempt, method, resource_type, status, response.headers.get("Retry-After")
                 )

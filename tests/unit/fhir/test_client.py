@@ -478,3 +478,31 @@ def test_server_config_defaults_and_validation() -> None:
     assert (cfg.page_size, cfg.max_pages, cfg.auth.kind) == (200, 100, "none")
     with pytest.raises(ValueError, match="base_url must be an absolute http"):
         FhirServerConfig(base_url="localhost:8080/fhir")
+
+
+def test_idempotent_transaction_is_repeated_after_a_rolled_back_500(
+    rsps: responses.RequestsMock,
+) -> None:
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "resource": {"resourceType": "Patient"},
+                "request": {"method": "POST", "url": "Patient", "ifNoneExist": "identifier=a|b"},
+            }
+        ],
+    }
+    rolled_back = {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": "exception"}],
+    }
+    ok = {"resourceType": "Bundle", "type": "transaction-response", "entry": []}
+    rsps.post(BASE, status=500, json=rolled_back)
+    rsps.post(BASE, json=ok)
+    sleeps: list[float] = []
+
+    with FhirClient(BASE, sleep=sleeps.append) as fhir:
+        assert fhir.transaction(bundle, idempotent=True)["type"] == "transaction-response"
+
+    assert len(rsps.calls) == 2 and len(sleeps) == 1
