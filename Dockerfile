@@ -20,4 +20,6 @@ ENV FHIR_DM_CONFIG_DIR=/app/config \
 EXPOSE 8080
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
     CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4).status == 200 else 1)"
-CMD ["gunicorn", "--workers", "2", "--bind", "0.0.0.0:8080", "--access-logfile", "-", "fhir_dm.web.wsgi:app"]
+# No gunicorn access log: its request line holds patient ids; the service logs each request
+# itself, by route, without them.
+CMD ["gunicorn", "--workers", "2", "--bind", "0.0.0.0:8080", "fhir_dm.web.wsgi:app"]

@@ -13,7 +13,7 @@ from urllib.parse import urljoin, urlsplit
 from fhir_dm.core.assess import AssessmentRun, Engine, PatientResult
 from fhir_dm.core.inputs import group_by_patient, validate_resource
 from fhir_dm.core.revision import OPEN_PLAN_STATUSES, Revision, plan_revision, write_back_bundle
-from fhir_dm.errors import NotFhirError, PatientNotFoundError, UpstreamError
+from fhir_dm.errors import InputError, NotFhirError, PatientNotFoundError, UpstreamError
 from fhir_dm.fhir.client import FhirClient
 from fhir_dm.fhir.retry import is_idempotent_bundle
 from fhir_dm.locks import PatientLocks
@@ -32,6 +32,7 @@ PATIENT_SEARCHES = (
     "DiagnosticReport",
     "ServiceRequest",
 )
+_SERVER_PATIENT = re.compile(r"Patient/[A-Za-z0-9\-.]{1,64}")
 _LOCATION = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/([^/]+))?/?$")
 
 
@@ -117,6 +118,12 @@ class WriteBack:
         A failure stops the run: earlier patients stay written, and re-posting is safe because
         they then come back unchanged.
         """
+        for result in run.results:
+            if not _SERVER_PATIENT.fullmatch(result.patient_reference):
+                raise InputError(
+                    "to write back, every Patient in the Bundle needs its id on the FHIR server"
+                    " (a reference Patient/<id>); use preview, or the Patient operation"
+                )
         writes = []
         for result in run.results:
             with self._locks.hold(result.patient_reference):

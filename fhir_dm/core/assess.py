@@ -12,6 +12,7 @@ from fhir_dm.core.build.common import BuildContext, Json
 from fhir_dm.core.build.provenance import build_provenance
 from fhir_dm.core.build.risk_assessment import build_risk_assessment
 from fhir_dm.core.build.service_request import build_service_request
+from fhir_dm.core.dates import PLAUSIBLE_YEARS
 from fhir_dm.core.explain import Explanation, explain
 from fhir_dm.core.facts import extract_facts
 from fhir_dm.core.identifiers import Identity, identity_for
@@ -19,6 +20,7 @@ from fhir_dm.core.inputs import PatientRecord, read_patients
 from fhir_dm.core.plan import Plan, build_plan
 from fhir_dm.core.rules import assess_facts
 from fhir_dm.core.terminology import Matcher
+from fhir_dm.errors import InputError
 from fhir_dm.knowledge.models import Knowledge
 
 SOFTWARE_NAME = "fhir-dm"
@@ -87,6 +89,9 @@ class Engine:
         self, records: list[PatientRecord], *, now: date | datetime
     ) -> AssessmentRun:
         moment = as_moment(now)
+        low, high = PLAUSIBLE_YEARS
+        if not low <= moment.year <= high:
+            raise InputError(f"the evaluation date must lie between the years {low} and {high}")
         return AssessmentRun(tuple(self.assess_record(r, moment) for r in records))
 
     def assess_record(self, record: PatientRecord, moment: datetime) -> PatientResult:

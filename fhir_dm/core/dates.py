@@ -6,6 +6,10 @@ import calendar
 from dataclasses import dataclass
 from datetime import date
 
+# Clinical dates outside these years are data errors; refusing them keeps date arithmetic
+# (windows, rounds) far from the calendar's limits.
+PLAUSIBLE_YEARS = (1800, 2200)
+
 
 @dataclass(frozen=True, slots=True, order=True)
 class DateSpan:
@@ -30,6 +34,8 @@ def parse_fhir_date(value: object) -> DateSpan | None:
     text = value.strip()[:10]
     try:
         year = int(text[:4])
+        if not PLAUSIBLE_YEARS[0] <= year <= PLAUSIBLE_YEARS[1]:
+            return None
         if len(text) == 4:
             return DateSpan(date(year, 1, 1), date(year, 12, 31))
         month = int(text[5:7])

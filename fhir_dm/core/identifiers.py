@@ -74,6 +74,14 @@ def plan_digest(plan: Plan) -> str:
 def identity_for(plan: Plan, ruleset: RuleSet) -> Identity:
     """The identity of one patient's assessment under one rule set."""
     a = plan.assessment
-    window = a.window[0].strftime("%Y%m%d") if a.window else "nowindow"
+    iim = a.facts.iim
+    # The series must not depend on the day it is computed: with an unknown onset the window
+    # starts at the evaluation date, so the series says "onset unknown" instead of that date.
+    if a.window is None:
+        window = "nowindow"
+    elif iim is None or iim.onset is None:
+        window = "onsetunknown"
+    else:
+        window = a.window[0].strftime("%Y%m%d")
     series = f"{ruleset.name}.{a.facts.patient_key}.{window}"
     return Identity(ruleset.canonical_base, series, plan_digest(plan))

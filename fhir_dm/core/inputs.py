@@ -81,6 +81,8 @@ def validate_resource(resource: Any, path: str) -> None:
         ) from None
     try:
         model.model_validate(resource)
+    except RecursionError:
+        raise NotFhirError(f"{path} is nested too deeply", expression=[path]) from None
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"] if p != "__root__")

@@ -75,7 +75,7 @@ class FhirClient:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._base_url = base_url.rstrip("/")
-        self._origin = _origin(self._base_url)
+        self._origin = url_origin(self._base_url)
         self._session = session if session is not None else requests.Session()
         self._session.headers["Accept"] = FHIR_JSON
         self._auth = auth if auth is not None else NoAuth()
@@ -321,7 +321,8 @@ class FhirClient:
                 if not isinstance(href, str) or not href:
                     return None
                 absolute = urljoin(f"{self._base_url}/", href)
-                if _origin(absolute) != self._origin:
+                origin = url_origin(absolute)
+                if origin is None or origin != self._origin:
                     raise _upstream_error(
                         UpstreamError,
                         f"{call} failed: the server's next-page link points to another host;"
@@ -462,12 +463,21 @@ def _check_resource_type(resource_type: str) -> None:
         raise ValueError("not a FHIR resource type name")
 
 
-def _origin(url: str) -> tuple[str, str, int | None]:
-    """(scheme, host, port) with default ports filled in, for same-server checks."""
+def url_origin(url: str) -> tuple[str, str, int | None] | None:
+    """(scheme, host, port) with default ports filled in; None for a URL not to be trusted.
+
+    Backslashes, user info and encoded separators are refused outright: parsers disagree on
+    them (urllib and urllib3 read `https://a\\@b/` differently), which is how a token leaks.
+    """
+    if "\\" in url or any(c.isspace() for c in url):
+        return None
     parts = urlsplit(url)
+    netloc = parts.netloc.lower()
+    if "@" in netloc or "%" in netloc:
+        return None
     scheme = parts.scheme.lower()
     try:
         port = parts.port or _DEFAULT_PORTS.get(scheme)
     except ValueError:
-        port = None
+        return None
     return scheme, (parts.hostname or "").lower(), port

@@ -51,7 +51,7 @@ from fhir_dm.cds.settings import CdsConfig, load_cds_config
 from fhir_dm.core.assess import Engine
 from fhir_dm.errors import AuthError, InputError, PreconditionFailedError
 from fhir_dm.fhir.auth import BearerAuth
-from fhir_dm.fhir.client import FhirClient
+from fhir_dm.fhir.client import FhirClient, url_origin
 from fhir_dm.fhir.retry import RetryPolicy
 from fhir_dm.knowledge.models import Knowledge
 from fhir_dm.web.outcomes import read_json_body
@@ -157,16 +157,16 @@ class CdsSettings(BaseModel):
 
 def fhir_server_allowed(url: str, allowed: tuple[str, ...], *, development: bool) -> bool:
     """Whether the EHR's token may be sent to `url` (an SSRF and token-leak guard)."""
+    origin = url_origin(url)
+    if origin is None:
+        return False
     if not allowed:
         return development
     target = urlsplit(url.rstrip("/"))
     for entry in allowed:
         base = urlsplit(entry)
-        if (
-            target.scheme == base.scheme
-            and target.hostname == base.hostname
-            and target.port == base.port
-            and (target.path == base.path or target.path.startswith(base.path.rstrip("/") + "/"))
+        if origin == url_origin(entry) and (
+            target.path == base.path or target.path.startswith(base.path.rstrip("/") + "/")
         ):
             return True
     return False

@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -512,7 +513,7 @@ class JwtVerifier:
 
 def _numeric(claims: Mapping[str, Any], name: str) -> float:
     value = claims.get(name)
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise AuthError(f"jwt rejected: {name} not a number")
     return float(value)
 

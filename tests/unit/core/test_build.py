@@ -126,3 +126,12 @@ def test_orders_are_proposals_by_default(engine: Engine) -> None:
     result = run_one(engine, *f.seed_case(), now=SEED_NOW)
     assert {r["intent"] for r in result.service_requests} == {"proposal"}
     assert result.care_plan is not None and result.care_plan["intent"] == "proposal"
+
+
+def test_series_does_not_change_with_the_day_when_onset_is_unknown(engine: Engine) -> None:
+    p = f.patient(birth_date="1994-01-01")
+    cond = f.iim_condition(p, onset=None)
+    a = run_one(engine, p, cond, now=date(2024, 4, 15))
+    b = run_one(engine, p, cond, now=date(2024, 4, 16))
+    assert a.identity.series == b.identity.series
+    assert "onsetunknown" in a.identity.series

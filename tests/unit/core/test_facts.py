@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import date
+
 import pytest
 
 from fhir_dm.core.assess import Engine
 from fhir_dm.core.facts import UNKNOWN
 from fhir_dm.core.inputs import read_patients
-from fhir_dm.errors import NoPatientError, NotFhirError
+from fhir_dm.errors import InputError, NoPatientError, NotFhirError
 from tests import factories as f
 from tests.conftest import NOW
 from tests.unit.core.helpers import facts_of, run_one
@@ -468,3 +470,26 @@ def test_conflicting_antibody_results_use_the_positive_and_say_so(engine: Engine
     facts = facts_of(engine, p, f.iim_condition(p), new, old)
     assert facts.antibody("tif1g").value is True
     assert any("conflicting" in x for x in facts.findings)
+
+
+def test_deeply_nested_input_is_a_clear_input_error() -> None:
+    nested: dict[str, object] = {"url": "http://example.org/x", "valueString": "leaf"}
+    for _ in range(400):
+        nested = {"url": "http://example.org/x", "extension": [nested]}
+    data = {"resourceType": "Patient", "id": "p", "extension": [nested]}
+    with pytest.raises(NotFhirError, match="nested too deeply"):
+        read_patients(data)
+
+
+@pytest.mark.parametrize("onset", ["0001-01-01", "9999-12-31"])
+def test_implausible_dates_are_unusable_not_a_crash(engine: Engine, onset: str) -> None:
+    p = f.patient()
+    result = run_one(engine, p, f.iim_condition(p, onset=onset, recorded="2024-03-01"))
+    assert result.plan.assessment.facts.iim is not None
+    assert result.plan.assessment.facts.iim.onset_source.startswith("recordedDate")
+
+
+def test_implausible_evaluation_date_is_an_input_error(engine: Engine) -> None:
+    p = f.patient()
+    with pytest.raises(InputError, match="evaluation date"):
+        engine.assess(f.bundle(p, f.iim_condition(p)), now=date(9999, 1, 1))

@@ -164,6 +164,25 @@ def test_next_link_to_another_host_is_refused(
     assert "evil" not in str(excinfo.value)
 
 
+@pytest.mark.parametrize(
+    "next_url",
+    [
+        "https://evil.example\\@fhir.example.org/r4?_getpages=abc",
+        "https://user@fhir.example.org/r4?_getpages=abc",
+        "https://evil.example%40fhir.example.org/r4?_getpages=abc",
+    ],
+)
+def test_next_link_that_parsers_read_differently_is_refused(
+    client: FhirClient, rsps: responses.RequestsMock, next_url: str
+) -> None:
+    rsps.get(f"{BASE}/Observation", json=searchset([observation(1)], next_url))
+
+    with pytest.raises(UpstreamError, match="another host"):
+        client.search("Observation", {"subject": "Patient/1"})
+
+    assert len(rsps.calls) == 1
+
+
 def test_paging_stops_at_max_pages(client: FhirClient, rsps: responses.RequestsMock) -> None:
     rsps.get(f"{BASE}/Observation", json=searchset([observation(0)], f"{BASE}?page=1"))
     for n in range(1, 5):

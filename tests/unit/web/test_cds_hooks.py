@@ -521,6 +521,8 @@ def test_allowlist_matching() -> None:
         "http://ehr.example.org/fhir",
         "https://ehr.example.org:8443/fhir",
         "http://127.0.0.1:8081/fhir",
+        "https://evil.example\\@ehr.example.org/fhir",
+        "https://user@ehr.example.org/fhir",
     ):
         assert not fhir_server_allowed(url, allowed, development=False), url
     assert fhir_server_allowed("https://anything.example", (), development=True)

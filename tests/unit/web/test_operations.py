@@ -296,3 +296,24 @@ def test_patient_operation_refuses_a_posted_bundle(client: FlaskClient) -> None:
     assert response.status_code == 400
     issue = response.get_json()["issue"][0]
     assert issue["expression"] == ["Parameters.parameter[0].resource"]
+
+
+def test_bundle_write_needs_server_patient_ids(client: FlaskClient) -> None:
+    patient = f.patient("x")
+    del patient["id"]
+    data = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [
+            {"fullUrl": "urn:uuid:0b9d5a8e-0000-4000-8000-000000000001", "resource": patient},
+            {
+                "resource": f.iim_condition(f.patient("x"))
+                | {"subject": {"reference": "urn:uuid:0b9d5a8e-0000-4000-8000-000000000001"}}
+            },
+        ],
+    }
+    response = _post(client, f"{OP}?now={NOW}&preview=false", data)
+    assert response.status_code == 400
+    body = response.get_json()
+    assert body["resourceType"] == "OperationOutcome"
+    assert "needs its id on the FHIR server" in body["issue"][0]["diagnostics"]
