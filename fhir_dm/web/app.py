@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 import requests
 from flask import Flask
@@ -55,5 +56,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(system.bp)
     app.register_blueprint(operations.bp)
     if settings.cds is not None:
-        cds_hooks.init_app(app, settings.cds, engine=engine, knowledge=knowledge)
+        cds = settings.cds
+        if cds.config_file is None and settings.config_dir is not None:
+            # cds.yaml lives with the rest of the knowledge base unless named on its own.
+            cds = cds.model_copy(update={"config_file": Path(settings.config_dir) / "cds.yaml"})
+        cds_hooks.init_app(app, cds, engine=engine, knowledge=knowledge)
     return app
