@@ -24,6 +24,7 @@ from fhir_dm.web import logs
 from fhir_dm.web.app import create_app
 from fhir_dm.web.settings import Service, Settings, current_service
 from fhir_dm.web.trust import TrustConfig
+from fhir_dm.writeback import PATIENT_SEARCHES
 
 BASE = "https://fhir.example.org/r4"
 PAGE_SIZE = 3
@@ -121,14 +122,7 @@ class FakeFhirServer:
         mock.add_callback(responses.GET, f"{base}/metadata", callback=self._metadata)
         for resource_type in (
             "Patient",
-            "Condition",
-            "Observation",
-            "MedicationRequest",
-            "MedicationStatement",
-            "FamilyMemberHistory",
-            "Procedure",
-            "DiagnosticReport",
-            "ServiceRequest",
+            *PATIENT_SEARCHES,
             "CarePlan",
             "RiskAssessment",
             "Provenance",

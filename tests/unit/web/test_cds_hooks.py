@@ -35,6 +35,7 @@ from fhir_dm.web.cds_hooks import (
 )
 from fhir_dm.web.settings import Settings, current_service
 from fhir_dm.web.trust import IssuerTrust, TrustConfig
+from fhir_dm.writeback import PATIENT_SEARCHES
 from tests import factories as f
 from tests.unit.cds import scenarios
 
@@ -65,18 +66,7 @@ class EhrFhir:
         self.fail_with: int | None = None
         self._pages: dict[str, list[Json]] = {}
         mock.add_callback(responses.GET, EHR_FHIR, callback=self._page)
-        for kind in (
-            "Patient",
-            "Condition",
-            "Observation",
-            "MedicationRequest",
-            "MedicationStatement",
-            "FamilyMemberHistory",
-            "Procedure",
-            "DiagnosticReport",
-            "ServiceRequest",
-            "CarePlan",
-        ):
+        for kind in ("Patient", *PATIENT_SEARCHES, "CarePlan"):
             mock.add_callback(responses.GET, f"{EHR_FHIR}/{kind}", callback=self._search)
         mock.add_callback(
             responses.GET,
