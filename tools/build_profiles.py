@@ -951,6 +951,11 @@ def _param(name: str, use: str, min_: int, type_: str, doc: str) -> Json:
     return {"name": name, "use": use, "min": min_, "max": "1", "documentation": doc, "type": type_}
 
 
+_RETURN_DOC = (
+    "A collection Bundle: first an OperationOutcome with one information issue per patient "
+    "(tier; preview, written or unchanged; revocations), then the generated resources (as they "
+    "would be written, or with their server locations once written)."
+)
 _NOW_DOC = (
     "The evaluation date (the service's clock when absent); fixes which rounds are due or overdue."
 )
@@ -991,16 +996,7 @@ def operation_system(ctx: _Context) -> Json:
                     "and write nothing; false: write it, one transaction per patient.",
                 ),
                 _param("now", "in", 0, "date", _NOW_DOC),
-                _param(
-                    "return",
-                    "out",
-                    1,
-                    "Bundle",
-                    "A collection Bundle: first an OperationOutcome with one information "
-                    "issue per patient (tier; preview, written or unchanged; revocations), "
-                    "then the generated resources (as they would be written, or with their "
-                    "server locations once written).",
-                ),
+                _param("return", "out", 1, "Bundle", _RETURN_DOC),
             ],
         }
     )
@@ -1035,16 +1031,7 @@ def operation_patient(ctx: _Context) -> Json:
                     "return what would be written and write nothing.",
                 ),
                 _param("now", "in", 0, "date", _NOW_DOC),
-                _param(
-                    "return",
-                    "out",
-                    1,
-                    "Bundle",
-                    "A collection Bundle: first an OperationOutcome with one information "
-                    "issue per patient (tier; preview, written or unchanged; revocations), "
-                    "then the generated resources (as they would be written, or with their "
-                    "server locations once written).",
-                ),
+                _param("return", "out", 1, "Bundle", _RETURN_DOC),
             ],
         }
     )

@@ -63,7 +63,7 @@ class AuthConfig(BaseModel):
                     "auth.kind 'smart-backend' requires exactly one of auth.private_key_pem"
                     " and auth.private_key_file"
                 )
-            _check_http_url(self.token_url or "", "auth.token_url")
+            check_http_url(self.token_url or "", "auth.token_url")
         return self
 
 
@@ -92,12 +92,12 @@ class FhirServerConfig(BaseModel):
     @classmethod
     def _check_base_url(cls, value: str) -> str:
         """Paging links are checked against this host, so it must be an absolute URL."""
-        _check_http_url(value, "base_url")
+        check_http_url(value, "base_url")
         return value.rstrip("/")
 
 
-def _check_http_url(value: str, name: str) -> None:
-    """Raise ValueError unless `value` is an absolute http(s) URL."""
+def check_http_url(value: str, name: str) -> None:
+    """Raise ValueError unless `value` is an absolute http(s) URL (shared by every setting)."""
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{name} must be an absolute http(s) URL")

@@ -52,6 +52,7 @@ from fhir_dm.core.assess import Engine
 from fhir_dm.errors import AuthError, InputError, PreconditionFailedError
 from fhir_dm.fhir.auth import BearerAuth
 from fhir_dm.fhir.client import FhirClient, url_origin
+from fhir_dm.fhir.config import check_http_url
 from fhir_dm.fhir.retry import RetryPolicy
 from fhir_dm.knowledge.models import Knowledge
 from fhir_dm.web.outcomes import read_json_body
@@ -131,9 +132,7 @@ class CdsSettings(BaseModel):
     @field_validator("public_base_url")
     @classmethod
     def _absolute_base(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("public_base_url must be an absolute http(s) URL")
+        check_http_url(value, "public_base_url")
         return value.rstrip("/")
 
     @field_validator("allowed_fhir_servers")

@@ -7,7 +7,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import yaml
 from flask import current_app
@@ -22,7 +21,7 @@ from pydantic_settings import (
 from fhir_dm.core.assess import Engine
 from fhir_dm.errors import KnowledgeError
 from fhir_dm.fhir.client import FhirClient
-from fhir_dm.fhir.config import FhirServerConfig
+from fhir_dm.fhir.config import FhirServerConfig, check_http_url
 from fhir_dm.knowledge.models import Knowledge
 from fhir_dm.locks import PatientLocks
 from fhir_dm.web.cds_hooks import CdsSettings
@@ -111,9 +110,7 @@ class Settings(BaseSettings):
     @classmethod
     def _check_public_base_url(cls, value: str) -> str:
         """JWT audiences are this URL plus the path, so it must be absolute and slash-free."""
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("public_base_url must be an absolute http(s) URL")
+        check_http_url(value, "public_base_url")
         return value.rstrip("/")
 
     @classmethod
