@@ -161,12 +161,18 @@ class _Reader:
         self.k = knowledge
         self.rs = knowledge.ruleset
         self.m = matcher
-        self.findings: list[str] = []
+        self.findings: dict[str, list[str]] = {}
         self.sources: set[str] = set()
 
-    def note(self, text: str) -> None:
-        if text not in self.findings:
-            self.findings.append(text)
+    def note(self, message: str, ref: str | None = None) -> None:
+        """Record input the rules could not use; one finding per message, refs grouped."""
+        refs = self.findings.setdefault(message, [])
+        if ref is not None and ref not in refs:
+            refs.append(ref)
+
+    def grouped_findings(self) -> tuple[str, ...]:
+        """One line per kind of problem, naming at most a few resources (never patient data)."""
+        return tuple(_group_line(message, refs) for message, refs in self.findings.items())
 
     def of_type(self, *types: str) -> Iterator[tuple[str, Resource]]:
         for ref, resource in self.record.resources:
@@ -179,15 +185,16 @@ class _Reader:
         out = []
         for ref, cond in self.of_type("Condition"):
             if _status_code(cond.get("verificationStatus")) in IGNORED_VERIFICATION:
-                self.note(f"{ref}: ignored (verification status refuted or entered-in-error)")
+                self.note("condition ignored (verification status refuted or entered-in-error)", ref)
                 continue
             value_sets = self.m.concept(cond.get("code")).value_sets
             if not value_sets:
                 coded = bool((cond.get("code") or {}).get("coding"))
                 self.note(
-                    f"{ref}: condition code not recognised"
+                    "condition code not recognised"
                     if coded
-                    else f"{ref}: text-only condition not recognised (not guessed)"
+                    else "text-only condition not recognised (not guessed)",
+                    ref,
                 )
             out.append((ref, cond, value_sets))
         return out
@@ -222,7 +229,7 @@ class _Reader:
         if "onsetAge" in cond:
             return self.onset_from_age(cond["onsetAge"], ref)
         if "onsetString" in cond:
-            self.note(f"{ref}: onsetString cannot be used as a date; fell back to recordedDate")
+            self.note("onsetString cannot be used as a date; fell back to recordedDate", ref)
             return None, "onsetString unusable"
         return None, ""
 
@@ -231,7 +238,7 @@ class _Reader:
         years = age.get("value")
         unit = age.get("code") or age.get("unit")
         if birth is None or not isinstance(years, int | float) or unit not in ("a", "yr", "years"):
-            self.note(f"{ref}: onsetAge cannot be turned into a date")
+            self.note("onsetAge cannot be turned into a date", ref)
             return None, "onsetAge unusable"
         whole = int(years)
         earliest = add_months(birth.earliest, 12 * whole)
@@ -302,7 +309,7 @@ class _Reader:
         out = []
         for ref, obs in self.of_type("Observation"):
             if obs.get("status") not in usable:
-                self.note(f"{ref}: ignored (status {obs.get('status')})")
+                self.note(f"observation ignored (status {obs.get('status')})", ref)
                 continue
             out.append((ref, obs))
         return out
@@ -318,7 +325,7 @@ class _Reader:
                 if not hits:
                     continue
                 if len(hits) > 1:
-                    self.note(f"{item_ref}: result names several antibodies; not used")
+                    self.note("result names several antibodies; not used", item_ref)
                     continue
                 result = self.read_result(item, item_ref)
                 if result is None:
@@ -352,10 +359,10 @@ class _Reader:
             target = member_ref.get("reference")
             member = self.record.resolve(target) if isinstance(target, str) else None
             if member is None:
-                self.note(f"{ref}: panel member not in the input")
+                self.note("panel member not in the input", ref)
                 continue
             if member.get("status") not in self.k.site.observations.usable_statuses:
-                self.note(f"{ref}: panel member ignored (status {member.get('status')})")
+                self.note(f"panel member ignored (status {member.get('status')})", ref)
                 continue
             yield member, target
 
@@ -367,7 +374,7 @@ class _Reader:
         if "answer-negative" in value_sets:
             return True, False
         if "answer-indeterminate" in value_sets:
-            self.note(f"{ref}: indeterminate result counted as unknown")
+            self.note("indeterminate result counted as unknown", ref)
             return True, None
         return False, None
 
@@ -393,10 +400,10 @@ class _Reader:
             if word in words.weak_positive:
                 if self.k.site.antibody_results.weak_positive == "positive":
                     return True
-                self.note(f"{ref}: weak positive counted as unknown (site setting)")
+                self.note("weak positive counted as unknown (site setting)", ref)
                 return None
             if word in words.indeterminate:
-                self.note(f"{ref}: indeterminate result counted as unknown")
+                self.note("indeterminate result counted as unknown", ref)
                 return None
         for interpretation in item.get("interpretation") or []:
             is_answer, answer = self.coded_answer(interpretation, ref)
@@ -404,7 +411,7 @@ class _Reader:
                 return answer
         if "valueQuantity" in item:
             return self.quantity_result(item, ref)
-        self.note(f"{ref}: antibody result could not be read")
+        self.note("antibody result could not be read", ref)
         return None
 
     def quantity_result(self, item: Mapping[str, Any], ref: str) -> bool | None:
@@ -415,7 +422,7 @@ class _Reader:
             if "value" in r.get("high", {})
         ]
         if not isinstance(value, int | float) or not highs:
-            self.note(f"{ref}: numeric antibody result without a reference range; not used")
+            self.note("numeric antibody result without a reference range; not used", ref)
             return None
         comparator = item["valueQuantity"].get("comparator")
         if comparator in ("<", "<="):
@@ -437,7 +444,7 @@ class _Reader:
                 or not isinstance(quantity.get("value"), int | float)
                 or not when
             ):
-                self.note(f"{ref}: creatine kinase without a usable value, unit or date")
+                self.note("creatine kinase without a usable value, unit or date", ref)
                 continue
             limit = cfg.default_upper_limit_u_per_l
             for rng in obs.get("referenceRange") or []:
@@ -543,6 +550,18 @@ class _Reader:
         return done
 
 
+MAX_REFS_PER_FINDING = 5
+
+
+def _group_line(message: str, refs: list[str]) -> str:
+    if not refs:
+        return message
+    shown = ", ".join(refs[:MAX_REFS_PER_FINDING])
+    more = len(refs) - MAX_REFS_PER_FINDING
+    count = f"{len(refs)} x " if len(refs) > 1 else ""
+    return f"{count}{message}: {shown}" + (f" and {more} more" if more > 0 else "")
+
+
 def _word_pattern(words: Sequence[str]) -> re.Pattern[str]:
     alternatives = "|".join(re.escape(w) for w in words) or r"(?!x)x"
     return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
@@ -635,6 +654,6 @@ def extract_facts(record: PatientRecord, knowledge: Knowledge, matcher: Matcher)
         features=features,
         creatine_kinase=ck,
         screening_done=done,
-        findings=tuple(reader.findings),
+        findings=reader.grouped_findings(),
         all_sources=tuple(sorted(reader.sources | {record.reference})),
     )
