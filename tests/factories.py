@@ -230,6 +230,46 @@ def medication(subject: Json, text: str = "Prednisone 20 mg", *, status: str = "
     )
 
 
+def done_request(subject: Json, knowledge: Any, test_id: str, when: str) -> Json:
+    """A completed ServiceRequest for one of the rule set's tests (the test was done)."""
+    test = knowledge.ruleset.tests[test_id]
+    system = knowledge.terminology.system_url(test.code.system)
+    return _valid(
+        {
+            "resourceType": "ServiceRequest",
+            "id": _next_id("done"),
+            "status": "completed",
+            "intent": "order",
+            "subject": ref(subject),
+            "code": concept(system, test.code.code),
+            "occurrenceDateTime": when,
+        }
+    )
+
+
+def medication_reference(
+    subject: Json, medication_id: str, *, contained: Json | None = None, status: str = "active"
+) -> Json:
+    """A MedicationRequest naming its drug by medicationReference (contained or bundled)."""
+    res: Json = {
+        "resourceType": "MedicationRequest",
+        "id": _next_id("med"),
+        "status": status,
+        "intent": "order",
+        "subject": ref(subject),
+        "medicationReference": {"reference": medication_id},
+    }
+    if contained is not None:
+        res["contained"] = [contained]
+    return _valid(res)
+
+
+def medication_resource(text: str, id: str | None = None) -> Json:
+    return _valid(
+        {"resourceType": "Medication", "id": id or _next_id("drug"), "code": {"text": text}}
+    )
+
+
 def bundle(*resources: Json, type: str = "collection", full_urls: str = "relative") -> Json:
     entries = []
     for r in resources:

@@ -460,7 +460,7 @@ def _round_action(
     prefix: str,
     rnd: Round,
     *,
-    anchor: str = "IIM onset",
+    anchor: str = "the IIM diagnosis",
     panels: Sequence[str] | None = None,
 ) -> Json:
     """A round: its due window (months after ``anchor``) and one sub-action per test."""
@@ -542,7 +542,10 @@ def _other_actions(ctx: _Context) -> list[Json]:
             "red-flags",
             red.label,
             "any of: " + ", ".join(f.replace("_", " ") for f in red.facts),
-            f"Added to the '{_round_label(ctx, red.round)}' round whatever the tier."
+            f"Whatever the tier and at any time: added to the '{_round_label(ctx, red.round)}' "
+            "round when recorded by its end, otherwise a round of its own dated from the latest "
+            f"red flag, due within {_months(red.event_round.due_within_months)}; a test done "
+            f"within {_months(red.unless_done_within_months)} before it is left out."
             + (" Proposed as 'consider' (conditional). " if red.conditional else " ")
             + _evidence(red.evidence, red.source),
             _test_actions(ctx, "red-flags", _panel_tests(rs, red.add_panels)),
@@ -551,8 +554,8 @@ def _other_actions(ctx: _Context) -> list[Json]:
             "flare",
             "Flare after remission: re-screen",
             rs.derived.flare.label,
-            f"{flare.message} Each test is left out when it was done within the last "
-            f"{_months(flare.unless_done_within_months)}. "
+            f"{flare.message} Each test is left out when it was done within "
+            f"{_months(flare.unless_done_within_months)} before the flare. "
             + _evidence(flare.evidence, flare.source),
             [_round_action(ctx, "flare", flare.round, anchor="the flare", panels=flare.add_panels)],
         ),
@@ -801,7 +804,7 @@ def risk_assessment_profile(ctx: _Context) -> Json:
             *_qualitative_risk(ctx, f"{ra}.prediction.qualitativeRisk"),
             _el(
                 f"{ra}.prediction.when[x]",
-                short="The guideline window (onset ± years)",
+                short="The guideline window (diagnosis date + years)",
                 type=[{"code": "Period"}],
             ),
             _el(f"{ra}.prediction.rationale", short="Why no tier was assigned (out of scope)"),
@@ -840,7 +843,7 @@ def care_plan_profile(ctx: _Context) -> Json:
                     (
                         "series",
                         ids.series_system,
-                        "The plan series (patient, rule set, window), stable across revisions",
+                        "The plan series (patient and rule-set family), stable across revisions",
                     ),
                 ],
             ),

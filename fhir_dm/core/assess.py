@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, time
 from typing import Any
 
@@ -14,12 +14,12 @@ from fhir_dm.core.build.risk_assessment import build_risk_assessment
 from fhir_dm.core.build.service_request import build_service_request
 from fhir_dm.core.dates import PLAUSIBLE_YEARS
 from fhir_dm.core.explain import Explanation, explain
-from fhir_dm.core.facts import extract_facts
+from fhir_dm.core.facts import _group_line, extract_facts
 from fhir_dm.core.identifiers import Identity, identity_for
-from fhir_dm.core.inputs import PatientRecord, read_patients
+from fhir_dm.core.inputs import PatientRecord, Relevance, read_patients
 from fhir_dm.core.plan import Plan, build_plan
 from fhir_dm.core.rules import assess_facts
-from fhir_dm.core.terminology import Matcher
+from fhir_dm.core.terminology import Matcher, TerminologyOverlay
 from fhir_dm.errors import InputError
 from fhir_dm.knowledge.models import Knowledge
 
@@ -73,6 +73,9 @@ class Engine:
     ) -> None:
         self.knowledge = knowledge
         self.matcher = Matcher(knowledge.terminology)
+        # Only what the rules can read is validated and kept (real records are mostly claims,
+        # encounters and vital signs); the rest is reported as one finding.
+        self.relevance = Relevance(knowledge, self.matcher)
         self.software = f"{SOFTWARE_NAME} {software_version}"
         # Validating every generated resource through its R4B model is a safety net against
         # builder bugs; it costs about two thirds of the core's time (see bench/). The builders
@@ -81,22 +84,48 @@ class Engine:
         # by default and available as a setting.
         self.validate_output = validate_output
 
-    def assess(self, data: Any, *, now: date | datetime) -> AssessmentRun:
-        """Assess every patient in a Bundle (any type) or a single Patient resource."""
-        return self.assess_records(read_patients(data), now=now)
+    def assess(
+        self,
+        data: Any,
+        *,
+        now: date | datetime,
+        terminology: TerminologyOverlay | None = None,
+    ) -> AssessmentRun:
+        """Assess every patient in a Bundle (any type) or a single Patient resource.
+
+        `terminology`: a terminology server's answers for codes the offline value sets do not
+        hold (`fhir_dm.core.terminology`); an edge builds it, the core only reads it.
+        """
+        records = read_patients(data, self.relevance)
+        return self.assess_records(records, now=now, terminology=terminology)
 
     def assess_records(
-        self, records: list[PatientRecord], *, now: date | datetime
+        self,
+        records: list[PatientRecord],
+        *,
+        now: date | datetime,
+        terminology: TerminologyOverlay | None = None,
     ) -> AssessmentRun:
         moment = as_moment(now)
         low, high = PLAUSIBLE_YEARS
         if not low <= moment.year <= high:
             raise InputError(f"the evaluation date must lie between the years {low} and {high}")
-        return AssessmentRun(tuple(self.assess_record(r, moment) for r in records))
+        return AssessmentRun(tuple(self.assess_record(r, moment, terminology) for r in records))
 
-    def assess_record(self, record: PatientRecord, moment: datetime) -> PatientResult:
+    def assess_record(
+        self,
+        record: PatientRecord,
+        moment: datetime,
+        terminology: TerminologyOverlay | None = None,
+    ) -> PatientResult:
         k = self.knowledge
-        facts = extract_facts(record, k, self.matcher)
+        matcher = self.matcher if terminology is None else self.matcher.with_overlay(terminology)
+        facts = extract_facts(record, k, matcher)
+        # Codes the terminology server could not check: their facts stay unknown, and say so.
+        unchecked = matcher.server_findings(record.resources)
+        if unchecked:
+            lines = tuple(_group_line(message, refs) for message, refs in unchecked.items())
+            facts = replace(facts, findings=facts.findings + lines)
         assessment = assess_facts(facts, k, now=moment.date())
         plan = build_plan(assessment, k)
         explanation = explain(plan, k)

@@ -48,6 +48,7 @@ class Explanation:
     ruleset: str
     guideline: str
     onset: str
+    dates: tuple[str, ...] = ()
 
 
 def _row(plan: Plan, item: PlanItem, knowledge: Knowledge) -> ScheduleRow:
@@ -74,6 +75,8 @@ def explain(plan: Plan, knowledge: Knowledge) -> Explanation:
         headline = f"{tier_label} of IIM-associated cancer" + (
             " (preliminary)" if a.preliminary else ""
         )
+    elif a.scope == "window-closed" and tier_label:
+        headline = f"{tier_label} of IIM-associated cancer; the screening window has closed"
     else:
         headline = f"Not stratified: {a.scope_reason}"
     reasons = []
@@ -85,6 +88,8 @@ def explain(plan: Plan, knowledge: Knowledge) -> Explanation:
         )
     if a.in_scope and not a.factors:
         reasons.append("No risk factor was recorded.")
+    if a.scope == "window-closed":
+        reasons.append(a.scope_reason)
     if a.preliminary:
         reasons.append(
             "Preliminary: the tier could rise once these are known: "
@@ -117,4 +122,5 @@ def explain(plan: Plan, knowledge: Knowledge) -> Explanation:
         ruleset=rs.label,
         guideline=f"{rs.title} (doi:{rs.guideline.doi})",
         onset=onset,
+        dates=a.dates_used,
     )

@@ -12,12 +12,14 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any, Final
+from functools import lru_cache
+from typing import Any, Final, NamedTuple
 
 from fhir_dm.core.dates import DateSpan, add_months, age_span, parse_fhir_date
-from fhir_dm.core.inputs import PatientRecord, Resource
-from fhir_dm.core.terminology import Matcher
-from fhir_dm.knowledge.models import Knowledge, Refractory
+from fhir_dm.core.inputs import PatientRecord, Resource, normalise_reference
+from fhir_dm.core.results import Grade, ResultGrader, normalise_unit, parse_bounds
+from fhir_dm.core.terminology import Matcher, normalise_name
+from fhir_dm.knowledge.models import Knowledge, Refractory, ResultStrings
 
 
 class _Unknown:
@@ -51,6 +53,14 @@ DONE_STATUSES = {
     "ServiceRequest": frozenset({"completed"}),
 }
 ACTIVE_MEDICATION = frozenset({"active", "on-hold"})
+# DiagnosticReports whose results are not read (the results' own statuses decide otherwise).
+IGNORED_REPORT_STATUSES = frozenset({"entered-in-error", "cancelled"})
+EQUIVOCAL_FINDING = (
+    "equivocal antibody result (equivocal, borderline, indeterminate) counted as unknown"
+)
+# Medication records that say a course was given (for "recently given" rules).
+GIVEN_MEDICATION = frozenset({"active", "on-hold", "completed", "stopped", "in-progress"})
+MEDICATION_TYPES = ("MedicationRequest", "MedicationStatement", "MedicationAdministration")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,13 +85,23 @@ UNKNOWN_FACT = Fact(UNKNOWN)
 
 @dataclass(frozen=True, slots=True)
 class IimDiagnosis:
-    """The IIM Condition the plan is about, its subtype and onset."""
+    """The IIM Condition the plan is about: subtype, symptom onset and diagnosis date.
+
+    Symptom onset decides eligibility and the age at onset; the diagnosis date anchors the
+    schedule (clinical-logic §1). Each says where it was read from.
+    """
 
     reference: str
     subtype: str
     onset: DateSpan | None
     onset_source: str
-    recorded: DateSpan | None
+    diagnosed: DateSpan | None = None
+    diagnosis_source: str = "none"
+    unconfirmed_status: str | None = None
+
+    @property
+    def confirmed(self) -> bool:
+        return self.unconfirmed_status is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +116,14 @@ class CkResult:
     @property
     def above_limit(self) -> bool:
         return self.value > self.upper_limit
+
+
+class LabItem(NamedTuple):
+    """One result to read: an Observation or a component, how outputs cite it, and its date."""
+
+    data: Mapping[str, Any]
+    ref: str
+    when: DateSpan | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +142,8 @@ class PatientFacts:
     screening_done: Mapping[str, date]
     findings: tuple[str, ...]
     all_sources: tuple[str, ...] = field(default=())
+    deceased: Fact = field(default_factory=lambda: UNKNOWN_FACT)
+    past_cancers: tuple[str, ...] = ()
 
     def feature(self, name: str) -> Fact:
         return self.features.get(name, UNKNOWN_FACT)
@@ -163,6 +193,11 @@ class _Reader:
         self.m = matcher
         self.findings: dict[str, list[str]] = {}
         self.sources: set[str] = set()
+        self._lab_items: list[LabItem] | None = None
+        self.cancer_names: list[str] = []
+        self.possible_malignancy = _word_start_pattern(
+            knowledge.terminology.possible_malignancy_words
+        )
 
     def note(self, message: str, ref: str | None = None) -> None:
         """Record input the rules could not use; one finding per message, refs grouped."""
@@ -185,39 +220,99 @@ class _Reader:
         out = []
         for ref, cond in self.of_type("Condition"):
             if _status_code(cond.get("verificationStatus")) in IGNORED_VERIFICATION:
-                self.note("condition ignored (verification status refuted or entered-in-error)", ref)
+                self.note(
+                    "condition ignored (verification status refuted or entered-in-error)", ref
+                )
                 continue
             value_sets = self.m.concept(cond.get("code")).value_sets
             if not value_sets:
                 coded = bool((cond.get("code") or {}).get("coding"))
-                self.note(
-                    "condition code not recognised"
-                    if coded
-                    else "text-only condition not recognised (not guessed)",
-                    ref,
-                )
+                if self.possible_malignancy.search(_concept_text(cond.get("code"))):
+                    # Never read as a cancer (no guess), never silent either.
+                    self.note("possible malignancy, not recognised: check", ref)
+                else:
+                    self.note(
+                        "condition code not recognised"
+                        if coded
+                        else "text-only condition not recognised (not guessed)",
+                        ref,
+                    )
             out.append((ref, cond, value_sets))
         return out
 
     def iim(
         self, conditions: Sequence[tuple[str, Resource, frozenset[str]]]
     ) -> IimDiagnosis | None:
-        best: tuple[int, str, Resource, str] | None = None
+        """The IIM diagnosis: confirmed ones first, then by subtype precedence.
+
+        The dates are the earliest over every IIM Condition of the same standing (a myositis
+        coded as PM in 2022 and as DM in 2024 was diagnosed in 2022); outputs name the Condition
+        a date came from when it is not the one that gives the subtype.
+        """
+        unconfirmed = self.rs.scope.unconfirmed_diagnosis.statuses
+        found: list[tuple[tuple[bool, int], str, Resource, str]] = []
         for ref, cond, value_sets in conditions:
             if _status_code(cond.get("clinicalStatus")) in INACTIVE_CLINICAL - {"remission"}:
                 continue
-            for rank, concept in enumerate(self.rs.subtypes):
-                if concept.value_set in value_sets and (best is None or rank < best[0]):
-                    best = (rank, ref, cond, concept.id)
-        if best is None:
+            open_question = _status_code(cond.get("verificationStatus")) in unconfirmed
+            ranks = [
+                (rank, concept.id)
+                for rank, concept in enumerate(self.rs.subtypes)
+                if concept.value_set in value_sets
+            ]
+            if ranks:
+                rank, subtype = min(ranks)
+                found.append(((open_question, rank), ref, cond, subtype))
+        if not found:
             return None
-        _, ref, cond, subtype = best
-        self.sources.add(ref)
-        recorded = parse_fhir_date(cond.get("recordedDate"))
-        onset, source = self.onset(cond, ref)
-        if onset is None and recorded is not None:
-            onset, source = recorded, "recordedDate" + (f" ({source})" if source else "")
-        return IimDiagnosis(ref, subtype, onset, source or "none", recorded)
+        best_key, best_ref, best_cond, subtype = min(found, key=lambda c: c[0])
+        peers = [c for c in found if c[0][0] == best_key[0]]
+        self.sources.update(c[1] for c in peers)
+        onsets: list[tuple[DateSpan, str]] = []
+        diagnoses: list[tuple[DateSpan, str]] = []
+        for _, ref, cond, _ in peers:
+            where = "" if ref == best_ref else f", {ref}"
+            recorded = parse_fhir_date(cond.get("recordedDate"))
+            onset, source = self.onset(cond, ref)
+            if onset is None and recorded is not None:
+                onset, source = recorded, "recordedDate" + (f" ({source})" if source else "")
+            if onset is not None:
+                onsets.append((onset, source + where))
+            diagnosed, diagnosis_source = self.diagnosis_date(cond, onset, source)
+            if diagnosed is not None:
+                diagnoses.append((diagnosed, diagnosis_source + where))
+        onset_pick = min(onsets, key=lambda d: d[0].earliest) if onsets else None
+        diagnosis_pick = min(diagnoses, key=lambda d: d[0].earliest) if diagnoses else None
+        status = _status_code(best_cond.get("verificationStatus"))
+        return IimDiagnosis(
+            best_ref,
+            subtype,
+            onset_pick[0] if onset_pick else None,
+            onset_pick[1] if onset_pick else "none",
+            diagnosis_pick[0] if diagnosis_pick else None,
+            diagnosis_pick[1] if diagnosis_pick else "none",
+            status if status in unconfirmed else None,
+        )
+
+    def diagnosis_date(
+        self, cond: Mapping[str, Any], onset: DateSpan | None, onset_source: str
+    ) -> tuple[DateSpan | None, str]:
+        """The date the schedule runs from, from the first configured element that has one."""
+        for element in self.rs.scope.diagnosis_date.read_from:
+            if element.startswith("extension:"):
+                url = element.partition(":")[2]
+                for ext in cond.get("extension") or []:
+                    if ext.get("url") == url:
+                        span = parse_fhir_date(ext.get("valueDateTime") or ext.get("valueDate"))
+                        if span:
+                            return span, "assertedDate extension"
+            elif element == "recordedDate":
+                span = parse_fhir_date(cond.get("recordedDate"))
+                if span:
+                    return span, "recordedDate"
+            elif element == "onset" and onset is not None:
+                return onset, f"symptom onset ({onset_source})"
+        return None, "none"
 
     def onset(self, cond: Mapping[str, Any], ref: str) -> tuple[DateSpan | None, str]:
         if "onsetDateTime" in cond:
@@ -279,14 +374,27 @@ class _Reader:
         active: list[str] = []
         history: list[str] = []
         family: list[str] = []
+        dates: dict[str, list[date]] = {"active": [], "history": [], "family": []}
+        self.cancer_names = []
         for ref, cond, value_sets in conditions:
             status = _status_code(cond.get("clinicalStatus"))
+            day = _condition_date(cond)
             if "malignancy" in value_sets:
-                (history if status in INACTIVE_CLINICAL else active).append(ref)
+                kind = "history" if status in INACTIVE_CLINICAL else "active"
+                (history if kind == "history" else active).append(ref)
+                if kind == "history":
+                    self.cancer_names.append(_concept_name(cond.get("code")))
+                if day:
+                    dates[kind].append(day)
             if "history-of-cancer" in value_sets:
                 history.append(ref)
+                self.cancer_names.append(_concept_name(cond.get("code")))
+                if day:
+                    dates["history"].append(day)
             if "family-history-cancer" in value_sets:
                 family.append(ref)
+                if day:
+                    dates["family"].append(day)
         for ref, fmh in self.of_type("FamilyMemberHistory"):
             if fmh.get("status") == "entered-in-error":
                 continue
@@ -295,11 +403,20 @@ class _Reader:
                 for c in fmh.get("condition") or []
             ):
                 family.append(ref)
+                span = parse_fhir_date(fmh.get("date"))
+                if span:
+                    dates["family"].append(span.latest)
         self.sources.update(active + history + family)
+
+        def fact(refs: list[str], kind: str) -> Fact:
+            # Dated by the most recent record: a red flag's round runs from the latest event.
+            when = max(dates[kind]) if dates[kind] else None
+            return Fact(True, tuple(refs), when=when) if refs else UNKNOWN_FACT
+
         return {
-            "active_malignancy": Fact(True, tuple(active)) if active else UNKNOWN_FACT,
-            "personal_history_cancer": Fact(True, tuple(history)) if history else UNKNOWN_FACT,
-            "family_history_cancer": Fact(True, tuple(family)) if family else UNKNOWN_FACT,
+            "active_malignancy": fact(active, "active"),
+            "personal_history_cancer": fact(history, "history"),
+            "family_history_cancer": fact(family, "family"),
         }
 
     # --- observations ---
@@ -314,155 +431,215 @@ class _Reader:
             out.append((ref, obs))
         return out
 
-    def antibody_results(self, observations: Sequence[tuple[str, Resource]]) -> dict[str, Fact]:
-        by_vs = {a.value_set: a.id for a in self.rs.antibodies}
-        seen: dict[str, list[tuple[date, bool, str]]] = {}
+    def lab_items(self, observations: Sequence[tuple[str, Resource]]) -> list[LabItem]:
+        """Every result the record holds for this patient, each once: the usable Observations
+        with their components and panel members (`hasMember`, bundled or contained `#id`), and
+        the results of the patient's DiagnosticReports (bundled or contained; a result without
+        a subject belongs to its report's subject). Anything unreachable is a finding."""
+        if self._lab_items is not None:
+            return self._lab_items
+        items: list[LabItem] = []
+        visited: set[int] = set()
         for ref, obs in observations:
-            when = _observation_date(obs)
-            for item, item_ref in self.result_items(obs, ref):
-                match = self.m.concept(item.get("code"), use_text=True)
-                hits = [by_vs[vs] for vs in match.value_sets if vs in by_vs]
-                if not hits:
-                    continue
-                if len(hits) > 1:
-                    self.note("result names several antibodies; not used", item_ref)
-                    continue
-                result = self.read_result(item, item_ref)
-                if result is None:
-                    continue
-                day = when.latest if when else date.min
-                seen.setdefault(hits[0], []).append((day, result, item_ref))
-        facts: dict[str, Fact] = {}
-        for antibody in self.rs.antibodies:
-            results = seen.get(antibody.id)
-            if not results:
-                facts[antibody.id] = UNKNOWN_FACT
+            self.walk_result(obs, ref, (obs, ref), None, items, visited)
+        for ref, report in self.of_type("DiagnosticReport"):
+            if report.get("status") in IGNORED_REPORT_STATUSES:
+                self.note(f"diagnostic report ignored (status {report.get('status')})", ref)
                 continue
-            # Any positive result counts (the safer reading: assays differ and myositis
-            # antibodies rarely disappear); conflicting results are reported.
-            positives = [r for r in results if r[1]]
-            if positives and len(positives) < len(results):
-                self.note(f"anti-{antibody.id}: conflicting results; the positive one is used")
-            day, positive, ref = max(positives or results, key=lambda r: r[0])
-            facts[antibody.id] = Fact(positive, (ref,))
-            self.sources.add(ref.split("#")[0])
-        return facts
+            when = _observation_date(report)
+            for link in report.get("result") or []:
+                found = self.linked_result(link, (report, ref), "report result")
+                if found is not None:
+                    self.walk_result(*found, when, items, visited)
+        self._lab_items = items
+        return items
 
-    def result_items(
-        self, obs: Mapping[str, Any], ref: str
-    ) -> Iterator[tuple[Mapping[str, Any], str]]:
-        """The observation itself, its components, and the members of a panel."""
-        yield obs, ref
+    def walk_result(
+        self,
+        obs: Resource,
+        ref: str,
+        container: tuple[Resource, str],
+        inherited: DateSpan | None,
+        items: list[LabItem],
+        visited: set[int],
+    ) -> None:
+        """One Observation, its components and its members; a member without a date takes its
+        panel's (or report's) date."""
+        if id(obs) in visited:
+            return
+        visited.add(id(obs))
+        when = _observation_date(obs) or inherited
+        items.append(LabItem(obs, ref, when))
         for n, component in enumerate(obs.get("component") or []):
-            yield component, f"{ref}#component{n}"
-        for member_ref in obs.get("hasMember") or []:
-            target = member_ref.get("reference")
-            member = self.record.resolve(target) if isinstance(target, str) else None
-            if member is None:
-                self.note("panel member not in the input", ref)
-                continue
-            if member.get("status") not in self.k.site.observations.usable_statuses:
-                self.note(f"panel member ignored (status {member.get('status')})", ref)
-                continue
-            yield member, target
+            items.append(LabItem(component, f"{ref}#component{n}", when))
+        for link in obs.get("hasMember") or []:
+            found = self.linked_result(link, container, "panel member")
+            if found is not None:
+                self.walk_result(*found, when, items, visited)
 
-    def coded_answer(self, concept: Mapping[str, Any], ref: str) -> tuple[bool, bool | None]:
-        """(is an answer, its value): positive True, negative False, indeterminate None."""
-        value_sets = self.m.concept(concept).value_sets
-        if "answer-positive" in value_sets:
-            return True, True
-        if "answer-negative" in value_sets:
-            return True, False
-        if "answer-indeterminate" in value_sets:
-            self.note("indeterminate result counted as unknown", ref)
-            return True, None
-        return False, None
-
-    def read_result(self, item: Mapping[str, Any], ref: str) -> bool | None:
-        """Positive (True), negative (False) or unusable (None) from any result shape."""
-        words = self.k.terminology.result_strings
-        texts: list[str] = []
-        if "valueCodeableConcept" in item:
-            concept = item["valueCodeableConcept"]
-            is_answer, answer = self.coded_answer(concept, ref)
-            if is_answer:
-                return answer
-            texts.append(concept.get("text") or "")
-            texts.extend(c.get("display") or "" for c in concept.get("coding") or [])
-        if "valueString" in item:
-            texts.append(item["valueString"])
-        for text in texts:
-            word = text.strip().lower()
-            if word in words.positive:
-                return True
-            if word in words.negative:
-                return False
-            if word in words.weak_positive:
-                if self.k.site.antibody_results.weak_positive == "positive":
-                    return True
-                self.note("weak positive counted as unknown (site setting)", ref)
-                return None
-            if word in words.indeterminate:
-                self.note("indeterminate result counted as unknown", ref)
-                return None
-        for interpretation in item.get("interpretation") or []:
-            is_answer, answer = self.coded_answer(interpretation, ref)
-            if is_answer:
-                return answer
-        if "valueQuantity" in item:
-            return self.quantity_result(item, ref)
-        self.note("antibody result could not be read", ref)
-        return None
-
-    def quantity_result(self, item: Mapping[str, Any], ref: str) -> bool | None:
-        value = item["valueQuantity"].get("value")
-        highs = [
-            r["high"]["value"]
-            for r in item.get("referenceRange") or []
-            if "value" in r.get("high", {})
-        ]
-        if not isinstance(value, int | float) or not highs:
-            self.note("numeric antibody result without a reference range; not used", ref)
+    def linked_result(
+        self, link: Mapping[str, Any], container: tuple[Resource, str], what: str
+    ) -> tuple[Resource, str, tuple[Resource, str]] | None:
+        """The Observation a panel or report links to, how to cite it and where its own `#id`
+        links resolve; None (and a finding) when it cannot be used."""
+        resource, container_ref = container
+        target = link.get("reference")
+        if not isinstance(target, str):
+            self.note(f"{what} without a reference; not used", container_ref)
             return None
-        comparator = item["valueQuantity"].get("comparator")
-        if comparator in ("<", "<="):
-            return False if value <= highs[0] else None
-        return bool(value > highs[0])
+        member: Resource | None
+        if target.startswith("#"):
+            member = next(
+                (c for c in resource.get("contained") or [] if c.get("id") == target[1:]), None
+            )
+            ref, inner = f"{container_ref}{target}", container
+        else:
+            member = self.record.resolve(target)
+            ref = (
+                f"Observation/{member['id']}"
+                if member is not None and member.get("id")
+                else normalise_reference(target)
+            )
+            inner = (member, ref) if member is not None else container
+        if member is None:
+            self.note(f"{what} not in the input", container_ref)
+            return None
+        if member.get("resourceType") != "Observation":
+            self.note(f"{what} is not an Observation; not used", ref)
+            return None
+        if member.get("status") not in self.k.site.observations.usable_statuses:
+            self.note(f"{what} ignored (status {member.get('status')})", ref)
+            return None
+        subject = (member.get("subject") or {}).get("reference")
+        if isinstance(subject, str) and self.record.resolve(subject) is not self.record.patient:
+            self.note(f"{what} is about another subject; not used", ref)
+            return None
+        return member, ref, inner
+
+    def antibody_results(self, observations: Sequence[tuple[str, Resource]]) -> dict[str, Fact]:
+        """Each antibody's grade from every result that names it (by code, local code or name)."""
+        by_vs = {a.value_set: a.id for a in self.rs.antibodies}
+        not_used = frozenset(self.k.site.antibody_results.recognised_not_used)
+        weak_counts = self.k.site.antibody_results.weak_positive == "positive"
+        grader = _grader(self.k.terminology.result_strings, self.m)
+        name_words = frozenset(normalise_name(w) for w in self.k.terminology.antibody_name_words)
+        seen: dict[str, list[tuple[date, Grade, str]]] = {}
+        unread: dict[str, list[str]] = {}
+        for data, ref, when in self.lab_items(observations):
+            if not _has_result(data) and (data.get("hasMember") or data.get("component")):
+                continue  # a panel heading: its members are read
+            match = self.m.concept(data.get("code"), use_text=True)
+            hits = sorted({by_vs[vs] for vs in match.value_sets if vs in by_vs})
+            if not hits:
+                if match.value_sets & not_used:
+                    self.note("antibody result recognised but used by no rule; not used", ref)
+                elif not match.value_sets and name_words & set(
+                    normalise_name(_concept_text(data.get("code"))).split()
+                ):
+                    self.note("antibody result not recognised as a myositis antibody", ref)
+                continue
+            if len(hits) > 1:
+                self.note("result names several antibodies; not used", ref)
+                continue
+            reading = grader.grade(data)
+            for problem in reading.problems:
+                self.note(problem, ref)
+            if reading.grade is None:
+                unread.setdefault(hits[0], []).append(ref)
+                continue
+            if reading.grade is Grade.EQUIVOCAL:
+                self.note(EQUIVOCAL_FINDING, ref)
+            elif reading.grade is Grade.WEAK_POSITIVE and not weak_counts:
+                self.note("weak positive counted as unknown (site setting)", ref)
+            day = when.latest if when else date.min
+            seen.setdefault(hits[0], []).append((day, reading.grade, ref))
+        return {
+            a.id: self.antibody_fact(a.id, seen.get(a.id, []), unread.get(a.id, []), weak_counts)
+            for a in self.rs.antibodies
+        }
+
+    def antibody_fact(
+        self,
+        antibody: str,
+        results: Sequence[tuple[date, Grade, str]],
+        unread: Sequence[str],
+        weak_counts: bool,
+    ) -> Fact:
+        """Any positive counts (assays differ; myositis antibodies rarely disappear), else the
+        latest result; equivocal (and weak positive when the site says so) is UNKNOWN, with its
+        source and a note, never positive or negative."""
+
+        def value(grade: Grade) -> FactValue:
+            if grade is Grade.POSITIVE or (grade is Grade.WEAK_POSITIVE and weak_counts):
+                return True
+            return False if grade is Grade.NEGATIVE else UNKNOWN
+
+        if not results:
+            if not unread:
+                return UNKNOWN_FACT
+            self.sources.update(r.split("#")[0] for r in unread)
+            return Fact(UNKNOWN, tuple(unread), "result could not be read")
+        positives = [r for r in results if value(r[1]) is True]
+        if positives and len(positives) < len(results):
+            self.note(f"anti-{antibody}: conflicting results; the positive one is used")
+        # Latest first; on the same day the less certain reading wins (equivocal over negative).
+        day, grade, ref = max(
+            positives or results, key=lambda r: (r[0], r[1] is not Grade.NEGATIVE)
+        )
+        self.sources.add(ref.split("#")[0])
+        note = {Grade.EQUIVOCAL: "equivocal", Grade.WEAK_POSITIVE: "weak positive"}.get(grade, "")
+        return Fact(value(grade), (ref,), note, None if day == date.min else day)
 
     def creatine_kinase(self, observations: Sequence[tuple[str, Resource]]) -> tuple[CkResult, ...]:
+        """CK values in U/L (units matched loosely: "U/l" = "U/L"), each with its upper limit."""
         cfg = self.rs.derived.creatine_kinase
-        factors = cfg.unit_factors_to_u_per_l
+        factors = {normalise_unit(u): f for u, f in cfg.unit_factors_to_u_per_l.items()}
         out = []
-        for ref, obs in observations:
-            if cfg.value_set not in self.m.concept(obs.get("code")).value_sets:
+        for data, ref, when in self.lab_items(observations):
+            if cfg.value_set not in self.m.concept(data.get("code")).value_sets:
                 continue
-            quantity = obs.get("valueQuantity") or {}
-            unit = quantity.get("code") or quantity.get("unit")
-            when = _observation_date(obs)
-            if (
-                unit not in factors
-                or not isinstance(quantity.get("value"), int | float)
-                or not when
-            ):
+            quantity = data.get("valueQuantity") or {}
+            factor = factors.get(normalise_unit(quantity.get("code") or quantity.get("unit")))
+            value = quantity.get("value")
+            if factor is None or not isinstance(value, int | float) or not when:
                 self.note("creatine kinase without a usable value, unit or date", ref)
                 continue
-            limit = cfg.default_upper_limit_u_per_l
-            for rng in obs.get("referenceRange") or []:
-                high = rng.get("high") or {}
-                high_unit = high.get("code") or high.get("unit") or unit
-                if isinstance(high.get("value"), int | float) and high_unit in factors:
-                    limit = high["value"] * factors[high_unit]
-                    break
-            out.append(CkResult(when.latest, quantity["value"] * factors[unit], limit, ref))
-            self.sources.add(ref)
+            limit = self.ck_upper_limit(data, factors, factor)
+            comparator = quantity.get("comparator")
+            u_per_l = value * factor
+            # A bound is usable only when it settles the comparison with the limit.
+            if (comparator in ("<", "<=") and u_per_l > limit) or (
+                comparator in (">", ">=") and u_per_l <= limit
+            ):
+                self.note("creatine kinase given as a bound that does not settle the limit", ref)
+                continue
+            out.append(CkResult(when.latest, u_per_l, limit, ref))
+            self.sources.add(ref.split("#")[0])
         return tuple(sorted(out, key=lambda r: r.when))
+
+    def ck_upper_limit(
+        self, data: Mapping[str, Any], factors: Mapping[str, float], factor: float
+    ) -> float:
+        """The first reference range's upper limit (structured, else its text), else the
+        configured default."""
+        for rng in data.get("referenceRange") or []:
+            high = rng.get("high") or {}
+            if isinstance(high.get("value"), int | float):
+                unit = normalise_unit(high.get("code") or high.get("unit"))
+                high_factor = factors.get(unit) if unit else factor
+                if high_factor is not None:
+                    return float(high["value"]) * high_factor
+            bounds = parse_bounds(rng.get("text") or "")
+            if bounds is not None and bounds[1] is not None:
+                return bounds[1][0] * factor
+        return self.rs.derived.creatine_kinase.default_upper_limit_u_per_l
 
     def smoking(
         self,
         observations: Sequence[tuple[str, Resource]],
         conditions: Sequence[tuple[str, Resource, frozenset[str]]],
     ) -> Fact:
-        latest: tuple[date, FactValue, str] | None = None
+        statuses: list[tuple[date, FactValue, str]] = []
         for ref, obs in observations:
             if "smoking-status" not in self.m.concept(obs.get("code")).value_sets:
                 continue
@@ -475,53 +652,108 @@ class _Reader:
                 else UNKNOWN
             )
             when = _observation_date(obs)
-            day = when.latest if when else date.min
-            if latest is None or day >= latest[0]:
-                latest = (day, value, ref)
-        if latest is not None and latest[1] is not UNKNOWN:
-            self.sources.add(latest[2])
-            return Fact(latest[1], (latest[2],))
+            if value is not UNKNOWN:
+                statuses.append((when.latest if when else date.min, value, ref))
+        if statuses:
+            statuses.sort(key=lambda s: s[0])
+            day, value, ref = statuses[-1]
+            self.sources.add(ref)
+            if value is True:
+                # Dated from the first record of the current run of "smoker" (repeated
+                # recordings at each visit do not move the red flag's date).
+                for earlier, earlier_value, _ in reversed(statuses):
+                    if earlier_value is not True:
+                        break
+                    day = earlier
+            return Fact(value, (ref,), when=None if day == date.min else day)
         for ref, cond, value_sets in conditions:
             status = _status_code(cond.get("clinicalStatus"))
             if "current-smoker-condition" in value_sets and status not in INACTIVE_CLINICAL:
                 self.sources.add(ref)
-                return Fact(True, (ref,))
-            if "former-smoker-condition" in value_sets:
+                return Fact(True, (ref,), when=_condition_date(cond))
+            if "former-smoker-condition" in value_sets or "current-smoker-condition" in value_sets:
                 self.sources.add(ref)
                 return Fact(False, (ref,))
         return UNKNOWN_FACT
 
     # --- medications and screening ---
 
+    def medication_text(self, med: Mapping[str, Any], ref: str) -> str:
+        """The names a medication record gives, from its concept or the Medication it names."""
+        concept = med.get("medicationCodeableConcept")
+        if concept is None and "medicationReference" in med:
+            target = (med.get("medicationReference") or {}).get("reference")
+            medication = self.medication(med, target) if isinstance(target, str) else None
+            if medication is None:
+                self.note("medicationReference not resolved (Medication not in the input)", ref)
+                return ""
+            concept = medication.get("code")
+        return _concept_text(concept)
+
+    def medication(self, med: Mapping[str, Any], target: str) -> Mapping[str, Any] | None:
+        """A Medication named by reference: contained (`#id`) or elsewhere in the input."""
+        if target.startswith("#"):
+            return next(
+                (
+                    c
+                    for c in med.get("contained") or []
+                    if c.get("resourceType") == "Medication" and c.get("id") == target[1:]
+                ),
+                None,
+            )
+        found = self.record.resolve(target)
+        return found if found is not None and found["resourceType"] == "Medication" else None
+
+    def medications(self, names_key: str) -> Iterator[tuple[str, Resource, str]]:
+        """(ref, record, status) of every medication record naming one of a list's ingredients."""
+        term = self.k.terminology
+        names = _word_pattern(term.medication_names.get(names_key, ()))
+        excluded = _word_pattern(term.medication_exclude_words)
+        for ref, med in self.of_type(*MEDICATION_TYPES):
+            status = med.get("status") or ""
+            if status not in GIVEN_MEDICATION:
+                continue
+            text = self.medication_text(med, ref)
+            if names.search(text) and not excluded.search(text):
+                yield ref, med, status
+
     def immunosuppression(self) -> tuple[Fact, date | None]:
         """Active systemic immunosuppression, and its earliest recorded start."""
-        term = self.k.terminology
-        names = _word_pattern(term.medication_names.get("immunosuppressant", ()))
-        excluded = _word_pattern(term.medication_exclude_words)
         found: list[str] = []
         starts: list[date] = []
-        for ref, med in self.of_type("MedicationRequest", "MedicationStatement"):
-            if med.get("status") not in ACTIVE_MEDICATION:
-                continue
-            concept = med.get("medicationCodeableConcept") or {}
-            texts = [concept.get("text") or ""] + [
-                c.get("display") or "" for c in concept.get("coding") or []
-            ]
-            text = " ".join(texts)
-            if not names.search(text) or excluded.search(text):
+        for ref, med, status in self.medications("immunosuppressant"):
+            if status not in ACTIVE_MEDICATION:
                 continue
             found.append(ref)
-            start = (
-                parse_fhir_date(med.get("authoredOn"))
-                or parse_fhir_date(med.get("effectiveDateTime"))
-                or parse_fhir_date((med.get("effectivePeriod") or {}).get("start"))
-            )
+            start = _medication_start(med)
             if start:
                 starts.append(start.earliest)
         if not found:
             return UNKNOWN_FACT, None
         self.sources.update(found)
         return Fact(True, tuple(found)), min(starts) if starts else None
+
+    def checkpoint_inhibitor(self) -> Fact:
+        """A checkpoint inhibitor: `note` "active", or dated by the end of its last course."""
+        key = self.rs.checkpoint_inhibitor.medication_names
+        active: list[str] = []
+        ended: list[tuple[date | None, str]] = []
+        for ref, med, status in self.medications(key):
+            if status in ACTIVE_MEDICATION or status == "in-progress":
+                active.append(ref)
+            else:
+                end = _medication_end(med)
+                ended.append((end.latest if end else None, ref))
+        if active:
+            self.sources.update(active)
+            return Fact(True, tuple(active), "active")
+        if not ended:
+            return UNKNOWN_FACT
+        self.sources.update(ref for _, ref in ended)
+        dates = [d for d, _ in ended if d is not None]
+        # An ended course without an end date cannot be shown to be old: read it as recent.
+        when = max(dates) if len(dates) == len(ended) else None
+        return Fact(True, tuple(ref for _, ref in ended), "ended", when)
 
     def screening_done(self) -> dict[str, date]:
         by_code = {
@@ -551,6 +783,70 @@ class _Reader:
 
 
 MAX_REFS_PER_FINDING = 5
+
+
+@lru_cache(maxsize=8)
+def _grader(words: ResultStrings, matcher: Matcher) -> ResultGrader:
+    """One compiled grader per knowledge base (the word lists become regular expressions)."""
+    return ResultGrader(words, matcher)
+
+
+def _has_result(item: Mapping[str, Any]) -> bool:
+    """Whether an Observation or component states a result (a value, a flag or its absence)."""
+    return (
+        "interpretation" in item
+        or "dataAbsentReason" in item
+        or any(key.startswith("value") for key in item)
+    )
+
+
+def _condition_date(cond: Mapping[str, Any]) -> date | None:
+    span = (
+        parse_fhir_date(cond.get("onsetDateTime"))
+        or parse_fhir_date((cond.get("onsetPeriod") or {}).get("start"))
+        or parse_fhir_date(cond.get("recordedDate"))
+    )
+    return span.latest if span else None
+
+
+def _concept_text(concept: Mapping[str, Any] | None) -> str:
+    concept = concept or {}
+    texts = [concept.get("text") or ""] + [
+        c.get("display") or "" for c in concept.get("coding") or []
+    ]
+    return " ".join(t for t in texts if t)
+
+
+def _concept_name(concept: Mapping[str, Any] | None) -> str:
+    """A readable name for a coded concept: its text, else its first display."""
+    concept = concept or {}
+    if concept.get("text"):
+        return str(concept["text"])
+    displays = [c.get("display") for c in concept.get("coding") or [] if c.get("display")]
+    return str(displays[0]) if displays else "a cancer (name not recorded)"
+
+
+def _medication_start(med: Mapping[str, Any]) -> DateSpan | None:
+    return (
+        parse_fhir_date(med.get("authoredOn"))
+        or parse_fhir_date(med.get("effectiveDateTime"))
+        or parse_fhir_date((med.get("effectivePeriod") or {}).get("start"))
+    )
+
+
+def _medication_end(med: Mapping[str, Any]) -> DateSpan | None:
+    validity = ((med.get("dispenseRequest") or {}).get("validityPeriod") or {}).get("end")
+    return (
+        parse_fhir_date((med.get("effectivePeriod") or {}).get("end"))
+        or parse_fhir_date(validity)
+        or parse_fhir_date(med.get("effectiveDateTime"))
+        or _medication_start(med)
+    )
+
+
+def _word_start_pattern(words: Sequence[str]) -> re.Pattern[str]:
+    alternatives = "|".join(re.escape(w) for w in words) or r"(?!x)x"
+    return re.compile(rf"(?<!\w)(?:{alternatives})", re.IGNORECASE)
 
 
 def _group_line(message: str, refs: list[str]) -> str:
@@ -610,6 +906,18 @@ def _flare(ck: Sequence[CkResult], coded: Fact) -> Fact:
     return Fact(False, tuple(r.reference for r in ck)) if len(ck) >= 2 else UNKNOWN_FACT
 
 
+def _deceased(patient: Mapping[str, Any], reference: str) -> Fact:
+    """Deceased (True, dated when a date is given), alive (False) or not recorded."""
+    if patient.get("deceasedBoolean") is True:
+        return Fact(True, (reference,))
+    span = parse_fhir_date(patient.get("deceasedDateTime"))
+    if span is not None:
+        return Fact(True, (reference,), when=span.earliest)
+    if patient.get("deceasedBoolean") is False:
+        return Fact(False, (reference,))
+    return UNKNOWN_FACT
+
+
 def extract_facts(record: PatientRecord, knowledge: Knowledge, matcher: Matcher) -> PatientFacts:
     """Read every fact the rules need from one patient's resources."""
     reader = _Reader(record, knowledge, matcher)
@@ -633,17 +941,24 @@ def extract_facts(record: PatientRecord, knowledge: Knowledge, matcher: Matcher)
     ck = reader.creatine_kinase(observations)
     treated, since = reader.immunosuppression()
     derived = knowledge.ruleset.derived
+    coded = [features.get(f, UNKNOWN_FACT) for f in derived.refractory.or_features]
     features["refractory"] = _refractory(
         derived.refractory,
         ck,
         treated,
         since,
-        features.get(derived.refractory.or_feature, UNKNOWN_FACT),
+        next((f for f in coded if f.is_true()), UNKNOWN_FACT),
     )
+    features["checkpoint_inhibitor"] = reader.checkpoint_inhibitor()
     features["flare"] = _flare(ck, features.get(derived.flare.or_feature, UNKNOWN_FACT))
     antibodies = reader.antibody_results(observations)
     done = reader.screening_done()
+    unused = record.unused_summary()
+    if unused:
+        reader.note(unused)
     return PatientFacts(
+        deceased=_deceased(patient, record.reference),
+        past_cancers=tuple(dict.fromkeys(reader.cancer_names)),
         patient_reference=record.reference,
         patient_key=patient_key(patient, record.reference),
         sex=sex,

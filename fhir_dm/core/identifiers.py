@@ -1,15 +1,18 @@
 """Deterministic business identifiers, so the same assessment always maps to the same resources.
 
-An assessment is identified by its *series* (patient, rule set, window start: stable while the
-plan is revised) and its *digest* (a hash of everything the plan says). Re-running unchanged
-input reproduces every identifier; a changed plan gets a new digest in the same series, which
-is how write-back finds the old plan to revoke.
+An assessment is identified by its *series* (rule-set family + the patient it is written for:
+stable while the plan is revised) and its *digest* (a hash of everything the plan says).
+Re-running unchanged input reproduces every identifier; a changed plan gets a new digest in the
+same series. Nothing the assessment computes (window, onset, diagnosis date) and nothing the
+Patient may change (its identifiers) is part of the series, so a corrected date or a new MRN
+revises the plan instead of starting a second one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -17,6 +20,9 @@ from fhir_dm.core.plan import Plan
 from fhir_dm.knowledge.models import RuleSet
 
 DIGEST_LENGTH = 12
+PATIENT_KEY_LENGTH = 16
+# A patient known by its logical id (on the server it is written to): `Patient/<id>`.
+_PATIENT_ID_REFERENCE = re.compile(r"Patient/[A-Za-z0-9\-.]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +32,12 @@ class Identity:
     base: str
     series: str
     digest: str
+    family: str = ""
+
+    @property
+    def family_prefix(self) -> str:
+        """Every series of this rule-set family starts so (also those of older releases)."""
+        return f"{self.family}."
 
     @property
     def series_system(self) -> str:
@@ -71,17 +83,20 @@ def plan_digest(plan: Plan) -> str:
     return hashlib.sha256(raw).hexdigest()[:DIGEST_LENGTH]
 
 
+def series_key(patient_reference: str, fallback_key: str) -> str:
+    """The patient part of the series: a hash of `Patient/<id>`, else the facts' stable key.
+
+    Written plans always name a server Patient by id, so the series is that Patient's, whatever
+    its identifiers say. Input without a Patient id (CLI files, previews of urn:uuid bundles)
+    keeps the facts' key (first identifier, else the fullUrl), which is stable for one file.
+    """
+    if _PATIENT_ID_REFERENCE.fullmatch(patient_reference):
+        return hashlib.sha256(patient_reference.encode()).hexdigest()[:PATIENT_KEY_LENGTH]
+    return fallback_key
+
+
 def identity_for(plan: Plan, ruleset: RuleSet) -> Identity:
     """The identity of one patient's assessment under one rule set."""
-    a = plan.assessment
-    iim = a.facts.iim
-    # The series must not depend on the day it is computed: with an unknown onset the window
-    # starts at the evaluation date, so the series says "onset unknown" instead of that date.
-    if a.window is None:
-        window = "nowindow"
-    elif iim is None or iim.onset is None:
-        window = "onsetunknown"
-    else:
-        window = a.window[0].strftime("%Y%m%d")
-    series = f"{ruleset.name}.{a.facts.patient_key}.{window}"
-    return Identity(ruleset.canonical_base, series, plan_digest(plan))
+    facts = plan.assessment.facts
+    series = f"{ruleset.name}.{series_key(facts.patient_reference, facts.patient_key)}"
+    return Identity(ruleset.canonical_base, series, plan_digest(plan), ruleset.name)

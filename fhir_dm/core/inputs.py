@@ -3,23 +3,57 @@
 Structural validity is checked here, once, against the R4B models, so everything downstream
 may trust the shape of what it reads. References may be relative (`Patient/1`), `urn:uuid:`
 or absolute URLs; all three resolve.
+
+A real record holds hundreds of claims, encounters and vital signs the rules never read, and
+validating them costs far more than reading the JSON. With a `Relevance` (built once from the
+knowledge) only what the rules can read is kept and validated, decided on the raw JSON by
+resource type and code; the rest is counted per type and reported once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 from fhir.resources.R4B import get_fhir_model_class
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
+from fhir_dm.core.terminology import normalise_name
 from fhir_dm.errors import NoPatientError, NotFhirError
 
+if TYPE_CHECKING:
+    from fhir_dm.core.terminology import Matcher
+    from fhir_dm.knowledge.models import Knowledge
+
 Resource = Mapping[str, Any]
+Pair = tuple[Resource, str | None]  # a resource and its Bundle fullUrl
 
 # Where each resource type points at its patient.
 SUBJECT_FIELDS = ("subject", "patient")
+
+# Resource types the facts reader reads whatever their code (keep in step with facts.py; a unit
+# test checks that every type named there is kept by type or by code).
+READ_TYPES = frozenset(
+    {
+        "Patient",
+        "Condition",
+        "FamilyMemberHistory",
+        "Procedure",
+        "ServiceRequest",
+        "ImagingStudy",
+        "Medication",
+        "MedicationRequest",
+        "MedicationStatement",
+        "MedicationAdministration",
+    }
+)
+# Types kept by code, and the references through which the rules read other resources from them
+# (report results, panel members): such a resource is also kept when one of those targets is
+# kept or is not in the input, and then every target is kept with it.
+FOLLOWED_REFERENCES = {"DiagnosticReport": "result", "Observation": "hasMember"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,10 +64,110 @@ class PatientRecord:
     reference: str
     resources: tuple[tuple[str, Resource], ...]
     index: Mapping[str, Resource] = field(repr=False)
+    # Resources of this patient left out as unreadable by the rules: (type, count), most first.
+    unused: tuple[tuple[str, int], ...] = ()
 
     def resolve(self, reference: str) -> Resource | None:
         """The resource a reference points to, if it is in the input."""
         return self.index.get(normalise_reference(reference))
+
+    def unused_summary(self) -> str | None:
+        """One finding for everything left out: counts per type, never one line per resource."""
+        if not self.unused:
+            return None
+        total = sum(n for _, n in self.unused)
+        counts = ", ".join(f"{t} {n}" for t, n in self.unused)
+        return f"{total} resource{'s' if total > 1 else ''} no rule reads ({counts})"
+
+
+class Relevance:
+    """Which input resources the rules can read, decided on the raw JSON before validation.
+
+    Built once from the knowledge. READ_TYPES are kept whatever their code. An Observation or
+    DiagnosticReport is kept when its code (or a component's) is in a configured value set, a
+    local code mapping or the screening tests, or its text names a value set the way the facts
+    reader matches text, or names an antibody (an unrecognised one is reported); or when a
+    result / panel member it references is kept or is not in the input; every result and member
+    of a kept one is kept too. Anything of an unexpected shape is kept, so that validation
+    reports it. The filter only drops what no rule could read.
+    """
+
+    def __init__(self, knowledge: Knowledge, matcher: Matcher) -> None:
+        self._matcher = matcher
+        system_url = knowledge.terminology.system_url
+        self._test_codes = frozenset(
+            (system_url(t.code.system), t.code.code) for t in knowledge.ruleset.tests.values()
+        )
+        # Words that mark a result as an antibody: an unrecognised one is reported, so kept.
+        self._antibody_words = frozenset(
+            normalise_name(w) for w in knowledge.terminology.antibody_name_words
+        )
+
+    def select(self, entries: Sequence[Pair]) -> list[bool]:
+        """Which of the (resource, fullUrl) entries to keep."""
+        keep = [self.keeps(resource) for resource, _ in entries]
+        where = {key: n for n, (res, url) in enumerate(entries) for key in _aliases(res, url)}
+        targets: dict[int, list[int | None]] = {}
+        for n, (res, _) in enumerate(entries):
+            found = [where.get(key) for key in _followed(res)]
+            if found:
+                targets[n] = found
+        # Up: a report or panel whose result is kept, or not in the input (nested panels).
+        changed = True
+        while changed:
+            changed = False
+            for n, found in targets.items():
+                if not keep[n] and any(t is None or keep[t] for t in found):
+                    keep[n] = changed = True
+        # Down: every result and member of a kept report or panel.
+        todo = [n for n in targets if keep[n]]
+        while todo:
+            for t in targets.get(todo.pop(), ()):
+                if t is not None and not keep[t]:
+                    keep[t] = True
+                    todo.append(t)
+        return keep
+
+    def keeps(self, resource: Resource) -> bool:
+        """True if the rules could read this resource by its type, code or text alone."""
+        resource_type = resource["resourceType"]
+        if resource_type in READ_TYPES:
+            return True
+        if resource_type not in FOLLOWED_REFERENCES:
+            return False
+        followed = resource.get(FOLLOWED_REFERENCES[resource_type])
+        components = resource.get("component") or []
+        if not isinstance(followed, list | None) or not isinstance(components, list):
+            return True  # malformed: keep, validation says why
+        return any(
+            self._could_match(item.get("code")) if isinstance(item, Mapping) else True
+            for item in [resource, *components]
+        )
+
+    def _could_match(self, concept: Any) -> bool:
+        if not isinstance(concept, Mapping) or not isinstance(concept.get("coding", []), list):
+            return True  # missing or malformed: keep, validation says why
+        for coding in concept.get("coding") or []:
+            if not isinstance(coding, Mapping):
+                return True
+            if (coding.get("system"), coding.get("code")) in self._test_codes:
+                return True
+        try:
+            if self._matcher.concept(concept, use_text=True).value_sets:
+                return True
+            texts = [concept.get("text")] + [c.get("display") for c in concept.get("coding") or []]
+            words = {w for t in texts if t for w in normalise_name(t).split()}
+        except (AttributeError, TypeError):
+            return True
+        return not self._antibody_words.isdisjoint(words)
+
+
+def _followed(resource: Resource) -> Iterable[str]:
+    """The references through which the rules may read other resources from this one."""
+    targets = resource.get(FOLLOWED_REFERENCES.get(resource["resourceType"], ""))
+    for target in targets if isinstance(targets, list) else ():
+        if isinstance(target, Mapping) and isinstance(target.get("reference"), str):
+            yield normalise_reference(target["reference"])
 
 
 def normalise_reference(reference: str) -> str:
@@ -66,19 +200,31 @@ def reference_of(resource: Resource, full_url: str | None, position: int) -> str
     return f"{resource['resourceType']}/#entry{position}"
 
 
-def validate_resource(resource: Any, path: str) -> None:
-    """Check one resource against its R4B model; raise NotFhirError with the failing path."""
+@cache
+def _model_class(resource_type: str) -> type[BaseModel]:
+    """The R4B model of a type (the library's lookup costs ~20 us a call; a record has 1,000)."""
+    return get_fhir_model_class(resource_type)
+
+
+def check_shape(resource: Any, path: str) -> type[BaseModel]:
+    """A JSON object with a known resourceType (checked for every entry, used or not)."""
     if not isinstance(resource, Mapping):
         raise NotFhirError(f"{path} is not a JSON object", expression=[path])
     resource_type = resource.get("resourceType")
     if not isinstance(resource_type, str):
         raise NotFhirError(f"{path} has no resourceType", expression=[path])
     try:
-        model = get_fhir_model_class(resource_type)
+        return _model_class(resource_type)
     except (KeyError, ValueError):
         raise NotFhirError(
             f"{path}: unknown resourceType '{resource_type}'", expression=[path]
         ) from None
+
+
+def validate_resource(resource: Any, path: str) -> None:
+    """Check one resource against its R4B model; raise NotFhirError with the failing path."""
+    model = check_shape(resource, path)
+    resource_type = resource["resourceType"]
     try:
         model.model_validate(resource)
     except RecursionError:
@@ -93,17 +239,16 @@ def validate_resource(resource: Any, path: str) -> None:
         ) from None
 
 
-def read_resources(data: Any) -> list[tuple[Resource, str | None]]:
-    """Validate a Bundle (any type) or a single resource; return (resource, fullUrl) pairs."""
+def _bundle_entries(data: Any) -> list[tuple[int, Resource, str | None]]:
+    """(position, resource, fullUrl) of every entry with a resource, each of a known type."""
     if not isinstance(data, Mapping) or "resourceType" not in data:
         raise NotFhirError("input is not a FHIR resource (no resourceType)")
     if data["resourceType"] != "Bundle":
-        validate_resource(data, data["resourceType"])
-        return [(data, None)]
+        return [(0, data, None)]
     entries = data.get("entry") or []
     if not isinstance(entries, list):
         raise NotFhirError("Bundle.entry is not a list", expression=["Bundle.entry"])
-    out: list[tuple[Resource, str | None]] = []
+    out = []
     for i, entry in enumerate(entries):
         path = f"Bundle.entry[{i}]"
         if not isinstance(entry, Mapping):
@@ -111,10 +256,39 @@ def read_resources(data: Any) -> list[tuple[Resource, str | None]]:
         resource = entry.get("resource")
         if resource is None:
             continue  # e.g. a DELETE entry of a transaction: nothing to assess
-        validate_resource(resource, f"{path}.resource")
+        check_shape(resource, f"{path}.resource")
         full_url = entry.get("fullUrl")
-        out.append((resource, full_url if isinstance(full_url, str) else None))
+        out.append((i, resource, full_url if isinstance(full_url, str) else None))
     return out
+
+
+def select_resources(
+    data: Any, relevance: Relevance | None = None
+) -> tuple[list[Pair], list[int], list[Resource]]:
+    """Validate a Bundle (any type) or one resource, keeping only what `relevance` keeps.
+
+    Returns the kept (resource, fullUrl) pairs, their entry positions, and the resources left
+    out unvalidated (all kept when `relevance` is None). Every entry's shape and type is checked.
+    """
+    entries = _bundle_entries(data)
+    if relevance is None or data["resourceType"] != "Bundle":
+        keep = [True] * len(entries)
+    else:
+        keep = relevance.select([(resource, full_url) for _, resource, full_url in entries])
+    pairs: list[Pair] = []
+    positions: list[int] = []
+    unused: list[Resource] = []
+    for (position, resource, full_url), kept in zip(entries, keep, strict=True):
+        if not kept:
+            unused.append(resource)
+            continue
+        if resource is data:
+            validate_resource(resource, resource["resourceType"])
+        else:
+            validate_resource(resource, f"Bundle.entry[{position}].resource")
+        pairs.append((resource, full_url))
+        positions.append(position)
+    return pairs, positions, unused
 
 
 def _subject_reference(resource: Resource) -> str | None:
@@ -125,8 +299,18 @@ def _subject_reference(resource: Resource) -> str | None:
     return None
 
 
-def group_by_patient(pairs: Sequence[tuple[Resource, str | None]]) -> list[PatientRecord]:
-    """Split resources by the Patient they refer to; the order of Patients is kept."""
+def group_by_patient(
+    pairs: Sequence[Pair],
+    *,
+    positions: Sequence[int] | None = None,
+    unused: Iterable[Resource] = (),
+) -> list[PatientRecord]:
+    """Split resources by the Patient they refer to; the order of Patients is kept.
+
+    `positions` are the pairs' places in the input (for resources with neither id nor fullUrl);
+    `unused` resources are only counted, per type, for the patient they refer to (for the only
+    patient when they name none).
+    """
     index: dict[str, Resource] = {}
     patients: list[tuple[Resource, list[str]]] = []
     for resource, full_url in pairs:
@@ -148,8 +332,16 @@ def group_by_patient(pairs: Sequence[tuple[Resource, str | None]]) -> list[Patie
             continue
         ref = _subject_reference(resource)
         if ref is not None and ref in owner:
-            buckets[owner[ref]].append((reference_of(resource, full_url, n), resource))
+            position = positions[n] if positions is not None else n
+            buckets[owner[ref]].append((reference_of(resource, full_url, position), resource))
         # Anything else (e.g. panel members without a subject) is reached by reference only.
+    counts: list[Counter[str]] = [Counter() for _ in patients]
+    for resource in unused:
+        ref = _subject_reference(resource)
+        if ref is not None and ref in owner:
+            counts[owner[ref]][resource["resourceType"]] += 1
+        elif ref is None and len(patients) == 1:
+            counts[0][resource["resourceType"]] += 1
     records = []
     for n, ((patient, keys), bucket) in enumerate(zip(patients, buckets, strict=True)):
         # A server id is the most useful subject for written-back resources.
@@ -157,10 +349,15 @@ def group_by_patient(pairs: Sequence[tuple[Resource, str | None]]) -> list[Patie
             reference = f"Patient/{patient['id']}"
         else:
             reference = keys[0] if keys else f"Patient/input-{n + 1}"
-        records.append(PatientRecord(patient, reference, tuple(bucket), index))
+        unused_counts = tuple(sorted(counts[n].items(), key=lambda c: (-c[1], c[0])))
+        records.append(PatientRecord(patient, reference, tuple(bucket), index, unused_counts))
     return records
 
 
-def read_patients(data: Any) -> list[PatientRecord]:
-    """Validate input and group it per patient: the entry point of the core for raw input."""
-    return group_by_patient(read_resources(data))
+def read_patients(data: Any, relevance: Relevance | None = None) -> list[PatientRecord]:
+    """Validate input and group it per patient: the entry point of the core for raw input.
+
+    With a `relevance`, only what the rules can read is validated and kept (see `Relevance`).
+    """
+    pairs, positions, unused = select_resources(data, relevance)
+    return group_by_patient(pairs, positions=positions, unused=unused)

@@ -1,19 +1,22 @@
 """Turn an assessment into a dated plan: rounds of tests, add-ons, surveillance, "consider" items.
 
-The plan depends on the facts and the onset date, not on the day it is computed, except that
-rounds whose due window has already closed are dropped (rounds at diagnosis never are: an
-undone work-up at diagnosis stays, shown as overdue). Re-running on another day therefore gives the
-same plan, which is what makes write-back idempotent.
+Rounds are dated from the diagnosis date; red-flag and flare rounds from their event, at any
+time (also after the window has closed). The plan depends on the facts and those dates, not
+on the day it is computed, except that rounds whose due window has already closed are dropped
+(rounds at diagnosis never are: an undone work-up at diagnosis stays, shown as overdue), and
+the window closes once it is over and nothing from it is left owed. Re-running on another day
+therefore gives the same plan, which is what makes write-back idempotent.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from datetime import date
 
 from fhir_dm.core.dates import add_months
 from fhir_dm.core.facts import UNKNOWN
-from fhir_dm.core.rules import Assessment, Evaluator, FiredRule
+from fhir_dm.core.rules import EVENT_ROUND_SCOPES, Assessment, Evaluator, FiredRule
 from fhir_dm.knowledge.models import Knowledge, Round
 
 
@@ -58,6 +61,11 @@ class Plan:
         return item.due_end < self.assessment.now
 
 
+# A test done at most this long before a round opens counts for it (a CT of the diagnostic
+# work-up counts for the diagnosis round); clinical-logic §10 default.
+DONE_LOOKBACK_MONTHS = 3
+
+
 class _Builder:
     def __init__(self, assessment: Assessment, knowledge: Knowledge, anchor: date) -> None:
         self.a = assessment
@@ -66,7 +74,7 @@ class _Builder:
         self.anchor = anchor
         self.items: dict[tuple[str, str], PlanItem] = {}
         self.rounds: dict[str, Round] = {}
-        self.anchors: dict[str, date] = {}  # rounds dated from another event than onset
+        self.anchors: dict[str, date] = {}  # rounds dated from an event, not the diagnosis
 
     def window_for(self, rnd: Round) -> tuple[date, date]:
         start = add_months(self.anchors.get(rnd.id, self.anchor), rnd.offset_months)
@@ -163,68 +171,25 @@ def _tier_rule(a: Assessment, knowledge: Knowledge) -> FiredRule:
     )
 
 
-def build_plan(assessment: Assessment, knowledge: Knowledge) -> Plan:
-    """Schedule every test the rules call for; pure function of the assessment."""
-    a = assessment
-    facts = a.facts
-    if not a.in_scope or a.tier is None or a.window is None:
-        return Plan(a, None, "")
-    rs = knowledge.ruleset
-    anchor = a.window[0]
-    anchor_source = (
-        facts.iim.onset_source
-        if facts.iim and facts.iim.onset
-        else "evaluation date (onset unknown)"
-    )
-    b = _Builder(a, knowledge, anchor)
+CANCER_SCREENING_KINDS = frozenset({"schedule", "addon", "red-flag", "flare"})
 
+
+def _done_since(done_on: Mapping[str, date], test_id: str, since: date) -> bool:
+    done = done_on.get(test_id)
+    return done is not None and done >= since
+
+
+def _guideline_items(b: _Builder, a: Assessment, knowledge: Knowledge) -> None:
+    """The tier's rounds, the add-ons, antibody testing and lung surveillance."""
+    rs = knowledge.ruleset
+    facts = a.facts
+    assert a.tier is not None
     tier_rule = _tier_rule(a, knowledge)
     for rnd in rs.schedule_rounds(a.tier):
         b.register_round(rnd)
         b.add_panels(rnd.panels, rnd, tier_rule)
         for test_id in rnd.tests:
             b.add(test_id, rnd, tier_rule)
-
-    red = [f for f in rs.red_flags.facts if facts.feature(f).is_true()]
-    if red:
-        labels = tuple(f.replace("_", " ") for f in red)
-        sources = tuple(s for f in red for s in facts.feature(f).sources)
-        rule = FiredRule(
-            "red-flags",
-            "red-flag",
-            rs.red_flags.label,
-            rs.red_flags.evidence,
-            rs.red_flags.source,
-            labels,
-            sources,
-        )
-        b.add_panels(
-            rs.red_flags.add_panels,
-            b.round_named(rs.red_flags.round),
-            rule,
-            conditional=rs.red_flags.conditional,
-            condition_text=f"{rs.red_flags.label}: {', '.join(labels)}",
-        )
-
-    flare = facts.feature("flare")
-    if flare.is_true():
-        flare_rule = rs.flare
-        rule = FiredRule(
-            "flare",
-            "flare",
-            "Flare after remission: re-screen for cancer (not IMACS)",
-            flare_rule.evidence,
-            flare_rule.source,
-            ("disease flare after remission" + (f" on {flare.when}" if flare.when else ""),),
-            flare.sources,
-        )
-        b.anchors[flare_rule.round.id] = flare.when or a.now
-        for panel in flare_rule.add_panels:
-            for test_id in rs.panels[panel].tests:
-                done = facts.screening_done.get(test_id)
-                if done and add_months(done, flare_rule.unless_done_within_months) >= a.now:
-                    continue  # done recently enough
-                b.add(test_id, flare_rule.round, rule, not_imacs=True)
 
     evaluator = Evaluator(facts, knowledge, tier=a.tier)
     for addon in rs.addons:
@@ -251,16 +216,23 @@ def build_plan(assessment: Assessment, knowledge: Knowledge) -> Plan:
 
     testing = rs.antibody_testing
     untested = [ab for ab in testing.when_untested if facts.antibody(ab).value is UNKNOWN]
+    names = {x.id: x.label for x in rs.antibodies}
+    if testing.when_preliminary_on_antibodies and a.preliminary:
+        prelim = [p.partition(":")[2] for p in rs.tiers.preliminary_if_unknown]
+        untested += [
+            ab
+            for ab in prelim
+            if ab in names and ab not in untested and facts.antibody(ab).value is UNKNOWN
+        ]
     if untested:
-        names = {x.id: x.label for x in rs.antibodies}
         rule = FiredRule(
             "antibody-testing",
             "missing-data",
-            "Cancer-relevant myositis antibodies untested",
+            "Cancer-relevant myositis antibodies untested or equivocal",
             testing.evidence,
             testing.source,
-            tuple(f"{names[x]} untested" for x in untested),
-            (),
+            tuple(f"{names[x]} untested or equivocal" for x in untested),
+            tuple(s for x in untested for s in facts.antibody(x).sources),
         )
         b.add(testing.test, b.round_named(testing.round), rule)
 
@@ -280,12 +252,148 @@ def build_plan(assessment: Assessment, knowledge: Knowledge) -> Plan:
             for test_id in rnd.tests:
                 b.add(test_id, rnd, rule, not_imacs=True)
 
-    keep = []
+
+def _red_flag_items(b: _Builder, a: Assessment, knowledge: Knowledge, closed: bool) -> None:
+    """Red flags: join the diagnosis round, or a round of their own dated from the event."""
+    rs = knowledge.ruleset
+    facts = a.facts
+    red = [f for f in rs.red_flags.facts if facts.feature(f).is_true()]
+    if not red:
+        return
+    labels = tuple(f.replace("_", " ") for f in red)
+    sources = tuple(s for f in red for s in facts.feature(f).sources)
+    dates = [d for f in red if (d := facts.feature(f).when) is not None]
+    latest = max(dates) if dates else None
+    rule = FiredRule(
+        "red-flags",
+        "red-flag",
+        rs.red_flags.label,
+        rs.red_flags.evidence,
+        rs.red_flags.source,
+        labels + ((f"latest red flag {latest.isoformat()}",) if latest else ()),
+        sources,
+    )
+    condition_text = f"{rs.red_flags.label}: {', '.join(labels)}"
+    if a.scope == "in-scope" and not closed and rs.red_flags.round in b.rounds:
+        rnd = b.rounds[rs.red_flags.round]
+        if latest is None or latest <= b.window_for(rnd)[1]:
+            b.add_panels(
+                rs.red_flags.add_panels,
+                rnd,
+                rule,
+                conditional=rs.red_flags.conditional,
+                condition_text=condition_text,
+            )
+            return
+    event = rs.red_flags.event_round
+    # Dated from the red flag, never before the diagnosis (an undated one: the diagnosis).
+    b.anchors[event.id] = max(latest, b.anchor) if latest else b.anchor
+    since = add_months(b.anchors[event.id], -rs.red_flags.unless_done_within_months)
+    for panel in rs.red_flags.add_panels:
+        for test_id in rs.panels[panel].tests:
+            if _done_since(facts.screening_done, test_id, since):
+                continue  # done recently enough
+            b.add(
+                test_id,
+                event,
+                rule,
+                conditional=rs.red_flags.conditional,
+                condition_text=condition_text,
+            )
+
+
+def _flare_items(b: _Builder, a: Assessment, knowledge: Knowledge) -> None:
+    """A flare after remission: a round dated from the flare, at any time (not IMACS)."""
+    facts = a.facts
+    flare = facts.feature("flare")
+    if not flare.is_true():
+        return
+    flare_rule = knowledge.ruleset.flare
+    rule = FiredRule(
+        "flare",
+        "flare",
+        "Flare after remission: re-screen for cancer (not IMACS)",
+        flare_rule.evidence,
+        flare_rule.source,
+        ("disease flare after remission" + (f" on {flare.when}" if flare.when else ""),),
+        flare.sources,
+    )
+    when = flare.when or b.anchor
+    b.anchors[flare_rule.round.id] = when
+    since = add_months(when, -flare_rule.unless_done_within_months)
+    for panel in flare_rule.add_panels:
+        for test_id in knowledge.ruleset.panels[panel].tests:
+            if _done_since(facts.screening_done, test_id, since):
+                continue  # done recently enough
+            b.add(test_id, flare_rule.round, rule, not_imacs=True)
+
+
+def _oncology_items(items: list[PlanItem], a: Assessment, knowledge: Knowledge) -> list[PlanItem]:
+    """With a known cancer (or a checkpoint inhibitor) cancer screening becomes "consider"."""
+    rs = knowledge.ruleset
+    texts = []
+    if a.facts.feature("active_malignancy").is_true():
+        texts.append(rs.active_malignancy.consider_text)
+    if any(n.id == "checkpoint-inhibitor" for n in a.notices):
+        texts.append(rs.checkpoint_inhibitor.consider_text)
+    if not texts:
+        return items
+    out = []
+    for item in items:
+        if any(r.kind in CANCER_SCREENING_KINDS for r in item.rules):
+            text = "; ".join(texts)
+            item = replace(
+                item,
+                conditional=True,
+                condition_text=f"{item.condition_text}; {text}" if item.conditional else text,
+            )
+        out.append(item)
+    return out
+
+
+def build_plan(assessment: Assessment, knowledge: Knowledge) -> Plan:
+    """Schedule every test the rules call for; pure function of the assessment."""
+    a = assessment
+    if a.scope not in EVENT_ROUND_SCOPES or a.window is None:
+        return Plan(a, None, "")
+    rs = knowledge.ruleset
+    facts = a.facts
+    anchor = a.window[0]
+    anchor_source = (
+        facts.iim.diagnosis_source
+        if facts.iim and facts.iim.diagnosed
+        else ("evaluation date (diagnosis date unknown)")
+    )
+    b = _Builder(a, knowledge, anchor)
+    if a.scope == "in-scope" and a.tier is not None:
+        _guideline_items(b, a, knowledge)
+
+    past_window = a.now > a.window[1]
+    guideline = []
     for item in b.items.values():
-        if item.due_end < a.now and b.rounds[item.round_id].offset_months > 0:
+        rnd = b.rounds[item.round_id]
+        if item.due_end < a.now and rnd.offset_months > 0:
             continue  # a later round has superseded it; work-ups at diagnosis stay, overdue
         if item.due_start > a.window[1]:
             continue
-        keep.append(item)
+        lookback = add_months(item.due_start, -DONE_LOOKBACK_MONTHS)
+        if past_window and _done_since(facts.screening_done, item.test_id, lookback):
+            continue  # the window is over and this was done: nothing left owed
+        guideline.append(item)
+    closed = a.scope == "in-scope" and past_window and not guideline
+    if closed:
+        a = replace(
+            a,
+            scope="window-closed",
+            scope_reason=rs.scope.window_closed_reason.format(
+                years=int(rs.scope.window_years.value), diagnosis=anchor.isoformat()
+            ),
+        )
+        b.a = a
+    b.items = {item.key: item for item in guideline}
+    _red_flag_items(b, a, knowledge, closed)
+    _flare_items(b, a, knowledge)
+
+    keep = _oncology_items(list(b.items.values()), a, knowledge)
     keep.sort(key=lambda i: (i.due_start, i.round_id, list(rs.tests).index(i.test_id)))
     return Plan(a, anchor, anchor_source, tuple(keep))

@@ -1,9 +1,19 @@
-"""Revise what a server already holds: revoke a superseded plan and its open requests (pure).
+"""Revise what a server already holds: end superseded plans and their open requests (pure).
 
-The write-back edge reads the patient's plans of the same series (patient, rule set, window)
-and the requests based on them; this module decides, without I/O, which of them the new
-assessment supersedes. Nothing is deleted: superseded plans and their not-yet-done requests
-become `revoked`; completed requests are left alone.
+The write-back edge reads every open plan of the patient (the server Patient the plan is
+written for) that belongs to this rule-set family, and the requests based on them; this module
+decides, without I/O, which of them the new assessment supersedes. There is at most one open
+plan per patient and family afterwards:
+
+- a new plan: every other open plan of the family is revoked (also plans of an earlier series
+  format, e.g. keyed by an old identifier or window start), and so are their open requests;
+- no plan any more (deceased, out of scope): every open plan is revoked, or completed when the
+  guideline window has closed, and its open requests are revoked;
+- the same plan: nothing to do.
+
+Nothing is deleted; completed requests are left alone; each ended resource gets a note saying
+why. Every update is guarded by the version read (`ifMatch`), so a concurrent writer that
+changed a plan in between makes the whole transaction fail instead of being overwritten.
 """
 
 from __future__ import annotations
@@ -14,12 +24,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from fhir_dm.core.assess import PatientResult
-from fhir_dm.core.build.bundle import full_url_for
+from fhir_dm.core.build.bundle import OPEN_STATUSES, full_url_for
 from fhir_dm.core.build.common import Json
+from fhir_dm.core.identifiers import Identity
 
-OPEN_PLAN_STATUSES = frozenset({"draft", "active", "on-hold"})
-OPEN_REQUEST_STATUSES = frozenset({"draft", "active", "on-hold"})
+OPEN_PLAN_STATUSES = frozenset(OPEN_STATUSES)
+OPEN_REQUEST_STATUSES = frozenset(OPEN_STATUSES)
 REVOKED = "revoked"
+COMPLETED = "completed"
+# A plan that ends because its guideline window closed has run its course; anything else that
+# ends a plan (a newer plan, death, leaving the guideline) terminates it early.
+COMPLETING_SCOPES = frozenset({"window-closed"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +45,9 @@ class Revision:
     revoke_entries: tuple[Json, ...]
     revoked_plans: tuple[str, ...]
     revoked_requests: tuple[str, ...]
+    completed_plans: tuple[str, ...] = ()
+    # The new plan is already open on the server (only duplicates of it are to be revoked).
+    plan_on_server: bool = False
 
 
 def _has_identifier(resource: Mapping[str, Any], system: str, value: str) -> bool:
@@ -39,10 +57,30 @@ def _has_identifier(resource: Mapping[str, Any], system: str, value: str) -> boo
     )
 
 
-def _revoke(resource: Mapping[str, Any]) -> Json:
-    """A PUT entry setting status revoked, guarded by the version read (optimistic locking)."""
+def is_family_plan(plan: Mapping[str, Any], identity: Identity) -> bool:
+    """Whether a CarePlan is one of ours for this rule-set family (any series format)."""
+    for ident in plan.get("identifier") or []:
+        if ident.get("system") != identity.series_system:
+            continue
+        value = ident.get("value")
+        if value == identity.series:
+            return True
+        if identity.family and isinstance(value, str) and value.startswith(identity.family_prefix):
+            return True
+    return False
+
+
+def _subject(resource: Mapping[str, Any]) -> str:
+    reference = (resource.get("subject") or {}).get("reference")
+    return reference if isinstance(reference, str) else ""
+
+
+def _end(resource: Mapping[str, Any], status: str, reason: str) -> Json:
+    """A PUT entry ending a resource, guarded by the version read (optimistic locking)."""
     updated = copy.deepcopy(dict(resource))
-    updated["status"] = REVOKED
+    updated["status"] = status
+    # R4 CarePlan and ServiceRequest have no statusReason: the reason goes into a note.
+    updated["note"] = [*(updated.get("note") or []), {"text": reason}]
     url = f"{resource['resourceType']}/{resource['id']}"
     request: Json = {"method": "PUT", "url": url}
     version = (resource.get("meta") or {}).get("versionId")
@@ -51,46 +89,80 @@ def _revoke(resource: Mapping[str, Any]) -> Json:
     return {"fullUrl": full_url_for(url), "resource": updated, "request": request}
 
 
+def _reason(result: PatientResult, status: str) -> str:
+    a = result.plan.assessment
+    verb = "Completed" if status == COMPLETED else "Revoked"
+    if result.care_plan is not None:
+        why = "superseded by a newer assessment"
+    else:
+        why = a.scope_reason.strip() or "the new assessment proposes no plan"
+    return f"{verb} by the assessment of {a.now.isoformat()} (rule set {a.ruleset}): {why}"
+
+
 def plan_revision(
     result: PatientResult,
     existing_plans: Sequence[Mapping[str, Any]],
     existing_requests: Iterable[Mapping[str, Any]],
 ) -> Revision:
-    """Compare the new result with the series' plans on the server."""
+    """Compare the new result with the patient's open plans of this family on the server."""
     identity = result.identity
     plan_value = identity.value("plan")
-    open_plans = [
+    subject = result.patient_reference
+    open_plans = sorted(
+        (
+            p
+            for p in existing_plans
+            if p.get("status") in OPEN_PLAN_STATUSES
+            and p.get("id")
+            and _subject(p) == subject
+            and is_family_plan(p, identity)
+        ),
+        key=lambda p: str(p["id"]),
+    )
+    current = [
         p
-        for p in existing_plans
-        if p.get("status") in OPEN_PLAN_STATUSES
+        for p in open_plans
+        if result.care_plan is not None
         and _has_identifier(p, identity.series_system, identity.series)
-    ]
-    current = [p for p in open_plans if _has_identifier(p, identity.item_system, plan_value)]
+        and _has_identifier(p, identity.item_system, plan_value)
+    ][:1]  # duplicates of the current plan (a lost race elsewhere) are revoked too
     superseded = [p for p in open_plans if p not in current]
-    if result.care_plan is None:
-        # Out of scope now (e.g. the window closed): nothing new, but old plans stay as they are;
-        # a plan is only revoked by a newer plan.
-        superseded = []
+    plan_status = REVOKED
+    if result.care_plan is None and result.plan.assessment.scope in COMPLETING_SCOPES:
+        plan_status = COMPLETED
     superseded_refs = {f"CarePlan/{p['id']}" for p in superseded}
     requests = [
         r
         for r in existing_requests
         if r.get("status") in OPEN_REQUEST_STATUSES
+        and r.get("id")
         and any((b.get("reference") or "") in superseded_refs for b in r.get("basedOn") or [])
     ]
-    entries = [_revoke(p) for p in superseded] + [_revoke(r) for r in requests]
+    plan_reason = _reason(result, plan_status)
+    request_reason = _reason(result, REVOKED)
+    entries = [_end(p, plan_status, plan_reason) for p in superseded] + [
+        _end(r, REVOKED, request_reason) for r in requests
+    ]
+    ended = tuple(sorted(superseded_refs))
     return Revision(
         unchanged=bool(current) and not superseded,
         revoke_entries=tuple(entries),
-        revoked_plans=tuple(sorted(superseded_refs)),
+        revoked_plans=ended if plan_status == REVOKED else (),
         revoked_requests=tuple(f"ServiceRequest/{r['id']}" for r in requests),
+        completed_plans=ended if plan_status == COMPLETED else (),
+        plan_on_server=bool(current),
     )
 
 
 def write_back_bundle(result: PatientResult, revision: Revision) -> Json:
-    """One transaction: revocations first, then the new plan (all or nothing)."""
+    """One transaction: revocations first, then the new plan (all or nothing).
+
+    When the plan is already on the server (a race left a duplicate of it), only the duplicate
+    is revoked: re-sending the conditional creates would match two plans and fail.
+    """
+    new = () if revision.plan_on_server else result.entries
     return {
         "resourceType": "Bundle",
         "type": "transaction",
-        "entry": [*revision.revoke_entries, *result.entries],
+        "entry": [*revision.revoke_entries, *new],
     }

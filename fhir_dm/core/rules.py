@@ -52,8 +52,17 @@ class Notice:
 
 
 ScopeStatus = Literal[
-    "in-scope", "no-iim", "juvenile", "excluded-subtype", "late-diagnosis", "window-closed"
+    "in-scope",
+    "no-iim",
+    "juvenile",
+    "excluded-subtype",
+    "late-diagnosis",
+    "window-closed",
+    "deceased",
 ]
+# Statuses whose patients still get rounds prompted by events (red flags, flare): the guideline
+# applies to them or did, and a red flag prompts screening whatever the timing.
+EVENT_ROUND_SCOPES = frozenset({"in-scope", "window-closed", "late-diagnosis"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +86,23 @@ class Assessment:
     def in_scope(self) -> bool:
         return self.scope == "in-scope"
 
+    @property
+    def dates_used(self) -> tuple[str, ...]:
+        """Which dates the assessment used, and where each was read from (said in outputs)."""
+        iim = self.facts.iim
+        if iim is None:
+            return ()
+        onset = f"{iim.onset} ({iim.onset_source})" if iim.onset else "unknown"
+        diagnosis = f"{iim.diagnosed} ({iim.diagnosis_source})" if iim.diagnosed else "unknown"
+        out = [f"symptom onset {onset}, for eligibility and age", f"diagnosis {diagnosis}"]
+        if self.window is not None:
+            start = "the evaluation date" if iim.diagnosed is None else "the diagnosis date"
+            out.append(
+                f"schedule dated from {start}: {self.window[0].isoformat()} to "
+                f"{self.window[1].isoformat()}"
+            )
+        return tuple(out)
+
 
 class Evaluator:
     """Evaluates predicates against one patient's facts."""
@@ -94,6 +120,13 @@ class Evaluator:
         self.tier = tier
         self.assume_positive = assume_positive
         self.unspecified_subtypes = {s.id for s in knowledge.ruleset.subtypes if s.unspecified}
+        site = knowledge.site.site
+        # Documented site options that count one subtype as another (said in the output).
+        self.subtype_as = {
+            o.subtype: o.counts_as
+            for o in knowledge.ruleset.subtype_options
+            if getattr(site, o.site_flag)
+        }
         self.labels = {a.id: a.label for a in knowledge.ruleset.antibodies}
         self.labels.update({f.id: f.label for f in knowledge.ruleset.features})
 
@@ -115,15 +148,19 @@ class Evaluator:
                 return Evaluation(None)
             if iim.subtype in self.unspecified_subtypes:
                 return Evaluation(True if "subtype" in self.assume_positive else None)
-            return Evaluation(
-                iim.subtype in p.subtype_in, (self._subtype_label(),), (iim.reference,)
-            )
+            subtype = self.subtype_as.get(iim.subtype, iim.subtype)
+            return Evaluation(subtype in p.subtype_in, (self._subtype_label(),), (iim.reference,))
         if p.antibody_positive is not None:
             return self._antibodies(p.antibody_positive, want=True)
         if p.antibody_negative is not None:
             return self._antibodies(p.antibody_negative, want=False)
         if p.onset_age_gt is not None:
             return self._age_over(p.onset_age_gt)
+        if p.sex_is is not None:
+            sex = self.facts.sex
+            if sex.value is UNKNOWN:
+                return Evaluation(True if "sex" in self.assume_positive else None)
+            return Evaluation(sex.value in p.sex_is, (f"sex {sex.value}",), sex.sources)
         if p.feature is not None:
             return self._features(p.feature)
         if p.tier_in is not None:
@@ -166,14 +203,15 @@ class Evaluator:
         span = self.facts.onset_age
         if span is None:
             return Evaluation(True if "onset_age" in self.assume_positive else None)
-        # Ages are compared in completed years, as clinicians state them ("over 40" = 41+).
-        youngest, oldest = int(span[0]), int(span[1])
+        # Exact age: "over 40" is true from 40 years and 1 day (rule set 1.1.0). With partial
+        # dates the age is a span; it decides only when the whole span is on one side.
+        youngest, oldest = span
         iim = self.facts.iim
         sources = (self.facts.patient_reference,) + ((iim.reference,) if iim else ())
         label = (
-            f"age at onset {youngest}"
-            if youngest == oldest
-            else f"age at onset {youngest}-{oldest}"
+            f"age at onset {int(youngest)}"
+            if int(youngest) == int(oldest)
+            else f"age at onset {int(youngest)}-{int(oldest)}"
         )
         if youngest > threshold:
             return Evaluation(True, (label,), sources)
@@ -238,6 +276,9 @@ def _scope(
 ) -> tuple[ScopeStatus, str, tuple[date, date] | None]:
     scope = knowledge.ruleset.scope
     iim = facts.iim
+    deceased = facts.deceased
+    if deceased.is_true() and (deceased.when is None or deceased.when <= now):
+        return "deceased", scope.deceased_reason, None
     if iim is None:
         return "no-iim", scope.no_iim_reason, None
     if iim.subtype in scope.juvenile.subtypes:
@@ -252,20 +293,19 @@ def _scope(
         if iim.subtype == excluded.subtype:
             return "excluded-subtype", excluded.reason, None
     years = int(scope.window_years.value)
-    if iim.onset is None:
-        start = now
-    else:
-        start = iim.onset.earliest
-        delay = int(scope.max_diagnosis_delay_years.value)
-        if (
-            iim.recorded
-            and not iim.onset_source.startswith("recordedDate")
-            and add_months(iim.onset.latest, 12 * delay) < iim.recorded.earliest
-        ):
-            return "late-diagnosis", scope.late_diagnosis_reason.format(years=delay), None
-        if add_months(iim.onset.latest, 12 * years) < now:
-            return "window-closed", scope.window_closed_reason.format(years=years), None
-    return "in-scope", "", (start, add_months(start, 12 * years))
+    # The schedule runs from the diagnosis date; without one, from the evaluation date.
+    start = iim.diagnosed.earliest if iim.diagnosed else now
+    window = (start, add_months(start, 12 * years))
+    delay = int(scope.max_diagnosis_delay_years.value)
+    if (
+        iim.onset is not None
+        and iim.diagnosed is not None
+        and not iim.diagnosis_source.startswith("symptom onset")
+        and add_months(iim.onset.latest, 12 * delay) < iim.diagnosed.earliest
+    ):
+        return "late-diagnosis", scope.late_diagnosis_reason.format(years=delay), window
+    # Whether the window has closed depends on what is still due: decided with the plan.
+    return "in-scope", "", window
 
 
 def _unknown_labels(facts: PatientFacts, knowledge: Knowledge) -> tuple[str, ...]:
@@ -275,9 +315,11 @@ def _unknown_labels(facts: PatientFacts, knowledge: Knowledge) -> tuple[str, ...
         out.append("age at onset")
     if facts.sex.value is UNKNOWN:
         out.append("sex")
-    out.extend(
-        f"{a.label} antibody" for a in rs.antibodies if facts.antibody(a.id).value is UNKNOWN
-    )
+    for ab in rs.antibodies:
+        fact = facts.antibody(ab.id)
+        if fact.value is UNKNOWN:
+            # An equivocal result is known to be neither positive nor negative: say so.
+            out.append(f"{ab.label} antibody" + (f" ({fact.note})" if fact.note else ""))
     feature_labels = {f.id: f.label for f in rs.features}
     for name in [f.id for f in rs.features] + [
         "refractory",
@@ -298,31 +340,99 @@ def _unknown_preliminary_facts(facts: PatientFacts, knowledge: Knowledge) -> tup
     for name in knowledge.ruleset.tiers.preliminary_if_unknown:
         if name == "onset_age" and facts.onset_age is None:
             out.append("age at onset")
+        elif name == "sex" and facts.sex.value is UNKNOWN:
+            out.append("sex")
         elif name == "subtype" and facts.iim is not None and facts.iim.subtype in unspecified:
             out.append("IIM subtype")
-        elif (
-            name.startswith("antibody:") and facts.antibody(name.partition(":")[2]).value is UNKNOWN
-        ):
-            out.append(labels[name])
+        elif name.startswith("antibody:"):
+            fact = facts.antibody(name.partition(":")[2])
+            if fact.value is UNKNOWN:
+                out.append(labels[name] + (f" ({fact.note})" if fact.note else ""))
     return tuple(out)
+
+
+def _notices(facts: PatientFacts, knowledge: Knowledge, now: date) -> list[Notice]:
+    """What a clinician must read with the plan, each with its evidence and sources."""
+    rs = knowledge.ruleset
+    out = []
+    active = facts.feature("active_malignancy")
+    if active.is_true():
+        rule = rs.active_malignancy
+        out.append(
+            Notice("active-malignancy", rule.message, rule.evidence, rule.source, active.sources)
+        )
+    past = facts.feature("personal_history_cancer")
+    if past.is_true():
+        rule_p = rs.prior_malignancy
+        names = ", ".join(facts.past_cancers) or "cancer named in the record"
+        out.append(
+            Notice(
+                "prior-malignancy",
+                rule_p.message.format(cancer=names),
+                rule_p.evidence,
+                rule_p.source,
+                past.sources,
+            )
+        )
+    if checkpoint_inhibitor_recent(facts, knowledge, now):
+        rule_c = rs.checkpoint_inhibitor
+        out.append(
+            Notice(
+                "checkpoint-inhibitor",
+                rule_c.message,
+                rule_c.evidence,
+                rule_c.source,
+                facts.feature("checkpoint_inhibitor").sources,
+            )
+        )
+    iim = facts.iim
+    if iim is not None:
+        for option in rs.subtype_options:
+            if getattr(knowledge.site.site, option.site_flag) and iim.subtype == option.subtype:
+                out.append(
+                    Notice(
+                        f"site-option-{option.site_flag}",
+                        option.notice,
+                        option.evidence,
+                        option.source,
+                        (iim.reference,),
+                    )
+                )
+        if not iim.confirmed:
+            rule_u = rs.scope.unconfirmed_diagnosis
+            out.append(
+                Notice(
+                    "diagnosis-unconfirmed",
+                    rule_u.reason.format(status=iim.unconfirmed_status),
+                    rule_u.evidence,
+                    rule_u.source,
+                    (iim.reference,),
+                )
+            )
+    flare = facts.feature("flare")
+    if flare.is_true():
+        out.append(
+            Notice("flare", rs.flare.message, rs.flare.evidence, rs.flare.source, flare.sources)
+        )
+    return out
+
+
+def checkpoint_inhibitor_recent(facts: PatientFacts, knowledge: Knowledge, now: date) -> bool:
+    """A checkpoint inhibitor active, or given within the configured months before `now`."""
+    fact = facts.feature("checkpoint_inhibitor")
+    if not fact.is_true():
+        return False
+    if fact.note == "active" or fact.when is None:
+        return True
+    months = knowledge.ruleset.checkpoint_inhibitor.recent_months
+    return add_months(fact.when, months) >= now
 
 
 def assess_facts(facts: PatientFacts, knowledge: Knowledge, *, now: date) -> Assessment:
     """Scope, factors, tier and preliminary flag for one patient."""
     rs = knowledge.ruleset
     scope, reason, window = _scope(facts, knowledge, now)
-    notices = []
-    active = facts.feature("active_malignancy")
-    if active.is_true():
-        notices.append(
-            Notice(
-                "active-malignancy",
-                rs.active_malignancy.message,
-                rs.active_malignancy.evidence,
-                rs.active_malignancy.source,
-                active.sources,
-            )
-        )
+    notices = _notices(facts, knowledge, now) if scope in EVENT_ROUND_SCOPES else []
     fired, high, intermediate = _count(Evaluator(facts, knowledge), rs)
     tier: str | None = None
     preliminary = False
@@ -337,11 +447,10 @@ def assess_facts(facts: PatientFacts, knowledge: Knowledge, *, now: date) -> Ass
             preliminary = rs.tiers.rank(_tier(rs, high_up, intermediate_up)) > rs.tiers.rank(tier)
             if preliminary:
                 because = _unknown_preliminary_facts(facts, knowledge)
-        flare = facts.feature("flare")
-        if flare.is_true():
-            notices.append(
-                Notice("flare", rs.flare.message, rs.flare.evidence, rs.flare.source, flare.sources)
-            )
+        if facts.iim is not None and not facts.iim.confirmed:
+            # An open diagnosis makes any tier preliminary (clinical-logic §1).
+            preliminary = True
+            because = (*because, "diagnosis not confirmed")
     return Assessment(
         facts,
         rs.label,

@@ -19,7 +19,11 @@ DERIVED_FEATURES = (
     "family_history_cancer",
     "personal_history_cancer",
     "active_malignancy",
+    "checkpoint_inhibitor",
 )
+
+# Unknown facts that may make a tier preliminary (clinical-logic §4): these and `antibody:<id>`.
+PRELIMINARY_FACTS = ("onset_age", "subtype", "sex")
 
 Evidence = Literal["guideline", "provisional", "design", "not-imacs"]
 Confidence = Literal["seen-verbatim", "seen-indirect", "judgment"]
@@ -73,13 +77,48 @@ class LocalCode(_Frozen):
     display: str = ""
 
 
+class ServerCheck(_Frozen):
+    """How an optional terminology server may widen one value set (terminology/server.yaml).
+
+    `descendants_of`: a code the server says is one of these roots or subsumed by it
+    (`CodeSystem/$subsumes`) belongs to the value set. `expansions`: canonical ValueSet URLs
+    whose expansion on the server (`ValueSet/$expand`) lists members. Used only when a
+    terminology server is configured, and only for codes the offline lists do not know.
+    """
+
+    descendants_of: tuple[CodeEntry, ...] = ()
+    expansions: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _roots_are_codes(self) -> ServerCheck:
+        if any(root.code is None for root in self.descendants_of):
+            raise ValueError("descendants_of entries need a 'code', not a 'prefix'")
+        return self
+
+
 class ResultStrings(_Frozen):
-    """Free-text result words, per meaning, compared case-insensitively."""
+    """Result words per meaning, found as whole words (case, spacing and width folded).
+
+    `indeterminate` lists the equivocal words (read as unknown). `abnormal` / `normal` are read
+    only in an interpretation's text, and `normal` also names a reference range's band.
+    """
 
     positive: tuple[str, ...]
     weak_positive: tuple[str, ...]
     negative: tuple[str, ...]
     indeterminate: tuple[str, ...]
+    abnormal: tuple[str, ...] = ()
+    normal: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _one_meaning_per_word(self) -> ResultStrings:
+        seen: dict[str, str] = {}
+        for name in ("positive", "weak_positive", "negative", "indeterminate", "abnormal"):
+            for word in getattr(self, name):
+                key = " ".join(word.casefold().split())
+                if seen.setdefault(key, name) != name:
+                    raise ValueError(f"'{word}' is listed under {seen[key]} and {name}")
+        return self
 
 
 class Terminology(_Frozen):
@@ -92,6 +131,16 @@ class Terminology(_Frozen):
     medication_names: dict[str, tuple[str, ...]]
     medication_exclude_words: tuple[str, ...] = ()
     mappings: tuple[LocalCode, ...] = ()
+    # Other URIs for a configured system (URI -> alias), e.g. ICD-10-CM under its HL7 OID.
+    system_aliases: dict[str, str] = {}
+    # Aliases of systems whose codes match with or without the dot (ICD-10 codes).
+    dotless_systems: tuple[str, ...] = ()
+    # Word starts that mark an unrecognised Condition as a possible malignancy (reported only).
+    possible_malignancy_words: tuple[str, ...] = ()
+    # Words that mark an Observation name as an antibody result (unrecognised ones are reported).
+    antibody_name_words: tuple[str, ...] = ()
+    # Value sets an optional terminology server may widen (server.yaml); unused without one.
+    server_checks: dict[str, ServerCheck] = {}
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Terminology:
@@ -102,9 +151,24 @@ class Terminology(_Frozen):
                     raise ValueError(f"{where}: unknown system alias '{entry.system}'")
                 if entry.source not in self.sources:
                     raise ValueError(f"{where}: unknown source key '{entry.source}'")
+        for uri, alias in self.system_aliases.items():
+            if alias not in self.systems:
+                raise ValueError(f"system_aliases.{uri}: unknown system alias '{alias}'")
+        for alias in self.dotless_systems:
+            if alias not in self.systems:
+                raise ValueError(f"dotless_systems: unknown system alias '{alias}'")
         for i, mapping in enumerate(self.mappings):
             if mapping.value_set not in self.value_sets:
                 raise ValueError(f"mappings.{i}: unknown value set '{mapping.value_set}'")
+        for vs_id, check in self.server_checks.items():
+            if vs_id not in self.value_sets:
+                raise ValueError(f"server_checks.{vs_id}: unknown value set")
+            for i, root in enumerate(check.descendants_of):
+                where = f"server_checks.{vs_id}.descendants_of.{i}"
+                if root.system not in self.systems:
+                    raise ValueError(f"{where}: unknown system alias '{root.system}'")
+                if root.source not in self.sources:
+                    raise ValueError(f"{where}: unknown source key '{root.source}'")
         return self
 
     def system_url(self, alias: str) -> str:
@@ -124,6 +188,7 @@ class Predicate(_Frozen):
     antibody_positive: tuple[str, ...] | None = None
     antibody_negative: tuple[str, ...] | None = None
     onset_age_gt: float | None = None
+    sex_is: tuple[Sex, ...] | None = None
     feature: tuple[str, ...] | None = None
     tier_in: tuple[TierId, ...] | None = None
     site_flag: Literal["npc_region"] | None = None
@@ -157,15 +222,32 @@ class Juvenile(_Sourced):
     reason: str
 
 
+class DiagnosisDate(_Sourced):
+    """Where the diagnosis date that anchors the schedule is read from, in order of preference."""
+
+    # Condition elements: "extension:<url>" (a dateTime extension), "recordedDate", "onset".
+    read_from: tuple[str, ...] = Field(min_length=1)
+
+
+class Unconfirmed(_Sourced):
+    """IIM Conditions whose verification status leaves the diagnosis open."""
+
+    statuses: tuple[str, ...]
+    reason: str
+
+
 class Scope(_Frozen):
     adult_onset_min_age: Valued
     window_years: Valued
     max_diagnosis_delay_years: Valued
+    diagnosis_date: DiagnosisDate
+    unconfirmed_diagnosis: Unconfirmed
     excluded_subtypes: tuple[ExcludedSubtype, ...] = ()
     juvenile: Juvenile
     no_iim_reason: str
     late_diagnosis_reason: str
     window_closed_reason: str
+    deceased_reason: str
 
 
 class Concept(_Frozen):
@@ -182,7 +264,8 @@ class Refractory(_Sourced):
     ck_above_uln_count: int = Field(ge=1)
     min_months_apart: int = Field(ge=0)
     requires_active_immunosuppression: bool
-    or_feature: str
+    # Coded features that establish it directly (e.g. refractory cutaneous disease, normal CK).
+    or_features: tuple[str, ...]
 
 
 class FlareDerivation(_Sourced):
@@ -284,13 +367,42 @@ class Addon(_Sourced):
 class RedFlags(_Sourced):
     facts: tuple[str, ...]
     add_panels: tuple[str, ...]
+    # Red flags present by the end of this round's due window join it ...
     round: str
+    # ... later ones get a round of their own, dated from the red flag.
+    event_round: Round
+    unless_done_within_months: int = Field(ge=0)
     conditional: bool = True
     label: str
 
 
 class ActiveMalignancy(_Sourced):
     message: str
+    # Every cancer-screening item becomes a "consider" item with this condition text.
+    consider_text: str
+
+
+class PriorMalignancy(_Sourced):
+    # `{cancer}` is replaced by the names of the recorded cancers.
+    message: str
+
+
+class CheckpointInhibitor(_Sourced):
+    """Myositis on an immune checkpoint inhibitor: likely an immune-related adverse event."""
+
+    medication_names: str  # key of terminology medication_names
+    recent_months: int = Field(ge=0)
+    message: str
+    consider_text: str
+
+
+class SubtypeOption(_Sourced):
+    """A documented site option that counts one subtype as another (a deviation, said so)."""
+
+    site_flag: Literal["cadm_as_dm"]
+    subtype: str
+    counts_as: str
+    notice: str
 
 
 class FlareRule(_Sourced):
@@ -308,6 +420,7 @@ class LungSurveillance(_Sourced):
 
 class AntibodyTesting(_Sourced):
     when_untested: tuple[str, ...]
+    when_preliminary_on_antibodies: bool = False
     test: str
     round: str
 
@@ -341,6 +454,9 @@ class RuleSet(_Frozen):
     addons: tuple[Addon, ...]
     red_flags: RedFlags
     active_malignancy: ActiveMalignancy
+    prior_malignancy: PriorMalignancy
+    checkpoint_inhibitor: CheckpointInhibitor
+    subtype_options: tuple[SubtypeOption, ...] = ()
     flare: FlareRule
     lung_surveillance: LungSurveillance
     antibody_testing: AntibodyTesting
@@ -400,7 +516,7 @@ class RuleSet(_Frozen):
             problems.append(f"tiers.default: unknown tier '{self.tiers.default}'")
         for fact in self.tiers.preliminary_if_unknown:
             kind, _, ref = fact.partition(":")
-            if not (fact in ("onset_age", "subtype") or (kind == "antibody" and ref in antibodies)):
+            if not (fact in PRELIMINARY_FACTS or (kind == "antibody" and ref in antibodies)):
                 problems.append(f"tiers.preliminary_if_unknown: unknown fact '{fact}'")
         check_panels("red_flags.add_panels", self.red_flags.add_panels)
         problems.extend(
@@ -409,6 +525,16 @@ class RuleSet(_Frozen):
             if f not in features
         )
         check_panels("flare.add_panels", self.flare.add_panels)
+        check_tests("red_flags.event_round.tests", self.red_flags.event_round.tests)
+        for i, option in enumerate(self.subtype_options):
+            for ref in (option.subtype, option.counts_as):
+                if ref not in subtypes:
+                    problems.append(f"subtype_options.{i}: unknown subtype '{ref}'")
+        problems.extend(
+            f"derived.refractory.or_features: unknown feature '{f}'"
+            for f in self.derived.refractory.or_features
+            if f not in features
+        )
         check_tests("antibody_testing.test", (self.antibody_testing.test,))
         problems.extend(
             f"antibody_testing.when_untested: unknown antibody '{a}'"
@@ -445,10 +571,14 @@ class RuleSet(_Frozen):
 
 class SiteFlags(_Frozen):
     npc_region: bool = False
+    # Count clinically amyopathic DM as DM (high risk), deviating from IMACS (intermediate).
+    cadm_as_dm: bool = False
 
 
 class AntibodyResults(_Frozen):
     weak_positive: Literal["positive", "unknown"] = "positive"
+    # Antibody value sets the service recognises but no rule uses (reported, never a factor).
+    recognised_not_used: tuple[str, ...] = ()
 
 
 class ObservationSettings(_Frozen):
@@ -488,6 +618,10 @@ class Knowledge(_Frozen):
             *(f"antibodies.{c.id}:{c.value_set}" for c in rs.antibodies),
             *(f"features.{c.id}:{c.value_set}" for c in rs.features),
             f"derived.creatine_kinase:{rs.derived.creatine_kinase.value_set}",
+            *(
+                f"site.antibody_results.recognised_not_used:{vs}"
+                for vs in self.site.antibody_results.recognised_not_used
+            ),
         ]
         missing = [r for r in refs if r.rpartition(":")[2] not in known]
         for test_id, test in rs.tests.items():

@@ -2,22 +2,44 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterable
 
 from fhir_dm.core.build.common import Json
 
+# Resources that a revision revokes: a conditional create matches only an open one, so a plan
+# that comes back after being revoked is created again instead of matching the revoked copy.
+OPEN_STATUSES = ("draft", "active", "on-hold")
+REVOCABLE_TYPES = frozenset({"CarePlan", "ServiceRequest"})
+_LOCAL_REFERENCE = re.compile(r"[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}")
+
+
+def if_none_exist(resource: Json) -> str:
+    """The match of a conditional create: business identifier, scoped to the subject.
+
+    Scoping by subject means another patient's resource can never satisfy the condition (two
+    patients may share an identifier in a messy EHR); revocable types only match open ones.
+    """
+    ident = resource["identifier"][0]
+    criteria = [f"identifier={ident['system']}|{ident['value']}"]
+    subject = (resource.get("subject") or {}).get("reference")
+    if isinstance(subject, str) and _LOCAL_REFERENCE.fullmatch(subject):
+        criteria.append(f"subject={subject}")
+    if resource["resourceType"] in REVOCABLE_TYPES:
+        criteria.append("status=" + ",".join(OPEN_STATUSES))
+    return "&".join(criteria)
+
 
 def conditional_create(full_url: str, resource: Json) -> Json:
-    """POST with ifNoneExist on the resource's first (business) identifier."""
-    ident = resource["identifier"][0]
+    """POST with ifNoneExist on the resource's first (business) identifier and its subject."""
     return {
         "fullUrl": full_url,
         "resource": resource,
         "request": {
             "method": "POST",
             "url": resource["resourceType"],
-            "ifNoneExist": f"identifier={ident['system']}|{ident['value']}",
+            "ifNoneExist": if_none_exist(resource),
         },
     }
 

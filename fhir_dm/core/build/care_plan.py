@@ -35,7 +35,7 @@ def build_care_plan(
     k = ctx.knowledge
     plan = ctx.plan
     a = plan.assessment
-    assert a.window is not None and a.tier is not None
+    assert a.window is not None
     activities: list[Json] = []
     for item in plan.items:
         url = request_urls.get(item.key)

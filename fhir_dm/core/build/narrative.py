@@ -43,7 +43,8 @@ def render_narrative(explanation: Explanation, window: str) -> str:
     parts = [
         f'<div xmlns="{XHTML_NS}">',
         f"<h3>IIM cancer screening: {escape(e.headline)}</h3>",
-        f"<p><b>Onset</b>: {escape(e.onset)}. <b>Screening window</b>: {escape(window)}.</p>",
+        f"<p><b>Screening window</b>: {escape(window)}.</p>",
+        _list("Dates used", e.dates),
         _list("Notices", e.notices),
         _list("Why", e.reasons),
         table,

@@ -105,7 +105,7 @@ def test_detail_is_markdown_with_reasons_schedule_and_rule_set(
     assert "| When | Due | Tests | Consider |" in detail
     assert "| At diagnosis | 2024-03-01 to 2024-06-01 |" in detail
     assert "Consider 18F-FDG PET-CT" in detail  # a "consider" item
-    assert "Rule set imacs-2023 1.0.0" in detail
+    assert "Rule set imacs-2023 1.1.0" in detail
     assert "proposal for a clinician" in detail
     assert "**Not recorded** (unknown, not negative)" in detail
     # Data text cannot open a link or HTML: brackets and angle brackets are escaped.

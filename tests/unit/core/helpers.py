@@ -19,7 +19,7 @@ def run_one(engine: Engine, *resources: dict[str, Any], now: date = NOW) -> Pati
 
 
 def facts_of(engine: Engine, *resources: dict[str, Any]) -> PatientFacts:
-    record = read_patients(bundle(*resources))[0]
+    record = read_patients(bundle(*resources), engine.relevance)[0]  # the engine's own path
     return extract_facts(record, engine.knowledge, engine.matcher)
 
 

@@ -55,7 +55,11 @@ def test_result_is_a_valid_transaction_bundle_of_conditional_entries(engine: Eng
         request = entry["request"]
         if request["method"] == "POST":
             ident = entry["resource"]["identifier"][0]
-            assert request["ifNoneExist"] == f"identifier={ident['system']}|{ident['value']}"
+            criteria = request["ifNoneExist"].split("&")
+            assert criteria[:2] == [
+                f"identifier={ident['system']}|{ident['value']}",
+                f"subject={entry['resource']['subject']['reference']}",
+            ]
         else:
             assert (request["method"], request["url"]) == (
                 "PUT",
@@ -108,7 +112,7 @@ def test_risk_assessment_contents(engine: Engine) -> None:
     assert ra["method"]["coding"][0]["version"] == engine.knowledge.ruleset.version
     assert ra["condition"]["reference"].startswith("Condition/")
     assert {"reference": "Observation/" + ra["basis"][2]["reference"].split("/")[1]} in ra["basis"]
-    assert ra["prediction"][0]["whenPeriod"] == {"start": "2015-09-01", "end": "2018-09-01"}
+    assert ra["prediction"][0]["whenPeriod"] == {"start": "2015-10-20", "end": "2018-10-20"}
 
 
 def test_care_plan_narrative_is_readable(engine: Engine) -> None:
@@ -134,4 +138,14 @@ def test_series_does_not_change_with_the_day_when_onset_is_unknown(engine: Engin
     a = run_one(engine, p, cond, now=date(2024, 4, 15))
     b = run_one(engine, p, cond, now=date(2024, 4, 16))
     assert a.identity.series == b.identity.series
-    assert "onsetunknown" in a.identity.series
+
+
+def test_series_is_the_patient_by_id_whatever_its_identifiers_or_dates(engine: Engine) -> None:
+    p = f.patient("series-1", birth_date="1994-01-01")
+    a = run_one(engine, p, f.iim_condition(p, onset="2024-03-01"), now=date(2024, 4, 15))
+    q = f.patient("series-1", birth_date="1994-01-01", identifier="MRN-2")
+    b = run_one(engine, q, f.iim_condition(q, onset="2023-11-01"), now=date(2024, 4, 15))
+    other = f.patient("series-2", birth_date="1994-01-01", identifier="MRN-2")
+    c = run_one(engine, other, f.iim_condition(other), now=date(2024, 4, 15))
+    assert a.identity.series == b.identity.series != c.identity.series
+    assert a.identity.series.startswith(a.identity.family_prefix)

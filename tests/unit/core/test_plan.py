@@ -61,7 +61,9 @@ def test_moderate_has_no_repeat_rounds(engine: Engine) -> None:
 
 def test_standard_has_basic_panel_only(engine: Engine) -> None:
     p = f.patient(birth_date=YOUNG)
-    negatives = [f.antibody(p, ab, "negative") for ab in ("tif1g", "nxp2", "sae1", "srp")]
+    negatives = [
+        f.antibody(p, ab, "negative") for ab in ("tif1g", "nxp2", "sae1", "hmgcr", "mi2", "mda5")
+    ]
     result = run_one(engine, p, f.iim_condition(p, code="31384009"), *negatives)
     assert result.tier == "standard"
     assert set(planned_tests(result)) == BASIC_ORDERS | {"history-exam", "national-screening"}

@@ -11,6 +11,8 @@ from tests import factories as f
 from tests.unit.core.helpers import run_one
 
 YOUNG = "1994-01-01"  # 30 at the default onset: age-over-40 does not apply
+# Antibodies of high or intermediate class: untested ones can make a tier preliminary.
+ALL_CANCER_ANTIBODIES = ("tif1g", "nxp2", "sae1", "hmgcr", "mi2", "mda5")
 
 
 def fired(result: object) -> set[str]:
@@ -50,16 +52,16 @@ def test_age_exactly_40_is_not_over_40(engine: Engine) -> None:
     assert "age-over-40" not in fired(run_one(engine, p, f.iim_condition(p)))
 
 
-def test_seronegative_imnm(engine: Engine) -> None:
+def test_imnm_of_any_serology_is_intermediate(engine: Engine) -> None:
     p = f.patient(birth_date=YOUNG)
-    result = run_one(
-        engine,
-        p,
-        f.iim_condition(p, code="715863001"),
-        f.antibody(p, "srp", "negative"),
-        f.antibody(p, "hmgcr", "negative"),
-    )
-    assert "imnm-seronegative" in fired(result)
+    for serology in ("negative", "positive"):
+        result = run_one(
+            engine,
+            p,
+            f.iim_condition(p, code="715863001"),
+            f.antibody(p, "srp", serology),
+        )
+        assert "subtype-pm-imnm" in fired(result)
 
 
 def test_tier_high_with_two_high_factors(engine: Engine) -> None:
@@ -93,9 +95,10 @@ def test_tier_moderate_with_two_intermediate_factors(engine: Engine) -> None:
 
 def test_tier_standard(engine: Engine) -> None:
     p = f.patient(birth_date=YOUNG)
-    negatives = [f.antibody(p, ab, "negative") for ab in ("tif1g", "nxp2", "sae1", "srp")]
+    negatives = [f.antibody(p, ab, "negative") for ab in ALL_CANCER_ANTIBODIES]
     result = run_one(engine, p, f.iim_condition(p, code="31384009"), *negatives)
     assert result.tier == "standard"
+    assert fired(result) == {"subtype-pm-imnm"}  # one intermediate factor
     assert not result.plan.assessment.preliminary
 
 
@@ -122,13 +125,16 @@ def test_preliminary_when_cancer_antibodies_untested(engine: Engine) -> None:
         "anti-TIF1-gamma antibody",
         "anti-NXP2 antibody",
         "anti-SAE1 antibody",
+        "anti-HMGCR antibody",
+        "anti-Mi-2 antibody",
+        "anti-MDA5 antibody",
     }
     assert result.risk_assessment["status"] == "preliminary"
 
 
 def test_preliminary_when_age_unknown(engine: Engine) -> None:
     p = f.patient(birth_date=None)
-    negatives = [f.antibody(p, ab, "negative") for ab in ("tif1g", "nxp2", "sae1")]
+    negatives = [f.antibody(p, ab, "negative") for ab in ALL_CANCER_ANTIBODIES]
     result = run_one(engine, p, f.iim_condition(p), *negatives)
     assert result.plan.assessment.preliminary
     assert result.plan.assessment.preliminary_because == ("age at onset",)
@@ -156,11 +162,44 @@ def test_juvenile_by_onset_age(engine: Engine) -> None:
     assert result.service_requests == ()
 
 
-def test_window_closed(engine: Engine) -> None:
-    p = f.patient()
-    result = run_one(engine, p, f.iim_condition(p, onset="2019-01-01"), now=date(2024, 4, 15))
-    assert result.plan.assessment.scope == "window-closed"
-    assert result.service_requests == ()
+def test_window_closes_once_nothing_is_left_due(engine: Engine) -> None:
+    """Diagnosis + 3 years passed and the work-up at diagnosis was done: window closed."""
+    p = f.patient(birth_date=YOUNG)
+    negatives = [
+        f.antibody(p, ab, "negative", effective="2019-01-10") for ab in ALL_CANCER_ANTIBODIES
+    ]
+    basic = engine.knowledge.ruleset.panels["basic"].tests
+    done = [f.done_request(p, engine.knowledge, t, "2019-02-01") for t in basic]
+    result = run_one(
+        engine,
+        p,
+        f.iim_condition(p, code="445187004", onset="2019-01-01"),
+        *negatives,
+        *done,
+        now=date(2024, 4, 15),
+    )
+    a = result.plan.assessment
+    assert a.scope == "window-closed"
+    assert "2019-01-01" in a.scope_reason
+    assert result.service_requests == () and result.care_plan is None
+
+
+def test_undone_work_up_stays_owed_after_the_window(engine: Engine) -> None:
+    """The work-up at diagnosis was never done: it stays, overdue; the window is not closed."""
+    p = f.patient(birth_date=YOUNG)
+    negatives = [
+        f.antibody(p, ab, "negative", effective="2019-01-10") for ab in ALL_CANCER_ANTIBODIES
+    ]
+    result = run_one(
+        engine,
+        p,
+        f.iim_condition(p, code="445187004", onset="2019-01-01"),
+        *negatives,
+        now=date(2024, 4, 15),
+    )
+    assert result.plan.assessment.scope == "in-scope"
+    assert {i.round_id for i in result.plan.items} == {"diagnosis"}
+    assert all(result.plan.overdue(i) for i in result.plan.items)
 
 
 def test_diagnosed_long_after_onset(engine: Engine) -> None:
@@ -199,7 +238,7 @@ def test_active_malignancy_still_tiers_and_says_coordinate_with_oncology(engine:
 
 def test_unspecified_subtype_is_unknown_not_negative(engine: Engine) -> None:
     p = f.patient(birth_date=YOUNG)
-    negatives = [f.antibody(p, ab, "negative") for ab in ("tif1g", "nxp2", "sae1")]
+    negatives = [f.antibody(p, ab, "negative") for ab in ALL_CANCER_ANTIBODIES]
     result = run_one(engine, p, f.iim_condition(p, code="702380008"), *negatives)
     a = result.plan.assessment
     assert (result.tier, a.preliminary, a.preliminary_because) == (
@@ -209,8 +248,10 @@ def test_unspecified_subtype_is_unknown_not_negative(engine: Engine) -> None:
     )
 
 
-def test_age_over_40_uses_completed_years(engine: Engine) -> None:
+def test_age_over_40_is_exact_age(engine: Engine) -> None:
     p = f.patient(birth_date="1983-11-01")  # 40 years 4 months at onset 2024-03-01
-    assert "age-over-40" not in fired(run_one(engine, p, f.iim_condition(p)))
-    q = f.patient(birth_date="1983-02-01")  # 41 at onset
+    assert "age-over-40" in fired(run_one(engine, p, f.iim_condition(p)))
+    q = f.patient(birth_date="1984-02-29")  # 40 years and 1 day at onset 2024-03-01
     assert "age-over-40" in fired(run_one(engine, q, f.iim_condition(q)))
+    r = f.patient(birth_date="1984-03-02")  # one day short of 40
+    assert "age-over-40" not in fired(run_one(engine, r, f.iim_condition(r)))

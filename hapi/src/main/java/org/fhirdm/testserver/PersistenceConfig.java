@@ -11,6 +11,7 @@ import ca.uhn.fhir.jpa.config.r4.JpaR4Config;
 import ca.uhn.fhir.jpa.config.util.HapiEntityManagerFactoryUtil;
 import ca.uhn.fhir.jpa.model.config.PartitionSettings;
 import ca.uhn.fhir.jpa.model.config.SubscriptionSettings;
+import ca.uhn.fhir.jpa.search.HapiHSearchAnalysisConfigurers;
 import ca.uhn.fhir.jpa.subscription.channel.config.SubscriptionChannelConfig;
 import jakarta.persistence.EntityManagerFactory;
 import java.util.HashMap;
@@ -109,7 +110,18 @@ public class PersistenceConfig {
 		// HAPI reads the dialect back from this map (HibernatePropertiesProvider).
 		jpa.put("hibernate.dialect", props.getHibernateDialect());
 		jpa.put("hibernate.hbm2ddl.auto", "update");
-		jpa.put("hibernate.search.enabled", "false");
+		if (props.isTerminologyIndex()) {
+			// Concept index for $subsumes / $expand, kept in memory like the database.
+			jpa.put("hibernate.search.enabled", "true");
+			jpa.put("hibernate.search.backend.type", "lucene");
+			jpa.put("hibernate.search.backend.directory.type", "local-heap");
+			jpa.put("hibernate.search.backend.lucene_version", "LUCENE_CURRENT");
+			jpa.put(
+					"hibernate.search.backend.analysis.configurer",
+					HapiHSearchAnalysisConfigurers.HapiLuceneAnalysisConfigurer.class.getName());
+		} else {
+			jpa.put("hibernate.search.enabled", "false");
+		}
 		jpa.put("hibernate.format_sql", "false");
 		jpa.put("hibernate.show_sql", "false");
 		jpa.put("hibernate.jdbc.batch_size", "20");

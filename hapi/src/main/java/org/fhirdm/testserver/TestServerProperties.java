@@ -51,6 +51,13 @@ public class TestServerProperties {
 	private boolean requestLogging = true;
 
 	/**
+	 * Index code-system concepts in an in-memory Lucene index (Hibernate Search), which
+	 * HAPI's {@code CodeSystem/$subsumes} and {@code ValueSet/$expand} need. Off by default:
+	 * only the terminology-server tests turn it on.
+	 */
+	private boolean terminologyIndex = false;
+
+	/**
 	 * Resource types validated once in the background after start-up, so that the
 	 * first client {@code $validate} does not pay the validator's start-up cost.
 	 * Empty: no warm-up.
@@ -150,6 +157,14 @@ public class TestServerProperties {
 
 	public void setRequestLogging(boolean requestLogging) {
 		this.requestLogging = requestLogging;
+	}
+
+	public boolean isTerminologyIndex() {
+		return terminologyIndex;
+	}
+
+	public void setTerminologyIndex(boolean terminologyIndex) {
+		this.terminologyIndex = terminologyIndex;
 	}
 
 	public List<String> getValidationWarmupTypes() {
