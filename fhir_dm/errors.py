@@ -7,19 +7,27 @@ FhirDmError                       status  issue_code
 │   ├── NotFhirError              400     structure      expression from the validation path
 │   ├── NoPatientError            400     required
 │   ├── PayloadTooLargeError      413     too-long
-│   └── UnsupportedMediaTypeError 415     not-supported
+│   ├── TooCostlyError            413     too-costly     over a per-request work limit
+│   ├── UnsupportedMediaTypeError 415     not-supported
+│   └── HeaderTooLargeError       431     too-long       a header field, or too many of them
 ├── PatientNotFoundError          404     not-found
+├── ConflictError                 409     conflict       write-back: wrong patient, lost race
 ├── AuthError                     401     login
 │   └── ForbiddenError            403     forbidden
 ├── UpstreamError                 502     exception      names the FHIR call that failed
 │   ├── UpstreamTimeoutError      504     timeout
+│   │   └── DeadlineExceededError 504     timeout        the request's time budget ran out
+│   ├── UpstreamUnavailableError  503     transient      503 from the server (Retry-After)
+│   │   └── UpstreamThrottledError 503    throttled      429 from the server (Retry-After)
 │   └── UpstreamRejectedError     502     processing     quotes the server's OperationOutcome
+├── PatientBusyError              503     lock-error     the patient's lock stayed held
 ├── PreconditionFailedError       412     incomplete     CDS Hooks: prefetch missing, unfetchable
 └── KnowledgeError                500     exception      bad config/: fail at startup, CLI exit 2
 ```
 
 Missing or unrecognised clinical data is never an error: it flows into the output as
-unknown facts. Messages must never contain patient data (they reach logs).
+unknown facts. Messages must never contain patient data (they reach logs). An error with a
+`retry_after` (seconds) tells the caller when to try again (`Retry-After` header).
 """
 
 from __future__ import annotations
@@ -33,10 +41,13 @@ class FhirDmError(Exception):
     status: int = 500
     issue_code: str = "exception"
 
-    def __init__(self, message: str, *, expression: Sequence[str] = ()) -> None:
+    def __init__(
+        self, message: str, *, expression: Sequence[str] = (), retry_after: int | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.expression = tuple(expression)
+        self.retry_after = retry_after
 
 
 class InputError(FhirDmError):
@@ -71,6 +82,20 @@ class PayloadTooLargeError(InputError):
     issue_code = "too-long"
 
 
+class TooCostlyError(InputError):
+    """Raised when a request asks for more work than one request may do (patients, output)."""
+
+    status = 413
+    issue_code = "too-costly"
+
+
+class HeaderTooLargeError(InputError):
+    """Raised when a request header field is too large, or there are too many of them."""
+
+    status = 431
+    issue_code = "too-long"
+
+
 class UnsupportedMediaTypeError(InputError):
     """Raised when a request body is not FHIR JSON."""
 
@@ -83,6 +108,13 @@ class PatientNotFoundError(FhirDmError):
 
     status = 404
     issue_code = "not-found"
+
+
+class ConflictError(FhirDmError):
+    """Raised when a write would act on another patient, or keeps losing a concurrent race."""
+
+    status = 409
+    issue_code = "conflict"
 
 
 class AuthError(FhirDmError):
@@ -113,11 +145,35 @@ class UpstreamTimeoutError(UpstreamError):
     issue_code = "timeout"
 
 
+class DeadlineExceededError(UpstreamTimeoutError):
+    """Raised when the request's time budget runs out before or during a FHIR call."""
+
+
+class UpstreamUnavailableError(UpstreamError):
+    """Raised when the FHIR server is overloaded or throttling (429/503) beyond what we wait."""
+
+    status = 503
+    issue_code = "transient"
+
+
+class UpstreamThrottledError(UpstreamUnavailableError):
+    """Raised when the FHIR server throttles us (429) for longer than we may wait."""
+
+    issue_code = "throttled"
+
+
 class UpstreamRejectedError(UpstreamError):
     """Raised when the FHIR server refuses a request; quotes its OperationOutcome text."""
 
     status = 502
     issue_code = "processing"
+
+
+class PatientBusyError(FhirDmError):
+    """Raised when another assessment of the same patient holds its lock past our deadline."""
+
+    status = 503
+    issue_code = "lock-error"
 
 
 class PreconditionFailedError(FhirDmError):

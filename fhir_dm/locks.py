@@ -6,12 +6,19 @@ import fcntl
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from fhir_dm import deadline as deadlines
+from fhir_dm.deadline import Deadline
+from fhir_dm.errors import PatientBusyError
+
 LOCK_NAMESPACE = b"fhir-dm patient lock\x00"
 LOCK_SUFFIX = ".lock"
+# flock has no timed wait: a bounded wait polls, starting fast and backing off to this.
+MAX_POLL_SECONDS = 0.1
 
 
 def lock_name(key: str) -> str:
@@ -42,7 +49,8 @@ class PatientLocks:
     and an exclusive `flock` on a file in `directory` (gunicorn workers on one host wait for each
     other; the kernel releases it when a worker dies). Lock files are empty, named by a hash of
     the key, and kept: deleting them while another process waits would split the lock in two.
-    Waiting is unbounded; the server's worker timeout bounds a stuck holder.
+    Waiting ends at the current request deadline (`fhir_dm.deadline`) with PatientBusyError;
+    without one (the CLI, tests) it is unbounded.
     """
 
     def __init__(self, directory: Path) -> None:
@@ -58,12 +66,22 @@ class PatientLocks:
 
     @contextmanager
     def hold(self, key: str) -> Iterator[None]:
-        """Hold the lock of `key` for the body of the `with` block."""
+        """Hold the lock of `key` for the body of the `with` block.
+
+        PatientBusyError when the current deadline passes first; the message names no key.
+        """
+        deadline = deadlines.current()
         name = lock_name(key)
         slot = self._enter(name)
         try:
-            with slot.lock, self._file_lock(name):
-                yield
+            left = -1.0 if deadline is None else deadline.remaining()
+            if not slot.lock.acquire(timeout=left):
+                raise _busy(deadline)
+            try:
+                with self._file_lock(name, deadline):
+                    yield
+            finally:
+                slot.lock.release()
         finally:
             self._leave(name, slot)
 
@@ -81,13 +99,39 @@ class PatientLocks:
                 del self._slots[name]
 
     @contextmanager
-    def _file_lock(self, name: str) -> Iterator[None]:
+    def _file_lock(self, name: str, deadline: Deadline | None) -> Iterator[None]:
         fd = os.open(self._directory / name, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            if deadline is None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            else:
+                _flock_until(fd, deadline)
             try:
                 yield
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+
+def _flock_until(fd: int, deadline: Deadline) -> None:
+    """Take an exclusive flock, polling until the deadline; PatientBusyError when it passes."""
+    pause = 0.005
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            left = deadline.remaining()
+            if left <= 0:
+                raise _busy(deadline) from None
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, MAX_POLL_SECONDS)
+
+
+def _busy(deadline: Deadline | None) -> PatientBusyError:
+    """Another assessment of the patient runs; it ends within its own deadline, like ours."""
+    return PatientBusyError(
+        "another assessment of this patient is still running; try again later",
+        retry_after=None if deadline is None else deadline.retry_after(),
+    )

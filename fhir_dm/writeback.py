@@ -3,23 +3,57 @@
 from __future__ import annotations
 
 import copy
+import logging
+import random
 import re
+import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime
 from typing import Any, Literal
 from urllib.parse import urljoin, urlsplit
 
+from fhir_dm import deadline as deadlines
 from fhir_dm.core.assess import AssessmentRun, Engine, PatientResult
-from fhir_dm.core.inputs import group_by_patient, validate_resource
-from fhir_dm.core.revision import OPEN_PLAN_STATUSES, Revision, plan_revision, write_back_bundle
-from fhir_dm.errors import InputError, NotFhirError, PatientNotFoundError, UpstreamError
-from fhir_dm.fhir.client import FhirClient
+from fhir_dm.core.inputs import (
+    Pair,
+    group_by_patient,
+    normalise_reference,
+    select_resources,
+    validate_resource,
+)
+from fhir_dm.core.revision import (
+    OPEN_PLAN_STATUSES,
+    OPEN_REQUEST_STATUSES,
+    Revision,
+    is_family_plan,
+    plan_revision,
+    write_back_bundle,
+)
+from fhir_dm.errors import (
+    ConflictError,
+    InputError,
+    NoPatientError,
+    NotFhirError,
+    PatientNotFoundError,
+    UpstreamError,
+    UpstreamRejectedError,
+)
+from fhir_dm.fhir.client import FhirClient, upstream_status
 from fhir_dm.fhir.retry import is_idempotent_bundle
 from fhir_dm.locks import PatientLocks
 
+_log = logging.getLogger(__name__)
+
 Json = dict[str, Any]
 WriteStatus = Literal["preview", "written", "unchanged"]
+
+# A transaction that lost a race: 412 (an `ifMatch` no longer holds), 409 (HAPI: concurrent
+# create of the same row). Read-decide-write then runs again, at most this often in all.
+CONFLICT_STATUSES = frozenset({409, 412})
+MAX_WRITE_ATTEMPTS = 4
+CONFLICT_PAUSE_SECONDS = 0.1
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 # What a patient's assessment reads, each searched with `patient=<id>` (paging followed).
 PATIENT_SEARCHES = (
@@ -32,7 +66,6 @@ PATIENT_SEARCHES = (
     "DiagnosticReport",
     "ServiceRequest",
 )
-_SERVER_PATIENT = re.compile(r"Patient/[A-Za-z0-9\-.]{1,64}")
 _LOCATION = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/([^/]+))?/?$")
 
 
@@ -69,7 +102,18 @@ class PatientWrite:
                     f"{verb} {len(revision.revoked_plans)} care plan(s) and "
                     f"{len(revision.revoked_requests)} service request(s)"
                 )
+            if revision and revision.completed_plans:
+                verb = "would complete" if self.preview else "completed"
+                parts.append(f"{verb} {len(revision.completed_plans)} care plan(s)")
         return "; ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class _Decision:
+    """What one read-decide pass concluded, and the transaction to post (empty: none)."""
+
+    write: PatientWrite
+    bundle: Json
 
 
 class WriteBack:
@@ -79,11 +123,14 @@ class WriteBack:
 
         writeback = WriteBack(client, engine, PatientLocks(lock_dir))
         write = writeback.assess_patient("123", now=date.today(), preview=False)
-        writes = writeback.write_run(engine.assess(bundle, now=now))
+        writes = writeback.write_bundle(bundle, now=date.today())
 
-    Each patient's read-decide-write runs under that patient's lock, so two concurrent
-    assessments cannot both decide "nothing there yet" and write twice. A patient whose plan is
-    already on the server is left alone: re-running the same input writes nothing.
+    A write always acts on an existing server Patient, named by id, and assesses the server's
+    record (plus, for a posted Bundle, the posted resources). Its identity is that Patient's,
+    so there is at most one open plan per patient and rule-set family: any other is revoked in
+    the same transaction. Concurrency: the patient's lock serialises one host's workers; across
+    hosts, every update of an existing plan is versioned (`ifMatch`, 412 on conflict) and every
+    create is conditional, and a conflict re-runs read-decide-write from scratch (then 409).
     """
 
     def __init__(self, client: FhirClient, engine: Engine, locks: PatientLocks) -> None:
@@ -95,15 +142,7 @@ class WriteBack:
         self, patient_id: str, *, now: date | datetime, preview: bool
     ) -> PatientWrite:
         """Pull one patient from the server, assess, and write back (or preview) the revision."""
-        with self._locks.hold(f"Patient/{patient_id}"):
-            patient = self._client.read("Patient", patient_id)
-            if patient is None:
-                raise PatientNotFoundError("the FHIR server has no Patient with this id")
-            resources = self._pull(patient_id)
-            result = self._assess_pulled(patient, resources, now)
-            plans = self._client.search("CarePlan", {"subject": f"Patient/{patient_id}"})
-            requests = [r for r in resources if r.get("resourceType") == "ServiceRequest"]
-            return self._revise(result, plans, requests, preview=preview)
+        return self._write_patient(patient_id, (), now=now, preview=preview)
 
     def preview_run(self, run: AssessmentRun) -> list[PatientWrite]:
         """The results of an assessed Bundle as they would be written; reads nothing."""
@@ -112,24 +151,155 @@ class WriteBack:
             for r in run.results
         ]
 
-    def write_run(self, run: AssessmentRun) -> list[PatientWrite]:
-        """Write an assessed Bundle, patient by patient (one transaction each, in order).
+    def write_bundle(self, bundle: Any, *, now: date | datetime) -> list[PatientWrite]:
+        """Write a posted Bundle, patient by patient (one transaction each, in order).
 
-        A failure stops the run: earlier patients stay written, and re-posting is safe because
-        they then come back unchanged.
+        Every posted Patient must be an existing server Patient (see `bind_patient`); all are
+        checked before anything is written. Each is assessed on the server's record merged with
+        the posted resources, so a partial Bundle cannot revoke a plan made from fuller data.
+        A failure stops the run: earlier patients stay written, and re-posting is safe.
         """
-        for result in run.results:
-            if not _SERVER_PATIENT.fullmatch(result.patient_reference):
+        pairs = select_resources(bundle, self._engine.relevance)[0]
+        patients = [(r, url) for r, url in pairs if r.get("resourceType") == "Patient"]
+        if not patients:
+            raise NoPatientError("the input holds no Patient resource")
+        bound: list[tuple[str, list[Pair]]] = []
+        for patient, full_url in patients:
+            patient_id = self.bind_patient(patient, full_url)
+            if any(patient_id == other for other, _ in bound):
+                raise InputError("the Bundle holds the same Patient twice; post it once")
+            bound.append((patient_id, _posted_for(patient, full_url, pairs)))
+        return [
+            self._write_patient(patient_id, posted, now=now, preview=False)
+            for patient_id, posted in bound
+        ]
+
+    def bind_patient(self, patient: Mapping[str, Any], full_url: str | None) -> str:
+        """The server Patient id a posted Patient stands for; refuses anything else.
+
+        The posted Patient needs its server id (`Patient.id`); an absolute fullUrl must be that
+        Patient on this server; the server must hold it; and every posted identifier whose
+        system the server Patient also uses must be one of the server's values for it.
+        """
+        patient_id = patient.get("id")
+        if not isinstance(patient_id, str) or not _FHIR_ID.fullmatch(patient_id):
+            raise InputError(
+                "to write back, every Patient in the Bundle needs its id on the FHIR server"
+                " (Patient.id); use preview, or the Patient operation"
+            )
+        if full_url and not full_url.startswith("urn:"):
+            expected = f"{self._client.base_url}/Patient/{patient_id}"
+            given = urljoin(f"{self._client.base_url}/", full_url).split("/_history/")[0]
+            if given.rstrip("/") != expected:
                 raise InputError(
-                    "to write back, every Patient in the Bundle needs its id on the FHIR server"
-                    " (a reference Patient/<id>); use preview, or the Patient operation"
+                    "to write back, a Patient's fullUrl must name that Patient (its id) on the"
+                    " configured FHIR server; this one names another server or id"
                 )
-        writes = []
-        for result in run.results:
-            with self._locks.hold(result.patient_reference):
-                plans, requests = self._series_state(result)
-                writes.append(self._revise(result, plans, requests, preview=False))
-        return writes
+        server_patient = self._client.read("Patient", patient_id)
+        if server_patient is None:
+            raise PatientNotFoundError("the FHIR server has no Patient with this id")
+        _check_same_patient(patient, server_patient)
+        return patient_id
+
+    def _write_patient(
+        self,
+        patient_id: str,
+        posted: Sequence[Pair],
+        *,
+        now: date | datetime,
+        preview: bool,
+    ) -> PatientWrite:
+        """Read, assess, revise and write one patient; a lost race starts again from reading."""
+        written: PatientWrite | None = None
+        for attempt in range(MAX_WRITE_ATTEMPTS):
+            with self._locks.hold(f"Patient/{patient_id}"):
+                result, plans, requests = self._read_state(patient_id, posted, now)
+                write = self._decide(result, plans, requests, preview=preview)
+                if write.write.status != "written":
+                    # Unchanged after our own write (a second pass tidying a race): report ours.
+                    return written if written is not None else write.write
+                try:
+                    response = self._client.transaction(
+                        write.bundle, idempotent=is_idempotent_bundle(write.bundle)
+                    )
+                except UpstreamRejectedError as exc:
+                    if upstream_status(exc) not in CONFLICT_STATUSES:
+                        raise
+                    _log.warning("write-back conflict; attempt %d", attempt + 1)
+                else:
+                    entries = self._written_entries(write.bundle["entry"], response)
+                    written = replace(write.write, entries=entries)
+                    if self._open_plan_count(result) <= 1:
+                        return written
+                    # Another host wrote a different plan at the same moment: one more pass
+                    # revokes the extra (versioned, so the two hosts cannot undo each other).
+                    _log.warning("write-back found several open plans; attempt %d", attempt + 1)
+            self._pause(attempt)
+        if written is not None:
+            return written
+        raise ConflictError(
+            "the patient's plan was changed by another writer at the same time, again and again;"
+            " nothing was written, try again"
+        )
+
+    def _pause(self, attempt: int) -> None:
+        """A short random pause, so two hosts that collided do not collide again in step."""
+        delay = CONFLICT_PAUSE_SECONDS * (attempt + 1) * (0.5 + random.random())  # noqa: S311
+        left = deadlines.remaining_or_none()
+        if left is not None and left < delay:
+            raise ConflictError(
+                "the patient's plan was changed by another writer at the same time;"
+                " nothing was written, try again"
+            )
+        time.sleep(delay)
+
+    def _read_state(
+        self, patient_id: str, posted: Sequence[Pair], now: date | datetime
+    ) -> tuple[PatientResult, list[Json], list[Json]]:
+        """Assess the server's record (plus posted resources); read the open plans to revise."""
+        patient = self._client.read("Patient", patient_id)
+        if patient is None:
+            raise PatientNotFoundError("the FHIR server has no Patient with this id")
+        result = self._assess_pulled(patient, self._pull(patient_id), posted, now)
+        plans = self._client.search(
+            "CarePlan",
+            {
+                "subject": f"Patient/{patient_id}",
+                "identifier": f"{result.identity.series_system}|",
+                "status": ",".join(sorted(OPEN_PLAN_STATUSES)),
+            },
+        )
+        open_refs = [
+            f"CarePlan/{p['id']}"
+            for p in plans
+            if p.get("status") in OPEN_PLAN_STATUSES and is_family_plan(p, result.identity)
+        ]
+        requests: list[Json] = []
+        if open_refs:
+            requests = self._client.search(
+                "ServiceRequest",
+                {
+                    "based-on": ",".join(open_refs),
+                    "status": ",".join(sorted(OPEN_REQUEST_STATUSES)),
+                },
+            )
+        return result, plans, requests
+
+    def _open_plan_count(self, result: PatientResult) -> int:
+        """How many open plans of the family the patient has now (1 after a clean write)."""
+        plans = self._client.search(
+            "CarePlan",
+            {
+                "subject": result.patient_reference,
+                "identifier": f"{result.identity.series_system}|",
+                "status": ",".join(sorted(OPEN_PLAN_STATUSES)),
+            },
+        )
+        return sum(
+            1
+            for p in plans
+            if p.get("status") in OPEN_PLAN_STATUSES and is_family_plan(p, result.identity)
+        )
 
     def _pull(self, patient_id: str) -> list[Json]:
         """Everything the assessment reads about the patient, each resource once."""
@@ -141,13 +311,23 @@ class WriteBack:
         return list(seen.values())
 
     def _assess_pulled(
-        self, patient: Json, resources: Sequence[Json], now: date | datetime
+        self,
+        patient: Json,
+        resources: Sequence[Json],
+        posted: Sequence[Pair],
+        now: date | datetime,
     ) -> PatientResult:
-        """Assess server data; invalid server data is the server's fault (502), not the caller's."""
+        """Assess server data merged with posted resources (posted win on the same type/id).
+
+        Invalid server data is the server's fault (502), not the caller's.
+        """
         base = self._client.base_url
-        pairs: list[tuple[Mapping[str, Any], str | None]] = []
+        posted_keys = {_type_id(r) for r, _ in posted if r.get("id")}
+        pairs: list[Pair] = []
         for resource in [patient, *resources]:
             resource_type = str(resource.get("resourceType"))
+            if resource_type != "Patient" and _type_id(resource) in posted_keys:
+                continue
             try:
                 validate_resource(resource, resource_type)
             except NotFhirError as exc:
@@ -155,50 +335,38 @@ class WriteBack:
                     f"the FHIR server returned a resource that is not valid FHIR R4: {exc.message}"
                 ) from None
             pairs.append((resource, f"{base}/{resource_type}/{resource.get('id')}"))
+        pairs.extend(posted)
         records = group_by_patient(pairs)
         return self._engine.assess_records(records[:1], now=now).results[0]
 
-    def _series_state(self, result: PatientResult) -> tuple[list[Json], list[Json]]:
-        """The series' plans on the server, and the requests based on each open one."""
-        identity = result.identity
-        plans = self._client.search(
-            "CarePlan", {"identifier": f"{identity.series_system}|{identity.series}"}
-        )
-        requests: list[Json] = []
-        for plan in plans:
-            if plan.get("status") in OPEN_PLAN_STATUSES and plan.get("id"):
-                requests += self._client.search(
-                    "ServiceRequest", {"based-on": f"CarePlan/{plan['id']}"}
-                )
-        return plans, requests
-
-    def _revise(
+    def _decide(
         self,
         result: PatientResult,
         plans: Sequence[Mapping[str, Any]],
         requests: Iterable[Mapping[str, Any]],
         *,
         preview: bool,
-    ) -> PatientWrite:
+    ) -> _Decision:
         revision = plan_revision(result, plans, requests)
         if revision.unchanged or (
             result.care_plan is None and not revision.revoke_entries and self._recorded(result)
         ):
             entries = self._collection_entries(result.entries)
-            return PatientWrite(result, "unchanged", preview, revision, entries)
+            return _Decision(PatientWrite(result, "unchanged", preview, revision, entries), {})
         bundle = write_back_bundle(result, revision)
-        if preview:
-            entries = self._collection_entries(bundle["entry"])
-            return PatientWrite(result, "preview", True, revision, entries)
-        response = self._client.transaction(bundle, idempotent=is_idempotent_bundle(bundle))
-        entries = self._written_entries(bundle["entry"], response)
-        return PatientWrite(result, "written", False, revision, entries)
+        status: WriteStatus = "preview" if preview else "written"
+        entries = self._collection_entries(bundle["entry"])
+        return _Decision(PatientWrite(result, status, preview, revision, entries), bundle)
 
     def _recorded(self, result: PatientResult) -> bool:
         """Whether this exact RiskAssessment is on the server (results without a plan)."""
         ident = result.risk_assessment["identifier"][0]
         found = self._client.search(
-            "RiskAssessment", {"identifier": f"{ident['system']}|{ident['value']}"}
+            "RiskAssessment",
+            {
+                "identifier": f"{ident['system']}|{ident['value']}",
+                "subject": result.patient_reference,
+            },
         )
         return bool(found)
 
@@ -251,6 +419,71 @@ class WriteBack:
         if match is None:
             return None
         return match.group(1), match.group(2), match.group(3)
+
+
+def _type_id(resource: Mapping[str, Any]) -> str:
+    return f"{resource.get('resourceType')}/{resource.get('id')}"
+
+
+def _aliases(resource: Mapping[str, Any], full_url: str | None) -> set[str]:
+    """Every reference form under which a posted resource may be named in the Bundle."""
+    keys = {normalise_reference(full_url)} if full_url else set()
+    if resource.get("id"):
+        keys.add(_type_id(resource))
+    return keys
+
+
+def _posted_for(
+    patient: Mapping[str, Any], full_url: str | None, pairs: Sequence[Pair]
+) -> list[Pair]:
+    """The posted resources of one patient, re-pointed at the server Patient by id.
+
+    Resources naming another posted Patient are left out; resources naming none (a
+    Medication, panel members) are kept, as they are reached by reference only.
+    """
+    aliases = _aliases(patient, full_url)
+    others: set[str] = set()
+    for resource, url in pairs:
+        if resource.get("resourceType") == "Patient" and resource is not patient:
+            others |= _aliases(resource, url)
+    subject = f"Patient/{patient['id']}"
+    out: list[Pair] = []
+    for resource, url in pairs:
+        if resource.get("resourceType") == "Patient":
+            continue
+        field = next(
+            (f for f in ("subject", "patient") if isinstance(resource.get(f), Mapping)), None
+        )
+        reference = resource[field].get("reference") if field else None
+        named = normalise_reference(reference) if isinstance(reference, str) else None
+        if named is not None and named in others and named not in aliases:
+            continue
+        if field is not None and named in aliases:
+            resource = {**resource, field: {**resource[field], "reference": subject}}
+        out.append((resource, url))
+    return out
+
+
+def _check_same_patient(posted: Mapping[str, Any], server: Mapping[str, Any]) -> None:
+    """Refuse a posted Patient whose identifiers contradict the server's Patient of that id.
+
+    Rule: for every system both use, each posted value must be one of the server's values
+    for it. Identifiers without a system, or of a system only one side uses, cannot be
+    compared and do not count. The message names the system, never a value.
+    """
+    on_server: dict[str, set[str]] = {}
+    for ident in server.get("identifier") or []:
+        if isinstance(ident, Mapping) and ident.get("system") and ident.get("value"):
+            on_server.setdefault(str(ident["system"]), set()).add(str(ident["value"]))
+    for ident in posted.get("identifier") or []:
+        if not isinstance(ident, Mapping):
+            continue
+        system, value = ident.get("system"), ident.get("value")
+        if system in on_server and value and str(value) not in on_server[str(system)]:
+            raise ConflictError(
+                f"the posted Patient's identifier ({system}) differs from the FHIR server's"
+                " Patient with this id; nothing was written"
+            )
 
 
 def _replace_references(value: Any, mapping: Mapping[str, str]) -> Any:

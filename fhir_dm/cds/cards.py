@@ -5,8 +5,8 @@ Card types (stable ids the feedback endpoint counts by):
 - `screening-plan`: the tier, why, and the proposed schedule, with one suggestion that creates
   the very resources the write-back produces (RiskAssessment, CarePlan, ServiceRequests and,
   by default, the Provenance).
-- `plan-on-file`: an active plan of the same series (patient, rule set, window) and rule-set
-  version is already on the EHR's server, so nothing is proposed again (no nagging).
+- `plan-on-file`: an active plan of the same series (server patient, rule-set family) and
+  rule-set version is already on the EHR's server, so nothing is proposed again (no nagging).
 - `not-applicable`: optional (config), for an IIM the guideline does not stratify.
 
 Patients without an IIM get no card at all.
@@ -114,7 +114,7 @@ def render_detail(
     if e.schedule:
         lines += [
             "",
-            f"**Proposed schedule** (IIM onset {md(e.onset)})",
+            "**Proposed schedule** (" + md("; ".join(e.dates) or "dates unknown") + ")",
             "",
             *_round_rows(e.schedule),
         ]
@@ -311,7 +311,8 @@ class CardBuilder:
     ) -> list[IssuedCard]:
         """The cards for one patient: [], a plan-on-file card, or the screening-plan card."""
         a = result.plan.assessment
-        if not a.in_scope or result.care_plan is None:
+        # A plan exists in scope, and also for red-flag / flare rounds after the window.
+        if result.care_plan is None:
             if a.facts.iim is None or not self.config.cards.not_applicable_card:
                 return []
             return [self._not_applicable(result, hook_instance)]

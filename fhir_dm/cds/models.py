@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from fhir_dm.cds.fetch import has_dot_segment
+
 Indicator = Literal["info", "warning", "critical"]
 ActionType = Literal["create", "update", "delete"]
 
@@ -22,6 +24,17 @@ MAX_SUMMARY_CHARS = 139  # the spec: a "<140-character summary"
 MAX_HOOK_INSTANCE_CHARS = 256
 MAX_FEEDBACK_ITEMS = 100
 FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+# Ids the FHIR id pattern allows but that are URL dot segments: as a path segment they would
+# climb out of the resource type (`Patient/..`), so they are never accepted.
+DOT_SEGMENT_IDS = frozenset({".", ".."})
+
+
+NOT_A_SAFE_ID = "must be a FHIR id (1-64 letters, digits, '-' or '.'), not '.' or '..'"
+
+
+def is_safe_fhir_id(value: str) -> bool:
+    """A FHIR id that is safe as a URL path segment (not `.` or `..`)."""
+    return bool(FHIR_ID.fullmatch(value)) and value not in DOT_SEGMENT_IDS
 
 
 class _Wire(BaseModel):
@@ -155,6 +168,10 @@ def _check_base_url(value: str) -> str:
         raise ValueError("must not carry credentials")
     if parts.query or parts.fragment:
         raise ValueError("must not have a query or fragment")
+    if has_dot_segment(parts.path):
+        # Servers and HTTP libraries resolve `..` (and `%2e%2e`) at different moments: the URL
+        # checked would not be the URL requested.
+        raise ValueError("must not contain '.' or '..' path segments (plain or percent-encoded)")
     return value.rstrip("/")
 
 
@@ -197,8 +214,15 @@ class PatientViewContext(_Inbound):
     @classmethod
     def _fhir_id(cls, value: str) -> str:
         # It is substituted into FHIR query URLs: only a valid FHIR id may get there.
-        if not FHIR_ID.fullmatch(value):
-            raise ValueError("must be a FHIR id (1-64 letters, digits, '-' or '.')")
+        if not is_safe_fhir_id(value):
+            raise ValueError(NOT_A_SAFE_ID)
+        return value
+
+    @field_validator("encounter_id")
+    @classmethod
+    def _encounter_fhir_id(cls, value: str | None) -> str | None:
+        if value is not None and not is_safe_fhir_id(value):
+            raise ValueError(NOT_A_SAFE_ID)
         return value
 
     def tokens(self) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, quote
 
+from fhir_dm.cds.models import is_safe_fhir_id
 from fhir_dm.cds.settings import CodeFilter, PrefetchConfig, TemplateUse
 from fhir_dm.errors import FhirDmError, InputError, KnowledgeError, PreconditionFailedError
 from fhir_dm.knowledge.models import Knowledge
@@ -37,6 +38,16 @@ LONGEST_ID = "x" * 64
 _READ = re.compile(r"([A-Z][A-Za-z]{1,63})/([^/?]+)")
 _SEARCH = re.compile(r"([A-Z][A-Za-z]{1,63})\?(.*)")
 DEFAULT_FETCH_WORKERS = 4
+
+# Why a key had to be fetched, as the 412 answer says it.
+MISSING = "missing"
+INCOMPLETE = "incomplete"
+ERROR_REPORTED = "error-reported"
+_WHY = {
+    MISSING: "is missing (not in the request's prefetch)",
+    INCOMPLETE: "is incomplete (the EHR sent a first page with a next link, not the whole search)",
+    ERROR_REPORTED: "holds an OperationOutcome (the EHR's own prefetch of it failed)",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,8 +151,9 @@ def build_templates(config: PrefetchConfig, knowledge: Knowledge) -> tuple[Prefe
             raise KnowledgeError(
                 f"cds.yaml: {where}: not a FHIR read (Type/id) or search (Type?...)"
             )
+        query = _with_page_size(cfg.query, config.page_size)
         if cfg.codes is None:
-            templates.append(PrefetchTemplate(key, cfg.query, cfg.use, cfg.required))
+            templates.append(PrefetchTemplate(key, query, cfg.use, cfg.required))
             continue
         if "?" not in cfg.query:
             raise KnowledgeError(f"cds.yaml: {where}: a code filter needs a search template")
@@ -152,8 +164,8 @@ def build_templates(config: PrefetchConfig, knowledge: Knowledge) -> tuple[Prefe
         chunks = [codes[i : i + size] for i in range(0, len(codes), size)]
         for n, chunk in enumerate(chunks, start=1):
             chunk_key = key if n == 1 else f"{key}-{n}"
-            query = f"{cfg.query}&{cfg.codes.param}={','.join(chunk)}"
-            templates.append(PrefetchTemplate(chunk_key, query, cfg.use, cfg.required))
+            chunk_query = f"{query}&{cfg.codes.param}={','.join(chunk)}"
+            templates.append(PrefetchTemplate(chunk_key, chunk_query, cfg.use, cfg.required))
     keys = [t.key for t in templates]
     if len(keys) != len(set(keys)):
         raise KnowledgeError("cds.yaml: prefetch.templates: split keys collide with other keys")
@@ -165,6 +177,14 @@ def build_templates(config: PrefetchConfig, knowledge: Knowledge) -> tuple[Prefe
                 f" above max_query_length {config.max_query_length}; lower max_codes_per_query"
             )
     return tuple(templates)
+
+
+def _with_page_size(query: str, page_size: int) -> str:
+    """A search template with `_count` (kept when the template sets its own); reads as they are."""
+    if "?" not in query:
+        return query
+    names = {name for name, _ in parse_qsl(query.split("?", 1)[1], keep_blank_values=True)}
+    return query if "_count" in names else f"{query}&_count={page_size}"
 
 
 def discovery_prefetch(templates: Iterable[PrefetchTemplate]) -> dict[str, str]:
@@ -192,6 +212,12 @@ def parse_query(rendered: str) -> tuple[str, str | None, dict[str, list[str]]]:
     """(resource type, id for a read or None, search parameters) of a rendered template."""
     read = _READ.fullmatch(rendered)
     if read:
+        if not is_safe_fhir_id(read.group(2)):
+            raise InputError(
+                "a prefetch read template rendered to an id that is not a FHIR id"
+                " (or is '.' or '..')",
+                expression=["context"],
+            )
         return read.group(1), read.group(2), {}
     search = _SEARCH.fullmatch(rendered)
     if not search:
@@ -247,10 +273,10 @@ def _classify(value: Any, template: PrefetchTemplate) -> tuple[list[Json] | None
         )
     kind = value["resourceType"]
     if kind == "OperationOutcome":
-        return None, "the EHR reported an error"
+        return None, ERROR_REPORTED
     if kind == "Bundle":
         if _has_next_link(value):
-            return None, "paged"
+            return None, INCOMPLETE
         return _bundle_resources(value, key), ""
     return [value], ""
 
@@ -260,6 +286,8 @@ def _fetch(template: PrefetchTemplate, context: Mapping[str, Any], fetcher: Fetc
     if resource_id is not None:
         resource = fetcher.read(resource_type, resource_id)
         return [] if resource is None else [resource]
+    # `_count` is what the EHR is asked for; the service's own fetches page by its own setting.
+    params.pop("_count", None)
     return fetcher.search(resource_type, params)
 
 
@@ -289,6 +317,26 @@ def _fetch_all(
         return dict(zip((t.key for t in templates), pool.map(one, templates), strict=True))
 
 
+def _incomplete_message(
+    failed: Sequence[tuple[str, FhirDmError]],
+    reasons: Mapping[str, str],
+    templates: Sequence[PrefetchTemplate],
+    given: Mapping[str, Any],
+) -> str:
+    """Which required keys, why each had to be fetched, why fetching failed, what was sent."""
+    keys = "; ".join(f"prefetch key '{key}' {_WHY[reasons[key]]}" for key, _ in failed)
+    causes = list(dict.fromkeys(exc.message for _, exc in failed))
+    sent = [t.key for t in templates if t.key in given]
+    not_sent = [t.key for t in templates if t.key not in given]
+    what = f"the request's prefetch had {len(sent)} of {len(templates)} keys"
+    if not_sent:
+        what += f" (not sent: {', '.join(not_sent)})"
+    return (
+        f"{keys}. fhir-dm could not fetch it from the EHR's FHIR server: "
+        f"{'; '.join(causes)}. Sent: {what}."
+    )
+
+
 def resolve_prefetch(
     templates: Sequence[PrefetchTemplate],
     prefetch: Mapping[str, Any] | None,
@@ -301,33 +349,40 @@ def resolve_prefetch(
     given = prefetch or {}
     usable: dict[str, list[Json]] = {}
     to_fetch: list[PrefetchTemplate] = []
+    reasons: dict[str, str] = {}
     for template in templates:
         if template.key not in given:
             found: list[Json] | None = None
-            reason = "missing"
+            reason = MISSING
         else:
             found, reason = _classify(given[template.key], template)
         if found is None:
             logger.info("CDS prefetch %s: %s; fetching from the FHIR server", template.key, reason)
             to_fetch.append(template)
+            reasons[template.key] = reason
         else:
             usable[template.key] = found
 
     unavailable: list[str] = []
+    failed: list[tuple[str, FhirDmError]] = []
     if to_fetch:
         for key, outcome in _fetch_all(to_fetch, context, fetcher_factory, workers).items():
             template = next(t for t in to_fetch if t.key == key)
             if isinstance(outcome, FhirDmError):
                 if template.required:
-                    raise PreconditionFailedError(
-                        f"prefetch '{key}' is missing and could not be fetched: {outcome.message}"
-                    ) from outcome
+                    failed.append((key, outcome))
+                    continue
                 logger.warning(
                     "CDS prefetch %s: optional data unavailable (%s)", key, outcome.message
                 )
                 unavailable.append(key)
                 continue
             usable[key] = outcome
+    if failed:
+        raise PreconditionFailedError(
+            _incomplete_message(failed, reasons, templates, given),
+            expression=[f"prefetch.{key}" for key, _ in failed],
+        ) from failed[0][1]
 
     patient_id = context.get("patientId")
     patient: Json | None = None

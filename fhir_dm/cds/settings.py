@@ -14,6 +14,7 @@ from fhir_dm.knowledge.load import DEFAULT_CONFIG_DIR, read_yaml, validation_lin
 DEFAULT_CDS_CONFIG = DEFAULT_CONFIG_DIR / "cds.yaml"
 DEFAULT_MAX_CODES_PER_QUERY = 64
 DEFAULT_MAX_QUERY_LENGTH = 2048
+DEFAULT_PAGE_SIZE = 200
 
 Indicator = Literal["info", "warning", "critical"]
 TemplateUse = Literal["patient", "data", "existing-plans"]
@@ -68,8 +69,12 @@ class TemplateConfig(_Frozen):
 
 
 class PrefetchConfig(_Frozen):
+    """`page_size` becomes `_count` of every search template (unless a template sets its own):
+    an EHR that forwards only the first page of a search then still forwards all of it."""
+
     max_codes_per_query: int = Field(default=DEFAULT_MAX_CODES_PER_QUERY, ge=1)
     max_query_length: int = Field(default=DEFAULT_MAX_QUERY_LENGTH, ge=64)
+    page_size: int = Field(default=DEFAULT_PAGE_SIZE, ge=1, le=1000)
     templates: dict[str, TemplateConfig]
 
     @model_validator(mode="after")

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from requests.auth import AuthBase
 
+from fhir_dm import deadline as deadlines
 from fhir_dm.errors import (
     KnowledgeError,
     UpstreamError,
@@ -145,13 +146,15 @@ class SmartBackendAuth(AuthBase):
             "client_assertion_type": CLIENT_ASSERTION_TYPE,
             "client_assertion": self.client_assertion(),
         }
+        # The token request happens inside a FHIR call, so it shares that request's deadline.
+        timeout = deadlines.cap_timeout(self._timeout, deadlines.current(), _AUTH_CALL)
         started = time.monotonic()
         try:
             response = self._session.post(
                 self._token_url,
                 data=form,
                 headers={"Accept": "application/json"},
-                timeout=self._timeout,
+                timeout=timeout,
                 auth=NoAuth(),
                 allow_redirects=False,
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -14,15 +15,20 @@ from urllib.parse import urljoin, urlsplit
 import requests
 from requests.auth import AuthBase
 
+from fhir_dm import deadline as deadlines
+from fhir_dm.deadline import Deadline
 from fhir_dm.errors import (
+    DeadlineExceededError,
     InputError,
     UpstreamError,
     UpstreamRejectedError,
+    UpstreamThrottledError,
     UpstreamTimeoutError,
+    UpstreamUnavailableError,
 )
 from fhir_dm.fhir.auth import NoAuth, auth_from_config
 from fhir_dm.fhir.config import FhirServerConfig
-from fhir_dm.fhir.retry import RetryPolicy, is_idempotent_bundle
+from fhir_dm.fhir.retry import RetryPolicy, is_idempotent_bundle, parse_retry_after
 
 __all__ = ["FhirClient", "client_from_config", "upstream_status"]
 
@@ -59,6 +65,11 @@ class FhirClient:
     connection errors; everything else fails on the first error. Failures raise the
     `UpstreamError` tree; messages and logs name the call, never ids, query values or bodies.
     The client owns `session` and closes it in `close()`.
+
+    Every call respects a deadline (`deadline`, else the current one of `fhir_dm.deadline`):
+    timeouts are cut to the time left, and a retry is not made when its wait would outlast it
+    or when the server's `Retry-After` asks for more than `max_backoff`; a 429/503 then raises
+    `UpstreamUnavailableError` carrying that `Retry-After`.
     """
 
     def __init__(
@@ -73,6 +84,7 @@ class FhirClient:
         max_pages: int = DEFAULT_MAX_PAGES,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
+        deadline: Deadline | None = None,
     ) -> None:
         self._base_url = base_url.rstrip("/")
         self._origin = url_origin(self._base_url)
@@ -85,6 +97,7 @@ class FhirClient:
         self._max_pages = max_pages
         self._sleep = sleep
         self._clock = clock
+        self._deadline = deadline
 
     @property
     def base_url(self) -> str:
@@ -232,8 +245,10 @@ class FhirClient:
             # Servers may answer a repeated search from a cache (HAPI: 60 s by default); a
             # write-back decision must see what was written a moment ago.
             headers["Cache-Control"] = "no-cache"
+        deadline = self._deadline if self._deadline is not None else deadlines.current()
         attempt = 0
         while True:
+            timeout = deadlines.cap_timeout(self._timeout, deadline, call)
             started = time.monotonic()
             try:
                 response = self._session.request(
@@ -242,7 +257,7 @@ class FhirClient:
                     params=params,
                     data=body,
                     headers=headers,
-                    timeout=self._timeout,
+                    timeout=timeout,
                     auth=self._auth,
                     # A redirected POST would silently become a GET; reads may follow one
                     # (requests drops the Authorization header when the host changes).
@@ -250,13 +265,24 @@ class FhirClient:
                 )
             except requests.Timeout as exc:
                 self._log_call(method, resource_type, "timeout", started)
-                if safe and self._may_retry(attempt, method, resource_type, "timeout", None):
+                if safe and self._may_retry(
+                    attempt, method, resource_type, "timeout", None, deadline
+                ):
                     attempt += 1
                     continue
+                if deadline is not None and timeout[1] < self._timeout[1]:
+                    raise _upstream_error(
+                        DeadlineExceededError,
+                        f"{call} timed out: the request's time limit of {deadline.seconds:g} s"
+                        " ran out",
+                        None,
+                    ) from exc
                 raise _upstream_error(UpstreamTimeoutError, f"{call} timed out", None) from exc
             except requests.ConnectionError as exc:
                 self._log_call(method, resource_type, "connection error", started)
-                if safe and self._may_retry(attempt, method, resource_type, "connection", None):
+                if safe and self._may_retry(
+                    attempt, method, resource_type, "connection", None, deadline
+                ):
                     attempt += 1
                     continue
                 raise _upstream_error(
@@ -278,13 +304,18 @@ class FhirClient:
                 safe
                 and (self._retry.retries_status(status) or status in extra_retry_statuses)
                 and self._may_retry(
-                    attempt, method, resource_type, status, response.headers.get("Retry-After")
+                    attempt,
+                    method,
+                    resource_type,
+                    status,
+                    response.headers.get("Retry-After"),
+                    deadline,
                 )
             ):
                 response.close()
                 attempt += 1
                 continue
-            raise _status_error(call, response, rejected_on_5xx=rejected_on_5xx)
+            raise _status_error(call, response, rejected_on_5xx=rejected_on_5xx, now=self._clock())
 
     def _may_retry(
         self,
@@ -293,11 +324,31 @@ class FhirClient:
         resource_type: str,
         reason: int | str,
         retry_after: str | None,
+        deadline: Deadline | None,
     ) -> bool:
-        """Sleep before the next attempt and say True, or say False when retries are used up."""
+        """Sleep before the next attempt and say True, or say False when it is not worth it.
+
+        Not worth it: retries used up, a `Retry-After` longer than `max_backoff` (retrying
+        sooner than the server asked is pointless), or a wait that would outlast the deadline.
+        """
         if attempt >= self._retry.max_retries:
             return False
-        delay = self._retry.delay(attempt, retry_after, now=self._clock())
+        now = self._clock()
+        asked = parse_retry_after(retry_after, now=now)
+        delay = self._retry.delay(attempt, retry_after, now=now)
+        too_long = asked is not None and asked > self._retry.max_backoff
+        if too_long or (
+            deadline is not None and delay + deadlines.MIN_CALL_SECONDS >= deadline.remaining()
+        ):
+            _log.warning(
+                "FHIR %s %s -> %s; not retried: waiting %.1f s would exceed the %s",
+                method,
+                resource_type,
+                reason,
+                asked if too_long and asked is not None else delay,
+                "longest back-off" if too_long else "request's deadline",
+            )
+            return False
         _log.warning(
             "FHIR %s %s -> %s; retry %d of %d in %.1f s",
             method,
@@ -371,12 +422,19 @@ def _upstream_error(cls: type[UpstreamError], message: str, status: int | None) 
 
 
 def _status_error(
-    call: str, response: requests.Response, *, rejected_on_5xx: bool
+    call: str, response: requests.Response, *, rejected_on_5xx: bool, now: float | None = None
 ) -> UpstreamError:
-    """Map a final non-2xx answer: 504 timed out, 4xx rejected, 5xx failed (rejected for writes)."""
+    """Map a final non-2xx answer: 504 timed out, 429/503 unavailable (with the server's
+    Retry-After), other 4xx rejected, 5xx failed (rejected for writes)."""
     status = response.status_code
     message = f"{call} failed: HTTP {status}"
     cls: type[UpstreamError]
+    if status in (429, 503):
+        cls = UpstreamThrottledError if status == 429 else UpstreamUnavailableError
+        exc = _upstream_error(cls, message, status)
+        asked = parse_retry_after(response.headers.get("Retry-After"), now=now)
+        exc.retry_after = None if asked is None else max(1, math.ceil(asked))
+        return exc
     if status == 504:
         cls = UpstreamTimeoutError
     elif status < 500 or rejected_on_5xx:

@@ -9,13 +9,14 @@ import requests
 from flask import Flask
 
 from fhir_dm import __version__
-from fhir_dm.core.assess import Engine
+from fhir_dm.cds.state import StateSettings, open_replay
 from fhir_dm.fhir.client import client_from_config
+from fhir_dm.fhir.terminology import engine_for
 from fhir_dm.knowledge.load import load_knowledge
 from fhir_dm.locks import PatientLocks
-from fhir_dm.web import cds_hooks, logs, operations, outcomes, system
+from fhir_dm.web import cds_hooks, limits, logs, operations, outcomes, system
 from fhir_dm.web.settings import EXTENSION_KEY, Service, Settings, load_settings
-from fhir_dm.web.trust import InboundAuth
+from fhir_dm.web.trust import InboundAuth, ReplayGuard
 from fhir_dm.writeback import WriteBack
 
 
@@ -30,8 +31,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings if settings is not None else load_settings()
     logs.configure_logging(settings.log_level)
     knowledge = load_knowledge(settings.config_dir)
-    engine = Engine(
-        knowledge, software_version=__version__, validate_output=settings.validate_output
+    engine = engine_for(
+        knowledge,
+        settings.terminology,
+        software_version=__version__,
+        validate_output=settings.validate_output,
     )
     fhir = client_from_config(settings.fhir)
     locks = PatientLocks(settings.lock_dir)
@@ -40,7 +44,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         knowledge=knowledge,
         engine=engine,
         fhir=fhir,
-        auth=InboundAuth(settings.trust, session=requests.Session()),
+        auth=InboundAuth(settings.trust, session=requests.Session(), replay=_replay(settings)),
         locks=locks,
         writeback=WriteBack(fhir, engine, locks),
         capability_statement=system.build_capability_statement(
@@ -52,6 +56,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions[EXTENSION_KEY] = service
     logs.init_app(app)
+    limits.init_app(app)
     outcomes.init_app(app)
     app.register_blueprint(system.bp)
     app.register_blueprint(operations.bp)
@@ -60,5 +65,23 @@ def create_app(settings: Settings | None = None) -> Flask:
         if cds.config_file is None and settings.config_dir is not None:
             # cds.yaml lives with the rest of the knowledge base unless named on its own.
             cds = cds.model_copy(update={"config_file": Path(settings.config_dir) / "cds.yaml"})
-        cds_hooks.init_app(app, cds, engine=engine, knowledge=knowledge)
+        cds_hooks.init_app(
+            app,
+            cds,
+            engine=engine,
+            knowledge=knowledge,
+            plan_writer=cds_hooks.PlanWriter(service.writeback, fhir.base_url),
+        )
     return app
+
+
+def _replay(settings: Settings) -> ReplayGuard | None:
+    """The operations' `jti` store: shared by every worker (and host, with Redis).
+
+    It is the CDS Hooks state when CDS Hooks is configured, else the default SQLite file, so a
+    token is accepted once whichever worker or endpoint it reaches.
+    """
+    if settings.trust.mode != "jwt":
+        return None
+    state = settings.cds.state if settings.cds is not None else StateSettings()
+    return open_replay(state, leeway_seconds=settings.trust.leeway_seconds)

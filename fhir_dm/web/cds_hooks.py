@@ -27,14 +27,18 @@ from urllib.parse import urlsplit
 import requests
 from flask import Blueprint, Flask, Response, current_app, request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from redis import RedisError
 from werkzeug.exceptions import NotFound
 
+from fhir_dm import deadline as deadlines
 from fhir_dm.cds.cards import CardBuilder
-from fhir_dm.cds.feedback import MEMORY, FeedbackStore, IssuedCardRecord
+from fhir_dm.cds.feedback import CdsStore, IssuedCardRecord
+from fhir_dm.cds.fetch import AllowedServerSession, fhir_server_allowed, has_dot_segment, same_base
 from fhir_dm.cds.models import (
     CdsRequest,
     CdsResponse,
     Discovery,
+    FeedbackItem,
     FeedbackRequest,
     ServiceDescriptor,
 )
@@ -48,15 +52,23 @@ from fhir_dm.cds.prefetch import (
     resolve_prefetch,
 )
 from fhir_dm.cds.settings import CdsConfig, load_cds_config
+from fhir_dm.cds.state import StateSettings, open_state
 from fhir_dm.core.assess import Engine
-from fhir_dm.errors import AuthError, InputError, PreconditionFailedError
+from fhir_dm.errors import (
+    AuthError,
+    FhirDmError,
+    InputError,
+    KnowledgeError,
+    PreconditionFailedError,
+)
 from fhir_dm.fhir.auth import BearerAuth
-from fhir_dm.fhir.client import FhirClient, url_origin
+from fhir_dm.fhir.client import FhirClient
 from fhir_dm.fhir.config import check_http_url
 from fhir_dm.fhir.retry import RetryPolicy
 from fhir_dm.knowledge.models import Knowledge
 from fhir_dm.web.outcomes import read_json_body
 from fhir_dm.web.trust import InboundAuth, TrustConfig
+from fhir_dm.writeback import WriteBack
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +83,7 @@ DEFAULT_FETCH_TIMEOUT = (3.0, 10.0)
 DEFAULT_FETCH_MAX_RETRIES = 1
 DEFAULT_FETCH_PAGE_SIZE = 200
 DEFAULT_FETCH_MAX_PAGES = 20
+DEFAULT_WRITE_CLAIM_SECONDS = 300.0
 CORS_MAX_AGE_SECONDS = 600
 
 Clock = Callable[[], date | datetime]
@@ -87,6 +100,8 @@ def _check_server_entry(value: str) -> str:
         raise ValueError(f"{value!r} is not an absolute http(s) URL")
     if parts.username or parts.password or parts.query or parts.fragment:
         raise ValueError(f"{value!r} must not carry credentials, a query or a fragment")
+    if has_dot_segment(parts.path):
+        raise ValueError(f"{value!r} must not contain '.' or '..' path segments")
     return value.rstrip("/")
 
 
@@ -99,7 +114,7 @@ class CdsSettings(BaseModel):
             public_base_url="https://dm.example.org",
             trust=TrustConfig(mode="jwt", issuers=(IssuerTrust(iss=..., jwks_url=...),)),
             allowed_fhir_servers=("https://ehr.example.org/fhir/r4",),
-            feedback_db="/var/lib/fhir-dm/cds-feedback.sqlite3",
+            state=StateSettings(sqlite_path=Path("/var/lib/fhir-dm/cds.sqlite3")),
         )
         CdsSettings(trust=TrustConfig(mode="off"))   # development: any fhirServer, no JWT
 
@@ -107,6 +122,12 @@ class CdsSettings(BaseModel):
     the path called. `allowed_fhir_servers` lists base URLs the EHR's access token may be sent
     to (scheme, host and port exact, path a segment prefix); an empty list accepts any server
     only when trust is off.
+
+    `state` is where seen JWT ids, issued cards and feedback live, shared by all workers (a
+    SQLite file per host, or Redis for several hosts). `write_on_accept` (off by default) makes
+    an `accepted` feedback for a card's suggestion write that patient's plan through the
+    write-back to the service's FHIR server (`fhir` settings), once, for EHRs that record the
+    acceptance but do not apply the suggestion's actions.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -123,11 +144,13 @@ class CdsSettings(BaseModel):
     fetch_page_size: int = Field(default=DEFAULT_FETCH_PAGE_SIZE, ge=1, le=1000)
     fetch_max_pages: int = Field(default=DEFAULT_FETCH_MAX_PAGES, ge=1)
     fetch_workers: int = Field(default=DEFAULT_FETCH_WORKERS, ge=1, le=16)
-    feedback_db: str = MEMORY
+    state: StateSettings = Field(default_factory=StateSettings)
     feedback_retention_days: int = Field(default=365, ge=1)
     keep_override_comments: bool = False
     cors_allowed_origins: tuple[str, ...] = ()
     max_request_bytes: int = Field(default=DEFAULT_MAX_REQUEST_BYTES, gt=0)
+    write_on_accept: bool = False
+    write_claim_seconds: float = Field(default=DEFAULT_WRITE_CLAIM_SECONDS, gt=0)
 
     @field_validator("public_base_url")
     @classmethod
@@ -154,21 +177,12 @@ class CdsSettings(BaseModel):
         return self.trust.mode == "off"
 
 
-def fhir_server_allowed(url: str, allowed: tuple[str, ...], *, development: bool) -> bool:
-    """Whether the EHR's token may be sent to `url` (an SSRF and token-leak guard)."""
-    origin = url_origin(url)
-    if origin is None:
-        return False
-    if not allowed:
-        return development
-    target = urlsplit(url.rstrip("/"))
-    for entry in allowed:
-        base = urlsplit(entry)
-        if origin == url_origin(entry) and (
-            target.path == base.path or target.path.startswith(base.path.rstrip("/") + "/")
-        ):
-            return True
-    return False
+@dataclass(frozen=True, slots=True)
+class PlanWriter:
+    """The write-back to the service's FHIR server, for plans whose suggestion was accepted."""
+
+    writeback: WriteBack
+    fhir_base_url: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,9 +196,10 @@ class CdsHooksService:
     knowledge: Knowledge
     auth: InboundAuth
     cards: CardBuilder
-    store: FeedbackStore
+    store: CdsStore
     clock: Clock
     descriptor: ServiceDescriptor
+    plan_writer: PlanWriter | None = None
 
     @property
     def service_id(self) -> str:
@@ -203,12 +218,15 @@ def init_app(
     clock: Clock | None = None,
     http_session: requests.Session | None = None,
     trust_clock: Callable[[], float] = time.time,
-    feedback_store: FeedbackStore | None = None,
+    feedback_store: CdsStore | None = None,
+    plan_writer: PlanWriter | None = None,
 ) -> None:
     """Register the CDS Hooks blueprint; raise KnowledgeError when config/cds.yaml is unusable.
 
     `clock` gives the evaluation instant (default: now, UTC); `http_session` fetches the
-    EHRs' JWK Sets; `trust_clock` is the JWT verifier's clock (epoch seconds).
+    EHRs' JWK Sets; `trust_clock` is the JWT verifier's clock (epoch seconds). `plan_writer`
+    is needed when `write_on_accept` is on. `feedback_store` replaces the configured store
+    (tests); the `jti` cache is always the configured shared one.
     """
     if not cds_settings.enabled:
         logger.info("CDS Hooks disabled")
@@ -220,11 +238,17 @@ def init_app(
         logger.warning("CDS Hooks in development mode: no JWT checks, any fhirServer accepted")
     elif not cds_settings.allowed_fhir_servers:
         logger.warning("CDS Hooks: no allowed_fhir_servers; incomplete prefetch is answered 412")
-    store = feedback_store or FeedbackStore(
-        cds_settings.feedback_db,
+    if cds_settings.write_on_accept and plan_writer is None:
+        raise KnowledgeError("cds.write_on_accept needs the write-back (a configured FHIR server)")
+    state = open_state(
+        cds_settings.state,
         keep_comments=cds_settings.keep_override_comments,
         retention_days=cds_settings.feedback_retention_days,
+        leeway_seconds=cds_settings.trust.leeway_seconds,
+        clock=trust_clock,
     )
+    logger.info("CDS Hooks shared state: %s", state.description)
+    store = feedback_store or state.store
     service_info = config.service
     service = CdsHooksService(
         settings=cds_settings,
@@ -233,7 +257,10 @@ def init_app(
         engine=engine,
         knowledge=knowledge,
         auth=InboundAuth(
-            cds_settings.trust, session=http_session or requests.Session(), clock=trust_clock
+            cds_settings.trust,
+            session=http_session or requests.Session(),
+            clock=trust_clock,
+            replay=state.replay,
         ),
         cards=cards,
         store=store,
@@ -246,7 +273,10 @@ def init_app(
             prefetch=discovery_prefetch(templates),
             usage_requirements=service_info.usage_requirements,
         ),
+        plan_writer=plan_writer if cds_settings.write_on_accept else None,
     )
+    if service.plan_writer is not None:
+        logger.info("CDS Hooks: accepted suggestions are written by fhir-dm (write_on_accept)")
     app.extensions[EXTENSION_KEY] = service
     app.register_blueprint(bp)
 
@@ -303,26 +333,40 @@ def _service_or_404(service: CdsHooksService, service_id: str) -> None:
 def _fetcher_factory(service: CdsHooksService, call: CdsRequest) -> FetcherFactory:
     """Clients for the EHR's FHIR server, with the EHR's token, only if the server is allowed."""
     settings = service.settings
+    # Fetches run in a thread pool, which does not see the request's deadline: hand it over.
+    request_deadline = deadlines.current()
 
     def make() -> Fetcher:
-        if call.fhir_server is None or call.fhir_authorization is None:
+        if call.fhir_server is None:
             raise PreconditionFailedError(
-                "no fhirServer and fhirAuthorization in the request to fetch it with"
+                "the request sent neither fhirServer nor fhirAuthorization"
+                if call.fhir_authorization is None
+                else "the request sent no fhirServer"
+            )
+        if call.fhir_authorization is None:
+            raise PreconditionFailedError(
+                "the request sent fhirServer but no fhirAuthorization (no access token to"
+                " read with)"
             )
         if not fhir_server_allowed(
             call.fhir_server, settings.allowed_fhir_servers, development=settings.development
         ):
             logger.warning("CDS call names a fhirServer that is not allowed; not contacted")
-            raise PreconditionFailedError("the request's fhirServer is not on the allowed list")
+            raise PreconditionFailedError(
+                "the request sent fhirServer and fhirAuthorization, but that fhirServer is not"
+                " on this service's allowed list (allowed_fhir_servers)"
+            )
         token = call.fhir_authorization.access_token.get_secret_value()
         return FhirClient(
             call.fhir_server,
-            session=requests.Session(),
+            # Every URL sent (next links too) must stay under fhirServer; no redirects.
+            session=AllowedServerSession(call.fhir_server),
             auth=BearerAuth(token),
             timeout=(settings.fetch_connect_timeout, settings.fetch_read_timeout),
             retry=RetryPolicy(max_retries=settings.fetch_max_retries, max_backoff=1.0),
             page_size=settings.fetch_page_size,
             max_pages=settings.fetch_max_pages,
+            deadline=request_deadline,
         )
 
     return make
@@ -390,16 +434,23 @@ def call_service(service_id: str) -> Response:
         existing_plans=data.existing_plans,
         unavailable=data.unavailable,
     )
+    patient_to_write = call.context.patient_id if _writes_plans_for(service, call) else None
     try:
         service.store.record_issued(
             service.service_id,
             [
-                IssuedCardRecord(i.card.uuid or "", i.card_type, i.tier, i.suggestion_uuid)
+                IssuedCardRecord(
+                    i.card.uuid or "",
+                    i.card_type,
+                    i.tier,
+                    i.suggestion_uuid,
+                    patient_to_write if i.suggestion_uuid else None,
+                )
                 for i in issued
                 if i.card.uuid
             ],
         )
-    except sqlite3.Error as exc:  # feedback attribution is secondary to answering the EHR
+    except (sqlite3.Error, RedisError) as exc:  # attribution is secondary to answering the EHR
         logger.error("CDS card record failed: %s", type(exc).__name__)
     response = CdsResponse(cards=[i.card for i in issued]).dump()
     logger.info(
@@ -431,7 +482,77 @@ def feedback(service_id: str) -> Response:
         receipt.duplicates,
         receipt.unattributed,
     )
-    return _json({"stored": receipt.stored, "duplicates": receipt.duplicates})
+    answer: dict[str, Any] = {"stored": receipt.stored, "duplicates": receipt.duplicates}
+    if service.plan_writer is not None:
+        plans = {"written": 0, "unchanged": 0, "alreadyHandled": 0, "failed": 0}
+        for item in body.feedback:
+            outcome = _write_accepted_plan(service, service.plan_writer, item)
+            if outcome is not None:
+                plans[outcome] += 1
+        answer["plans"] = plans
+    return _json(answer)
+
+
+def _writes_plans_for(service: CdsHooksService, call: CdsRequest) -> bool:
+    """Whether an accepted card of this call will be written by fhir-dm (write_on_accept).
+
+    Only when the call's patient lives on the write-back's server: a call naming another
+    fhirServer has patient ids of another server.
+    """
+    writer = service.plan_writer
+    if writer is None:
+        return False
+    if call.fhir_server is not None and not same_base(call.fhir_server, writer.fhir_base_url):
+        logger.warning(
+            "CDS write_on_accept: the call's fhirServer is not the write-back's FHIR server;"
+            " accepted plans of this call will not be written"
+        )
+        return False
+    return True
+
+
+def _write_accepted_plan(
+    service: CdsHooksService, writer: PlanWriter, item: FeedbackItem
+) -> str | None:
+    """Write the plan of an accepted suggestion once; None when the item asks for nothing.
+
+    The claim in the shared store makes exactly one worker write; a failed write releases it,
+    so a later accepted feedback tries again. The write-back itself writes nothing when the
+    same plan is already on the server.
+    """
+    if item.outcome != "accepted":
+        return None
+    record = service.store.issued_card(service.service_id, item.card)
+    accepted = {s.id for s in item.accepted_suggestions or ()}
+    if record is None or not record.suggestion_uuid or record.suggestion_uuid not in accepted:
+        return None
+    if not service.store.claim_write(
+        service.service_id, item.card, stale_after=service.settings.write_claim_seconds
+    ):
+        return "alreadyHandled"
+    if record.patient_id is None:  # written before (the id is forgotten then) or never kept
+        service.store.release_write(service.service_id, item.card)
+        return "alreadyHandled"
+    try:
+        write = writer.writeback.assess_patient(
+            record.patient_id, now=service.clock(), preview=False
+        )
+    except FhirDmError as exc:
+        service.store.release_write(service.service_id, item.card)
+        logger.error("CDS accepted plan not written: %s", exc.message)
+        return "failed"
+    except BaseException:
+        service.store.release_write(service.service_id, item.card)
+        raise
+    service.store.finish_write(service.service_id, item.card)
+    if record.tier and write.result.tier != record.tier:
+        logger.warning(
+            "CDS accepted plan written for tier %s; the card showed tier %s (the record changed)",
+            write.result.tier,
+            record.tier,
+        )
+    logger.info("CDS accepted plan: %s", write.status)
+    return "written" if write.status == "written" else "unchanged"
 
 
 @bp.get(f"{DISCOVERY_PATH}/<service_id>/feedback/summary")

@@ -21,6 +21,9 @@ _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 # Fields a record may carry (via `extra=`) that the formatter writes out.
 EXTRA_FIELDS = ("method", "route", "status", "duration_ms", "error")
 UNMATCHED_ROUTE = "-"
+# The WSGI environ key that hands the URL rule to gunicorn's access log (`%({fhir_dm.route}e)s`
+# in fhir_dm.web.gunicorn_conf), which must never log the concrete path.
+ROUTE_ENVIRON_KEY = "fhir_dm.route"
 # Libraries that log full URLs (patient ids, query values) below WARNING: kept at WARNING.
 URL_LOGGING_LIBRARIES = ("urllib3", "werkzeug")
 
@@ -117,6 +120,7 @@ def _finish_request(response: Response) -> Response:
     if request_id:
         response.headers[REQUEST_ID_HEADER] = request_id
     rule = request.url_rule.rule if request.url_rule is not None else UNMATCHED_ROUTE
+    request.environ[ROUTE_ENVIRON_KEY] = rule
     started = g.get("request_started", time.perf_counter())
     elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
     access_log.info(

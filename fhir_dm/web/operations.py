@@ -10,8 +10,10 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
+from fhir_dm.core.assess import AssessmentRun
 from fhir_dm.errors import InputError, NotFhirError
-from fhir_dm.web.outcomes import fhir_response, issue, outcome_of, read_json_body
+from fhir_dm.web import limits
+from fhir_dm.web.outcomes import fhir_json, fhir_response, issue, outcome_of, read_json_body
 from fhir_dm.web.settings import Service, current_service
 from fhir_dm.web.trust import Principal
 from fhir_dm.writeback import PatientWrite
@@ -152,6 +154,24 @@ def result_bundle(writes: Sequence[PatientWrite]) -> Json:
     return {"resourceType": "Bundle", "type": "collection", "entry": entries}
 
 
+def _respond(service: Service, writes: Sequence[PatientWrite]) -> Response:
+    """The result Bundle, refused (413) when over max_response_bytes and nothing was written.
+
+    A written result is always returned: refusing it would hide what was written. Bundle
+    writes are checked before writing instead (`_check_run_size`).
+    """
+    body = fhir_json(result_bundle(writes))
+    if all(w.status != "written" for w in writes):
+        limits.check_response_size(len(body), service.settings.max_response_bytes)
+    return fhir_response(body)
+
+
+def _check_run_size(service: Service, run: AssessmentRun) -> None:
+    """Before a Bundle write: refuse (413) a result that would answer over max_response_bytes."""
+    size = sum(len(fhir_json(entry)) for result in run.results for entry in result.entries)
+    limits.check_response_size(size, service.settings.max_response_bytes)
+
+
 @bp.post(f"/{OPERATION}")
 def screen_bundle() -> Response:
     """Assess every patient of a posted Bundle; preview (default) or write to the FHIR server."""
@@ -161,6 +181,7 @@ def screen_bundle() -> Response:
     call = _merge(_body_call(body, bundle_allowed=True), _query_call())
     if call.bundle is None:
         raise InputError("Parameters must hold a 'bundle'", expression=["Parameters.parameter"])
+    limits.check_patient_count(call.bundle, service.settings.max_patients_per_request)
     try:
         run = service.engine.assess(call.bundle, now=call.now or _today())
     except NotFhirError as exc:
@@ -170,8 +191,15 @@ def screen_bundle() -> Response:
         paths = [call.bundle_path + e.removeprefix("Bundle") for e in exc.expression]
         raise NotFhirError(exc.message, expression=paths) from None
     preview = True if call.preview is None else call.preview
-    writes = service.writeback.preview_run(run) if preview else service.writeback.write_run(run)
-    return fhir_response(result_bundle(writes))
+    if not preview:
+        _check_run_size(service, run)
+    if preview:
+        writes = service.writeback.preview_run(run)
+    else:
+        # A write binds each posted Patient to the server Patient of that id and assesses the
+        # server's record together with the posted resources (WriteBack.write_bundle).
+        writes = service.writeback.write_bundle(call.bundle, now=call.now or _today())
+    return _respond(service, writes)
 
 
 @bp.post(f"/Patient/<id>/{OPERATION}")
@@ -186,4 +214,4 @@ def screen_patient(id: str) -> Response:
     call = _merge(from_body, _query_call())
     preview = False if call.preview is None else call.preview
     write = service.writeback.assess_patient(id, now=call.now or _today(), preview=preview)
-    return fhir_response(result_bundle([write]))
+    return _respond(service, [write])

@@ -37,6 +37,7 @@ HTTP_ISSUE_CODES = {
     413: "too-long",
     415: "not-supported",
     429: "throttled",
+    431: "too-long",
 }
 
 _log = logging.getLogger(__name__)
@@ -66,11 +67,18 @@ def operation_outcome(
     return outcome_of([issue(severity, code, diagnostics, expression=expression)])
 
 
+def fhir_json(resource: Mapping[str, Any]) -> bytes:
+    """A resource as compact UTF-8 JSON, keys in the order built."""
+    return json.dumps(resource, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
 def fhir_response(
-    resource: Mapping[str, Any], status: int = 200, headers: Mapping[str, str] | None = None
+    resource: Mapping[str, Any] | bytes,
+    status: int = 200,
+    headers: Mapping[str, str] | None = None,
 ) -> Response:
-    """A FHIR JSON response (UTF-8, keys in the order built)."""
-    body = json.dumps(resource, ensure_ascii=False, separators=(",", ":"))
+    """A FHIR JSON response; `resource` may already be serialised by `fhir_json`."""
+    body = resource if isinstance(resource, bytes) else fhir_json(resource)
     return Response(body, status=status, content_type=FHIR_JSON_UTF8, headers=dict(headers or {}))
 
 
@@ -94,6 +102,8 @@ def _handle_fhir_dm_error(exc: FhirDmError) -> Response:
         headers["WWW-Authenticate"] = 'Bearer error="insufficient_scope"'
     elif isinstance(exc, AuthError):
         headers["WWW-Authenticate"] = "Bearer"
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(exc.retry_after)
     # Only the class goes to the log: an upstream server's quoted diagnostics may name ids.
     _log.warning("request failed", extra={"status": exc.status, "error": type(exc).__name__})
     return outcome_response(
@@ -172,6 +182,20 @@ def _read_body(max_bytes: int) -> bytes:
         chunks.append(chunk)
 
 
+def _utf8_text(data: bytes) -> str:
+    """The body as UTF-8 text (a leading byte order mark is ignored, as RFC 8259 allows).
+
+    `json.loads` on bytes would also guess UTF-16 and UTF-32; the service takes UTF-8 only,
+    so anything else is a malformed body (400), whatever the Content-Type claimed.
+    """
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data:
+        raise NotJsonError("the request body is not UTF-8 text (UTF-16 or UTF-32 is not accepted)")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise NotJsonError("the request body is not UTF-8 text") from None
+
+
 def read_json_body(max_bytes: int, *, required: bool = True) -> Any:
     """The request body as JSON; None when empty and not `required`.
 
@@ -187,14 +211,13 @@ def read_json_body(max_bytes: int, *, required: bool = True) -> Any:
         if required:
             raise NotJsonError("the request body is empty")
         return None
+    text = _utf8_text(data)
     try:
-        return json.loads(data, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise NotJsonError(
             f"the request body is not JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
         ) from None
-    except UnicodeDecodeError:
-        raise NotJsonError("the request body is not UTF-8 text") from None
     except ValueError as exc:
         raise NotJsonError(f"the request body is not JSON: {exc}") from None
     except RecursionError:

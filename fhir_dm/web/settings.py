@@ -22,6 +22,7 @@ from fhir_dm.core.assess import Engine
 from fhir_dm.errors import KnowledgeError
 from fhir_dm.fhir.client import FhirClient
 from fhir_dm.fhir.config import FhirServerConfig, check_http_url
+from fhir_dm.fhir.terminology import TerminologyServerConfig
 from fhir_dm.knowledge.models import Knowledge
 from fhir_dm.locks import PatientLocks
 from fhir_dm.web.cds_hooks import CdsSettings
@@ -33,6 +34,13 @@ SETTINGS_FILE_VARIABLE = "FHIR_DM_SETTINGS_FILE"
 EXTENSION_KEY = "fhir_dm"
 DEFAULT_PUBLIC_BASE_URL = "http://127.0.0.1:8080"
 DEFAULT_MAX_REQUEST_BYTES = 5 * 1024 * 1024
+# Below gunicorn's worker timeout (30 s in fhir_dm.web.gunicorn_conf), so the service always
+# answers with its own OperationOutcome first.
+DEFAULT_REQUEST_DEADLINE_SECONDS = 25.0
+# 100 patients like the seed case answer about 9.5 MiB in about 1 s on one core; more belongs
+# to an offline run.
+DEFAULT_MAX_PATIENTS_PER_REQUEST = 100
+DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 DEFAULT_LOG_LEVEL: LogLevel = "INFO"
 
@@ -78,7 +86,8 @@ class Settings(BaseSettings):
     same structure. Environment variables win over the file. Inbound trust has no usable
     default on purpose: JWT mode without issuers fails, and "off" must be chosen explicitly.
     `cds` (CDS Hooks, its own trust and limits) is optional: without it the app serves no
-    /cds-services endpoints.
+    /cds-services endpoints. `terminology` (a FHIR terminology server, e.g.
+    `FHIR_DM_TERMINOLOGY__BASE_URL`) is optional: without it codes are matched offline only.
     """
 
     model_config = SettingsConfigDict(
@@ -93,10 +102,15 @@ class Settings(BaseSettings):
     trust: TrustConfig
     public_base_url: str = DEFAULT_PUBLIC_BASE_URL
     max_request_bytes: int = Field(default=DEFAULT_MAX_REQUEST_BYTES, gt=0)
+    request_deadline_seconds: float = Field(default=DEFAULT_REQUEST_DEADLINE_SECONDS, gt=0)
+    max_patients_per_request: int = Field(default=DEFAULT_MAX_PATIENTS_PER_REQUEST, gt=0)
+    max_response_bytes: int = Field(default=DEFAULT_MAX_RESPONSE_BYTES, gt=0)
     lock_dir: Path = Field(default_factory=default_lock_dir)
     log_level: LogLevel = DEFAULT_LOG_LEVEL
     validate_output: bool = False
     cds: CdsSettings | None = None
+    # Optional terminology server for codes the offline value sets miss (off when unset).
+    terminology: TerminologyServerConfig | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -12,18 +12,20 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
 import jwt
 import requests
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from fhir_dm.errors import AuthError
+from fhir_dm.errors import AuthError, KnowledgeError
 
 logger = logging.getLogger(__name__)
 
 TrustMode = Literal["jwt", "static", "off"]
+JkuPolicy = Literal["fetch", "ignore"]
 Clock = Callable[[], float]
 
 ASYMMETRIC_ALGORITHMS = frozenset(
@@ -62,9 +64,16 @@ class IssuerTrust(BaseModel):
             jwks_url="https://ehr.example.org/.well-known/jwks.json",
             allowed_jku=("https://ehr.example.org/keys/cds.json",),
         )
+        IssuerTrust(iss="https://ehr.example.org", jwks_file=Path("ehr-keys.json"),
+                    jku_policy="ignore")   # pinned keys: nothing is fetched
 
     `jwks_url` is the key set exchanged out of band; `allowed_jku` lists the exact URLs the
-    issuer may name in a token's `jku` header. `jwks_url` is itself an acceptable `jku`.
+    issuer may name in a token's `jku` header (`jwks_url` is itself an acceptable `jku`).
+    Pinned keys (`jwks`, an inline JWK Set, or `jwks_file`) are used without any network
+    call. `jku_policy` says what a token's `jku` header does: `fetch` (the default) fetches
+    the named key set when it is allowed and rejects the token otherwise; `ignore` never
+    fetches it and verifies with the pinned keys (then `jwks_url`), for an EHR whose `jku`
+    fhir-dm cannot reach.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -72,6 +81,9 @@ class IssuerTrust(BaseModel):
     iss: str = Field(min_length=1)
     jwks_url: str | None = None
     allowed_jku: tuple[str, ...] = ()
+    jwks: dict[str, Any] | None = None
+    jwks_file: Path | None = None
+    jku_policy: JkuPolicy = "fetch"
 
     @field_validator("jwks_url")
     @classmethod
@@ -83,15 +95,55 @@ class IssuerTrust(BaseModel):
     def _jku_are_secure(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(_check_jwks_url(url) for url in value)
 
+    @field_validator("jwks")
+    @classmethod
+    def _jwks_has_public_keys(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            try:
+                _parse_key_set(value)
+            except AuthError as exc:
+                raise ValueError(exc.message.replace("jwt rejected: ", "pinned ")) from None
+        return value
+
     @model_validator(mode="after")
     def _has_key_source(self) -> IssuerTrust:
-        if self.jwks_url is None and not self.allowed_jku:
-            raise ValueError(f"issuer {self.iss!r} needs jwks_url or allowed_jku")
+        if self.jwks is not None and self.jwks_file is not None:
+            raise ValueError(f"issuer {self.iss!r}: pin keys with jwks or jwks_file, not both")
+        pinned = self.jwks is not None or self.jwks_file is not None
+        if self.jwks_url is None and not self.allowed_jku and not pinned:
+            raise ValueError(f"issuer {self.iss!r} needs jwks_url, allowed_jku, jwks or jwks_file")
+        if self.jku_policy == "ignore" and self.jwks_url is None and not pinned:
+            raise ValueError(
+                f"issuer {self.iss!r}: jku_policy 'ignore' needs pinned keys (jwks or"
+                " jwks_file) or jwks_url to verify with"
+            )
         return self
 
     def accepts_jku(self, jku: str) -> bool:
         """Exact match only: a prefix or pattern would let a token point at any key set."""
         return jku in self.allowed_jku or jku == self.jwks_url
+
+    def pinned_keys(self) -> dict[str, dict[str, Any]] | None:
+        """The pinned public keys by kid (reads `jwks_file`); KnowledgeError if unusable."""
+        document: Any = self.jwks
+        if self.jwks_file is not None:
+            try:
+                document = json.loads(self.jwks_file.read_text(encoding="utf-8"))
+            except OSError as exc:
+                raise KnowledgeError(
+                    f"trust: issuer {self.iss}: jwks_file cannot be read:"
+                    f" {exc.strerror or type(exc).__name__}"
+                ) from None
+            except ValueError:
+                raise KnowledgeError(f"trust: issuer {self.iss}: jwks_file is not JSON") from None
+        if document is None:
+            return None
+        try:
+            return _parse_key_set(document)
+        except AuthError as exc:
+            raise KnowledgeError(
+                f"trust: issuer {self.iss}: {exc.message.replace('jwt rejected: ', 'pinned ')}"
+            ) from None
 
 
 class TrustConfig(BaseModel):
@@ -323,6 +375,15 @@ def _bind_key(jwk_data: Mapping[str, Any], algorithm: str) -> jwt.PyJWK:
         raise AuthError("jwt rejected: key unusable") from exc
 
 
+class ReplayGuard(Protocol):
+    """Remembers (iss, jti) until `exp`; raises AuthError("jwt rejected: jti replayed") if seen.
+
+    `ReplayCache` is per process; `fhir_dm.cds.state` has stores every worker and host share.
+    """
+
+    def check_and_remember(self, iss: str, jti: str, exp: float) -> None: ...
+
+
 class ReplayCache:
     """Remembers each `jti` per issuer until its token expires, so a token works only once.
 
@@ -379,15 +440,21 @@ class JwtVerifier:
     """
 
     def __init__(
-        self, config: TrustConfig, *, session: requests.Session, clock: Clock = time.time
+        self,
+        config: TrustConfig,
+        *,
+        session: requests.Session,
+        clock: Clock = time.time,
+        replay: ReplayGuard | None = None,
     ) -> None:
         self._config = config
         self._clock = clock
         self._issuers = {issuer.iss: issuer for issuer in config.issuers}
+        self._pinned = {issuer.iss: issuer.pinned_keys() for issuer in config.issuers}
         self._jwks = JwksCache(
             session=session, cache_seconds=config.jwks_cache_seconds, clock=clock
         )
-        self._replay = ReplayCache(
+        self._replay: ReplayGuard = replay or ReplayCache(
             config.replay_cache_size, leeway_seconds=config.leeway_seconds, clock=clock
         )
 
@@ -409,7 +476,7 @@ class JwtVerifier:
         self, token: str, header: Mapping[str, Any], issuer: IssuerTrust, audience: str
     ) -> dict[str, Any]:
         alg: str = header["alg"]
-        key = self._jwks.get_key(self._key_source(issuer, header), header["kid"], algorithm=alg)
+        key = self._key(issuer, header, alg)
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -471,16 +538,22 @@ class JwtVerifier:
             raise AuthError("jwt rejected: iss not trusted")
         return issuer
 
-    @staticmethod
-    def _key_source(issuer: IssuerTrust, header: Mapping[str, Any]) -> str:
+    def _key(self, issuer: IssuerTrust, header: Mapping[str, Any], alg: str) -> jwt.PyJWK:
+        """The verification key: an allowed `jku` (policy fetch), else pinned, else jwks_url."""
+        kid: str = header["kid"]
         jku = header.get("jku")
-        if jku is not None:
+        if jku is not None and issuer.jku_policy == "fetch":
             if not issuer.accepts_jku(jku):
                 raise AuthError("jwt rejected: jku not allowed")
-            return str(jku)
-        if issuer.jwks_url is None:
-            raise AuthError("jwt rejected: no key set for issuer")
-        return issuer.jwks_url
+            return self._jwks.get_key(str(jku), kid, algorithm=alg)
+        pinned = self._pinned.get(issuer.iss)
+        if pinned is not None and kid in pinned:
+            return _bind_key(pinned[kid], alg)
+        if issuer.jwks_url is not None:
+            return self._jwks.get_key(issuer.jwks_url, kid, algorithm=alg)
+        if pinned is not None:
+            raise AuthError("jwt rejected: kid unknown")
+        raise AuthError("jwt rejected: no key set for issuer")
 
     def _check_claims(self, claims: Mapping[str, Any], audience: str) -> float:
         """Check times, audience and jti; return how long the jti must be remembered."""
@@ -539,11 +612,18 @@ class InboundAuth:
     """
 
     def __init__(
-        self, config: TrustConfig, *, session: requests.Session, clock: Clock = time.time
+        self,
+        config: TrustConfig,
+        *,
+        session: requests.Session,
+        clock: Clock = time.time,
+        replay: ReplayGuard | None = None,
     ) -> None:
         self._config = config
         self._verifier = (
-            JwtVerifier(config, session=session, clock=clock) if config.mode == "jwt" else None
+            JwtVerifier(config, session=session, clock=clock, replay=replay)
+            if config.mode == "jwt"
+            else None
         )
         self._static_digests = tuple(
             _digest(token.get_secret_value()) for token in config.static_tokens

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -23,11 +24,16 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from fhir_dm.cds.prefetch import render
+from fhir_dm.cds.state import StateSettings
 from fhir_dm.core.assess import Engine
 from fhir_dm.fhir.auth import BearerAuth
+from fhir_dm.fhir.client import FhirClient
+from fhir_dm.fhir.retry import RetryPolicy
+from fhir_dm.locks import PatientLocks
 from fhir_dm.web import cds_hooks, logs, outcomes
-from fhir_dm.web.cds_hooks import CdsSettings, current_cds, init_app
+from fhir_dm.web.cds_hooks import CdsSettings, PlanWriter, current_cds, init_app
 from fhir_dm.web.trust import IssuerTrust, TrustConfig
+from fhir_dm.writeback import WriteBack
 from tests import factories as f
 from tests.unit.cds import scenarios
 
@@ -70,10 +76,9 @@ def ec_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP384R1())
 
 
-@pytest.fixture
-def app(
-    engine: Engine, fhir_base_url: str, loaded_profiles: dict[str, Json], ec_key: Any
-) -> Iterator[Flask]:
+def make_app(
+    engine: Engine, fhir_base_url: str, ec_key: Any, state_dir: Path, **extra: Any
+) -> Flask:
     jwk = jwt.algorithms.ECAlgorithm.to_jwk(ec_key.public_key(), as_dict=True)
     key_session = requests.Session()
     key_session.mount(
@@ -88,10 +93,17 @@ def app(
             algorithms=("ES384",),
         ),
         allowed_fhir_servers=(fhir_base_url,),
+        state=StateSettings(sqlite_path=state_dir / "cds.sqlite3"),
+        **extra,
     )
     app = Flask(__name__)
     logs.init_app(app)
     outcomes.init_app(app)
+    writeback = WriteBack(
+        FhirClient(fhir_base_url, retry=RetryPolicy(max_retries=1)),
+        engine,
+        PatientLocks(state_dir / "locks"),
+    )
     init_app(
         app,
         settings,
@@ -99,7 +111,20 @@ def app(
         knowledge=engine.knowledge,
         clock=lambda: NOW,
         http_session=key_session,
+        plan_writer=PlanWriter(writeback, fhir_base_url),
     )
+    return app
+
+
+@pytest.fixture
+def app(
+    engine: Engine,
+    fhir_base_url: str,
+    loaded_profiles: dict[str, Json],
+    ec_key: Any,
+    tmp_path: Path,
+) -> Iterator[Flask]:
+    app = make_app(engine, fhir_base_url, ec_key, tmp_path)
     yield app
     with app.app_context():
         current_cds().store.close()
@@ -296,3 +321,82 @@ def test_missing_prefetch_without_a_token_is_412(
     response = call_hook(client, ec_key, body)
     assert response.status_code == 412
     assert response.get_json()["issue"][0]["code"] == "incomplete"
+
+
+def test_more_than_a_default_page_of_results_reaches_the_service_in_one_prefetch(
+    client: FlaskClient, fhir: requests.Session, fhir_base_url: str, ec_key: Any
+) -> None:
+    """HAPI pages at 20; the templates ask for `_count`, so a sandbox-like client that forwards
+    only the first page, without a token, still forwards everything."""
+    resources = scenarios.high_risk()
+    patient = resources[0]
+    extra = [
+        {
+            "resourceType": "Condition",
+            "id": f"{patient['id']}-extra-{n}",
+            "subject": {"reference": f"Patient/{patient['id']}"},
+            "code": {"text": f"Unrelated finding {n}"},
+        }
+        for n in range(25)
+    ]
+    store(fhir, fhir_base_url, [*resources, *extra])
+    unpaged = fhir.get(f"{fhir_base_url}/Condition", params={"patient": patient["id"]}, timeout=60)
+    assert any(link["relation"] == "next" for link in unpaged.json().get("link", []))
+    prefetch = sandbox_prefetch(client, fhir, fhir_base_url, ec_key, patient["id"])
+    conditions = prefetch["conditions"]
+    assert len(conditions["entry"]) > 25
+    assert not any(link["relation"] == "next" for link in conditions.get("link", []))
+    body = scenarios.hook_request(patient["id"], prefetch, fhir_server=fhir_base_url)
+    response = call_hook(client, ec_key, body)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.get_json()["cards"][0]["summary"].startswith("IIM cancer screening: High")
+
+
+def test_an_accepted_suggestion_is_written_by_fhir_dm_once_when_the_site_asks(
+    engine: Engine,
+    fhir: requests.Session,
+    fhir_base_url: str,
+    loaded_profiles: dict[str, Json],
+    ec_key: Any,
+    tmp_path: Path,
+) -> None:
+    """The sandbox records "accepted" and applies nothing: write_on_accept writes the plan."""
+    client = make_app(engine, fhir_base_url, ec_key, tmp_path, write_on_accept=True).test_client()
+    resources = scenarios.high_risk()
+    patient_id = resources[0]["id"]
+    store(fhir, fhir_base_url, resources)
+    prefetch = sandbox_prefetch(client, fhir, fhir_base_url, ec_key, patient_id)
+    body = scenarios.hook_request(patient_id, prefetch, fhir_server=fhir_base_url)
+    [card] = call_hook(client, ec_key, body).get_json()["cards"]
+    url = f"/cds-services/{SERVICE}/feedback"
+
+    def accept(at: str) -> Json:
+        feedback = {
+            "feedback": [
+                {
+                    "card": card["uuid"],
+                    "outcome": "accepted",
+                    "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}],
+                    "outcomeTimestamp": at,
+                }
+            ]
+        }
+        answer = client.post(
+            url,
+            json=feedback,
+            headers={"Authorization": f"Bearer {sandbox_jwt(ec_key, PUBLIC + url)}"},
+        )
+        assert answer.status_code == 200, answer.get_data(as_text=True)
+        plans: Json = answer.get_json()["plans"]
+        return plans
+
+    assert accept("2024-04-15T10:01:00Z")["written"] == 1
+    assert accept("2024-04-15T10:02:00Z")["alreadyHandled"] == 1
+    plans = fhir.get(
+        f"{fhir_base_url}/CarePlan", params={"subject": f"Patient/{patient_id}"}, timeout=60
+    ).json()
+    assert len(plans.get("entry", [])) == 1
+    prefetch = sandbox_prefetch(client, fhir, fhir_base_url, ec_key, patient_id)
+    again = call_hook(client, ec_key, scenarios.hook_request(patient_id, prefetch))
+    [on_file] = again.get_json()["cards"]
+    assert "suggestions" not in on_file

@@ -187,7 +187,9 @@ def test_a_bundle_written_once_is_unchanged_for_the_patient_operation(
 ) -> None:
     patient_id, resources = _new_patient(hapi, "bundle")
     posted = client.post(
-        f"/$dm-cancer-screening?preview=false&now={NOW}", json=f.bundle(*resources), headers=FHIR
+        f"/$dm-cancer-screening?preview=false&now={NOW}",
+        json=f.bundle(*resources, full_urls="none"),
+        headers=FHIR,
     )
     assert _diagnostics(_ok(posted)).endswith("; written")
     pulled = _ok(client.post(_operation(patient_id)))
@@ -293,16 +295,31 @@ def test_unknown_patient_is_404(client: FlaskClient) -> None:
     assert outcome["issue"][0]["code"] == "not-found"
 
 
-def test_transaction_rejected_by_hapi_is_502_with_its_diagnostics(client: FlaskClient) -> None:
+def test_a_bundle_write_for_a_patient_unknown_to_hapi_is_404_and_writes_nothing(
+    client: FlaskClient, hapi: FhirClient
+) -> None:
     p = f.patient(f"svc-absent-{uuid.uuid4().hex[:10]}", birth_date="1994-01-01")
-    bundle = f.bundle(p, f.iim_condition(p))
+    bundle = f.bundle(p, f.iim_condition(p), full_urls="none")
     response = client.post(
         f"/$dm-cancer-screening?preview=false&now={NOW}", json=bundle, headers=FHIR
     )
-    assert response.status_code == 502
+    assert response.status_code == 404
     outcome = response.get_json()
     assert outcome["resourceType"] == "OperationOutcome"
-    issue = outcome["issue"][0]
-    assert issue["code"] == "processing"
-    assert issue["diagnostics"].startswith("POST transaction bundle failed: HTTP 4")
-    assert len(issue["diagnostics"]) > len("POST transaction bundle failed: HTTP 400: ")
+    assert outcome["issue"][0]["code"] == "not-found"
+    assert hapi.search("CarePlan", {"subject": f"Patient/{p['id']}"}) == []
+
+
+def test_patients_sharing_an_identifier_each_get_their_own_plan(
+    client: FlaskClient, hapi: FhirClient
+) -> None:
+    mrn = f"SHARED-{uuid.uuid4().hex[:8]}"
+    ids = []
+    for tag in ("twin-a", "twin-b"):
+        patient_id = f"svc-{tag}-{uuid.uuid4().hex[:10]}"
+        p = f.patient(patient_id, birth_date="1994-01-01", identifier=mrn)
+        _store(hapi, p, f.iim_condition(p, id=f"{patient_id}-dm"))
+        assert _diagnostics(_ok(client.post(_operation(patient_id)))).endswith("; written")
+        ids.append(patient_id)
+    for patient_id in ids:
+        _assert_one_plan_no_duplicates(hapi, patient_id)

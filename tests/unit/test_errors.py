@@ -11,12 +11,17 @@ FHIR_ISSUE_TYPES = {
     "too-long",
     "not-supported",
     "not-found",
+    "conflict",
     "login",
     "forbidden",
     "exception",
     "timeout",
     "processing",
     "incomplete",
+    "too-costly",
+    "transient",
+    "throttled",
+    "lock-error",
 }
 
 

@@ -80,24 +80,51 @@ def test_templates_cover_every_input_the_rules_read(
 ) -> None:
     by_key = discovery_prefetch(templates)
     assert by_key["patient"] == "Patient/{{context.patientId}}"
-    assert by_key["conditions"] == "Condition?patient={{context.patientId}}"
+    assert by_key["conditions"] == "Condition?patient={{context.patientId}}&_count=200"
     assert by_key["medicationRequests"].startswith(
         "MedicationRequest?patient={{context.patientId}}"
     )
     assert by_key["medicationStatements"].startswith("MedicationStatement?patient=")
-    assert by_key["familyHistory"] == "FamilyMemberHistory?patient={{context.patientId}}"
-    assert by_key["procedures"].startswith("Procedure?patient={{context.patientId}}&code=")
+    assert by_key["familyHistory"] == "FamilyMemberHistory?patient={{context.patientId}}&_count=200"
+    assert by_key["procedures"].startswith(
+        "Procedure?patient={{context.patientId}}&_count=200&code="
+    )
     assert by_key["existingPlans"].startswith(
         "CarePlan?subject=Patient/{{context.patientId}}&status=active"
     )
     observations = by_key["observations"]
-    assert observations.startswith("Observation?patient={{context.patientId}}&code=")
+    assert observations.startswith("Observation?patient={{context.patientId}}&_count=200&code=")
     codes = observations.split("&code=")[1].split(",")
     assert "http://loinc.org|107562-1" in codes  # TIF1-gamma
     assert "http://loinc.org|2157-6" in codes  # creatine kinase
     assert "http://loinc.org|72166-2" in codes  # smoking status
     assert "http://hospital.example.org/lab-codes|MYO-TIF1G" in codes  # site-local mapping
     assert len(codes) == len(set(codes))
+
+
+def test_every_search_template_asks_for_the_configured_page_size(
+    cds_config: CdsConfig, knowledge: Knowledge
+) -> None:
+    templates = build_templates(cds_config.prefetch, knowledge)
+    searches = [t for t in templates if "?" in t.query]
+    assert searches and all("&_count=200" in t.query for t in searches)
+    assert all("_count" not in t.query for t in templates if "?" not in t.query)  # reads
+    smaller = cds_config.prefetch.model_copy(update={"page_size": 50})
+    assert all(
+        "&_count=50" in t.query for t in build_templates(smaller, knowledge) if "?" in t.query
+    )
+    own = cds_config.prefetch.model_copy(
+        update={
+            "templates": {
+                **cds_config.prefetch.templates,
+                "conditions": TemplateConfig(
+                    query="Condition?patient={{context.patientId}}&_count=7"
+                ),
+            }
+        }
+    )
+    [conditions] = [t for t in build_templates(own, knowledge) if t.key == "conditions"]
+    assert conditions.query == "Condition?patient={{context.patientId}}&_count=7"
 
 
 def test_long_code_lists_are_split_into_several_keys(
@@ -268,7 +295,7 @@ def test_required_key_that_cannot_be_had_is_412(
     prefetch = scenarios.full_prefetch(templates, resources)
     del prefetch["conditions"]
     factory = no_server if failure == "no-server" else factory_for(resources, [], fail=True)
-    with pytest.raises(PreconditionFailedError, match="prefetch 'conditions' is missing"):
+    with pytest.raises(PreconditionFailedError, match="prefetch key 'conditions' is missing"):
         resolve_prefetch(templates, prefetch, context(resources), factory)
 
 

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import ValidationError
 
+from fhir_dm.deadline import Deadline, within
 from fhir_dm.errors import KnowledgeError, UpstreamRejectedError, UpstreamTimeoutError
 from fhir_dm.fhir import (
     AuthConfig,
@@ -277,3 +278,15 @@ def test_auth_from_config_reports_an_unreadable_key_file(tmp_path: Path) -> None
 def test_auth_config_names_what_is_missing(fields: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         AuthConfig(**fields)
+
+
+def test_token_request_shares_the_request_deadline(
+    rsa_key: rsa.RSAPrivateKey, rsps: responses.RequestsMock
+) -> None:
+    rsps.post(TOKEN_URL, json=token_response("t-1"))
+
+    with within(Deadline.after(3.0)):
+        smart_auth(rsa_key, requests.Session(), FakeClock(START)).access_token()
+
+    connect, read = rsps.calls[0].request.req_kwargs["timeout"]  # type: ignore[attr-defined]
+    assert 2.0 < connect <= 3.0 and 2.0 < read <= 3.0  # not the configured (5 s, 30 s)

@@ -18,6 +18,7 @@ from fhir_dm.errors import (
     UpstreamError,
     UpstreamRejectedError,
     UpstreamTimeoutError,
+    UpstreamUnavailableError,
 )
 from fhir_dm.fhir import (
     AuthConfig,
@@ -320,7 +321,8 @@ def test_5xx_after_retries_names_the_call_without_ids(
         client.read("Patient", PATIENT_ID)
 
     assert str(excinfo.value) == "GET Patient/{id} failed: HTTP 503"
-    assert type(excinfo.value) is UpstreamError
+    assert type(excinfo.value) is UpstreamUnavailableError  # 503, not quoting the read's body
+    assert excinfo.value.status == 503 and excinfo.value.retry_after is None
     assert upstream_status(excinfo.value) == 503
     assert len(rsps.calls) == 4
 

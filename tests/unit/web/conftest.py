@@ -106,9 +106,10 @@ def rsps() -> Iterator[responses.RequestsMock]:
 class FakeFhirServer:
     """Just enough of a FHIR server: read, paged search, and transactions like HAPI's.
 
-    Searches: `patient`, `subject`, `identifier`, `based-on`, `_count`; transactions:
-    conditional create (`ifNoneExist` on identifier), PUT by id (with If-Match), urn:uuid
-    references rewritten to the assigned ids.
+    Searches: `patient`, `subject`, `identifier` (`system|` matches any value), `based-on`,
+    `status`, `_count`, comma-separated values ORed; transactions: conditional create
+    (`ifNoneExist` with the same parameters), PUT by id (If-Match mismatch: 412, as HAPI),
+    urn:uuid references rewritten to the assigned ids.
     """
 
     def __init__(self, mock: responses.RequestsMock, base: str = BASE) -> None:
@@ -118,6 +119,7 @@ class FakeFhirServer:
         self.searches: list[tuple[str, dict[str, str]]] = []
         self._ids = itertools.count(1)
         self.reject_transaction: tuple[int, Json] | None = None
+        self.reject_times: int | None = None  # how many transactions to reject (None: all)
         mock.add_callback(responses.POST, base, callback=self._transaction)
         mock.add_callback(responses.GET, f"{base}/metadata", callback=self._metadata)
         for resource_type in (
@@ -126,6 +128,7 @@ class FakeFhirServer:
             "CarePlan",
             "RiskAssessment",
             "Provenance",
+            "List",
         ):
             mock.add_callback(responses.GET, f"{base}/{resource_type}", callback=self._search)
             mock.add_callback(
@@ -185,8 +188,10 @@ class FakeFhirServer:
     def _transaction(self, request: requests.PreparedRequest) -> tuple[int, dict[str, str], str]:
         body = json.loads(request.body or b"{}")
         self.transactions.append(body)
-        if self.reject_transaction is not None:
+        if self.reject_transaction is not None and self.reject_times != 0:
             status, outcome = self.reject_transaction
+            if self.reject_times is not None:
+                self.reject_times -= 1
             return self._json(status, outcome)
         assigned: dict[str, str] = {}
         answers: list[Json] = []
@@ -196,10 +201,8 @@ class FakeFhirServer:
             req = entry["request"]
             resource_type = resource["resourceType"]
             if req["method"] == "POST":
-                system, _, value = req["ifNoneExist"].removeprefix("identifier=").partition("|")
-                found = [
-                    r for r in self.all(resource_type) if _has_identifier(r, f"{system}|{value}")
-                ]
+                criteria = dict(parse_qsl(req["ifNoneExist"]))
+                found = [r for r in self.all(resource_type) if _matches(r, criteria)]
                 if found:
                     existing = found[0]
                     assigned[entry["fullUrl"]] = f"{resource_type}/{existing['id']}"
@@ -213,7 +216,7 @@ class FakeFhirServer:
                 old = self.store.get(resource_type, {}).get(resource_id)
                 expected = f'W/"{old["meta"]["versionId"]}"' if old else None
                 if old is not None and req.get("ifMatch") and req["ifMatch"] != expected:
-                    return self._json(409, _outcome("version conflict"))
+                    return self._json(412, _outcome("version conflict"))
                 version = int(old["meta"]["versionId"]) + 1 if old else 1
                 resource["id"] = resource_id
                 resource["meta"] = {"versionId": str(version)}
@@ -244,6 +247,8 @@ def _answer(status: str, resource: Json) -> Json:
 
 
 def _has_identifier(resource: Json, token: str) -> bool:
+    if token.endswith("|"):
+        return any(f"{i.get('system')}|" == token for i in resource.get("identifier", []))
     return any(
         f"{i.get('system')}|{i.get('value')}" == token for i in resource.get("identifier", [])
     )
@@ -256,23 +261,25 @@ def _references(resource: Json, field: str) -> list[str]:
 
 
 def _matches(resource: Json, params: dict[str, str]) -> bool:
-    for name, value in params.items():
-        if name == "patient":
-            refs = _references(resource, "subject") + _references(resource, "patient")
-            if f"Patient/{value}" not in refs:
-                return False
-        elif name == "subject":
-            if value not in _references(resource, "subject"):
-                return False
-        elif name == "identifier":
-            if not _has_identifier(resource, value):
-                return False
-        elif name == "based-on":
-            if value not in _references(resource, "basedOn"):
-                return False
-        else:
-            raise AssertionError(f"the fake server does not support search parameter {name}")
-    return True
+    return all(
+        any(_matches_one(resource, name, value) for value in values.split(","))
+        for name, values in params.items()
+    )
+
+
+def _matches_one(resource: Json, name: str, value: str) -> bool:
+    if name == "patient":
+        refs = _references(resource, "subject") + _references(resource, "patient")
+        return f"Patient/{value}" in refs
+    if name == "subject":
+        return value in _references(resource, "subject")
+    if name == "identifier":
+        return _has_identifier(resource, value)
+    if name == "based-on":
+        return value in _references(resource, "basedOn")
+    if name == "status":
+        return bool(resource.get("status") == value)
+    raise AssertionError(f"the fake server does not support search parameter {name}")
 
 
 def _rewrite(value: Any, assigned: dict[str, str]) -> None:

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import re
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import date
@@ -23,6 +24,7 @@ from flask.testing import FlaskClient
 
 from fhir_dm.cds.feedback import FeedbackStore
 from fhir_dm.cds.prefetch import PrefetchTemplate
+from fhir_dm.cds.state import StateSettings
 from fhir_dm.core.assess import Engine
 from fhir_dm.fhir.config import FhirServerConfig
 from fhir_dm.web import logs, outcomes
@@ -159,12 +161,15 @@ def jwt_trust() -> TrustConfig:
 
 
 def cds_settings(**settings: Any) -> CdsSettings:
+    """Settings with a state file of their own: no test sees another test's cards or jti."""
+    state = StateSettings(sqlite_path=Path(tempfile.mkdtemp(prefix="fhir-dm-cds-")) / "s.db")
     return CdsSettings(
         **{
             "public_base_url": PUBLIC,
             "trust": jwt_trust(),
             "allowed_fhir_servers": (EHR_FHIR,),
             "fetch_max_retries": 0,
+            "state": state,
             **settings,
         }
     )
@@ -690,10 +695,11 @@ def test_bad_feedback_is_400(client: FlaskClient, ec_key: Any) -> None:
 def test_feedback_store_can_be_a_file(
     engine: Engine, tmp_path: Path, rsps: responses.RequestsMock
 ) -> None:
-    app = make_app(engine, feedback_db=str(tmp_path / "feedback.sqlite3"))
+    path = tmp_path / "state" / "cds.sqlite3"
+    app = make_app(engine, state=StateSettings(sqlite_path=path))
     with app.app_context():
         assert isinstance(current_cds().store, FeedbackStore)
-    assert (tmp_path / "feedback.sqlite3").exists()
+    assert path.exists()
 
 
 # --- CORS -----------------------------------------------------------------------------------

@@ -100,19 +100,20 @@ def test_bundle_preview_false_writes_one_transaction_per_patient(
 ) -> None:
     a, b = _dm_patient("wr-a"), _dm_patient("wr-b", "tif1g")
     fhir_server.put(a[0], b[0])
-    body = _ok(_post(client, f"{OP}?now={NOW}&preview=false", f.bundle(*a, *b)))
+    posted = f.bundle(*a, *b, full_urls="none")
+    body = _ok(_post(client, f"{OP}?now={NOW}&preview=false", posted))
     assert transaction_calls(rsps) == 2
     assert all(d.endswith("; written") for d in _diagnostics(body))
     assert len(fhir_server.all("CarePlan")) == 2
     written = body["entry"][1:]
     assert all(e["fullUrl"].startswith(f"{BASE}/") for e in written)
     assert all(e["fullUrl"].endswith("/" + e["resource"]["id"]) for e in written)
-    # The existing plans of the series were looked up by the series identifier.
+    # The patients' open plans were looked up by subject and series system (any series).
     care_plan_searches = [p for t, p in fhir_server.searches if t == "CarePlan"]
-    assert all(set(p) == {"identifier"} for p in care_plan_searches)
-    assert len(care_plan_searches) == 2
+    assert {p["subject"] for p in care_plan_searches} == {"Patient/wr-a", "Patient/wr-b"}
+    assert all(p["identifier"].endswith("/sid/plan-series|") for p in care_plan_searches)
 
-    again = _ok(_post(client, f"{OP}?now={NOW}&preview=false", f.bundle(*a, *b)))
+    again = _ok(_post(client, f"{OP}?now={NOW}&preview=false", posted))
     assert transaction_calls(rsps) == 2
     assert all("unchanged: the same plan is already active" in d for d in _diagnostics(again))
 
@@ -121,10 +122,11 @@ def test_bundle_preview_false_in_the_body(
     client: FlaskClient, fhir_server: FakeFhirServer, rsps: responses.RequestsMock
 ) -> None:
     resources = _dm_patient("wr-body")
+    fhir_server.put(resources[0])
     parameters = {
         "resourceType": "Parameters",
         "parameter": [
-            {"name": "bundle", "resource": f.bundle(*resources)},
+            {"name": "bundle", "resource": f.bundle(*resources, full_urls="none")},
             {"name": "preview", "valueBoolean": False},
             {"name": "now", "valueDate": NOW},
         ],
@@ -168,7 +170,9 @@ def test_patient_operation_pulls_with_paging_then_writes_once(
         "ServiceRequest",
         "CarePlan",
     }
-    assert ("CarePlan", {"subject": "Patient/pull-1"}) in fhir_server.searches
+    assert any(
+        t == "CarePlan" and p["subject"] == "Patient/pull-1" for t, p in fhir_server.searches
+    )
     (plan,) = fhir_server.all("CarePlan")
     assert plan["status"] == "active"
     assert plan["subject"] == {"reference": "Patient/pull-1"}

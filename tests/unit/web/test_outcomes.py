@@ -221,7 +221,11 @@ def test_502_transaction_rejected_quotes_the_server(
             ],
         },
     )
-    response = client.post(f"{OP}?preview=false", json=_bundle(), headers=FHIR)
+    fhir_server.put(f.patient("err-1", birth_date="1994-01-01"))
+    bundle = _bundle()
+    for entry in bundle["entry"]:
+        del entry["fullUrl"]  # a write names the Patient by its id on this server
+    response = client.post(f"{OP}?preview=false", json=bundle, headers=FHIR)
     issue = _outcome(response, 502, "processing")
     assert issue["diagnostics"] == (
         "POST transaction bundle failed: HTTP 422: Unknown profile on CarePlan"

@@ -490,7 +490,7 @@ def test_config_defaults_to_jwt_and_needs_an_issuer() -> None:
 
 
 def test_issuer_needs_a_key_source_over_https() -> None:
-    with pytest.raises(ValidationError, match="jwks_url or allowed_jku"):
+    with pytest.raises(ValidationError, match="jwks_url, allowed_jku, jwks or jwks_file"):
         IssuerTrust(iss=ISS)
     with pytest.raises(ValidationError, match="must be https"):
         IssuerTrust(iss=ISS, jwks_url="http://ehr.example.org/jwks.json")
