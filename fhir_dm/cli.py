@@ -1,28 +1,49 @@
-"""Command line: assess FHIR bundle files with no server (`fhir-dm assess`, `fhir-dm explain`).
+"""fhir-dm: IIM cancer-risk tiers and screening plans (IMACS 2023), as FHIR R4.
 
+One command line for everything a user runs: `assess` / `explain` bundle files with no server,
+`serve` the web service (gunicorn), `demo` the whole service against a FHIR server.
 Contract other tools rely on: `assess FILE...` prints the result transaction Bundle as JSON
 (one FILE, no --out) or writes `<name>.result.json` files into --out; exit 0 on success, 1 on
-bad input (one line on stderr), 2 on a bad configuration.
+bad input (one line on stderr), 2 on a bad configuration or settings.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from pydantic import ValidationError
+
 from fhir_dm import __version__
 from fhir_dm.core.assess import AssessmentRun, Engine, PatientResult
 from fhir_dm.errors import FhirDmError, InputError, KnowledgeError, NotJsonError
+from fhir_dm.fhir.terminology import TerminologyServerConfig, engine_for
 from fhir_dm.knowledge.load import load_knowledge
 
 EXIT_OK = 0
 EXIT_INPUT = 1
 EXIT_CONFIG = 2
+CONFIG_DIR_VARIABLE = "FHIR_DM_CONFIG_DIR"
+# The same variable the web service reads (settings `terminology.base_url`).
+TERMINOLOGY_VARIABLE = "FHIR_DM_TERMINOLOGY__BASE_URL"
+WSGI_APP = "fhir_dm.web.wsgi:app"
+# The service's gunicorn settings (workers, timeouts, limits, log redaction); options given to
+# `fhir-dm serve` win over them. Its bind and workers, for --help (a test keeps them equal).
+GUNICORN_CONFIG_MODULE = "fhir_dm.web.gunicorn_conf"
+DEFAULT_BIND = "127.0.0.1:8080"
+DEFAULT_WORKERS = 2
+EPILOG = """examples:
+  fhir-dm explain examples/seed-case-tif1g.json --now 2015-10-25
+  fhir-dm assess patient.json > result.json
+  FHIR_DM_FHIR__BASE_URL=http://127.0.0.1:8090/fhir FHIR_DM_TRUST__MODE=off fhir-dm serve
+  fhir-dm demo
+"""
 
 
 def _date(text: str) -> date:
@@ -33,17 +54,27 @@ def _date(text: str) -> date:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fhir-dm", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"fhir-dm {__version__}")
+    parser = argparse.ArgumentParser(
+        prog="fhir-dm",
+        description=__doc__.splitlines()[0].removeprefix("fhir-dm: "),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version",
+        action="store_true",
+        help="print the package version and the loaded rule set's name and version",
+    )
     parser.add_argument(
         "--config",
         type=Path,
         default=None,
-        help="configuration directory (default: bundled config/)",
+        metavar="DIR",
+        help=f"knowledge base directory (default: ${CONFIG_DIR_VARIABLE}, else the bundled one)",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     for name, text in (
-        ("assess", "print or write the result transaction Bundle"),
+        ("assess", "print or write the result transaction Bundle of each FILE (no server)"),
         ("explain", "print a readable summary per patient: tier, why, what is proposed, when"),
     ):
         cmd = sub.add_parser(name, help=text, description=text)
@@ -62,10 +93,51 @@ def _parser() -> argparse.ArgumentParser:
             action="store_true",
             help="validate every generated resource against its FHIR R4B model (slower)",
         )
+        cmd.add_argument(
+            "--terminology-server",
+            default=os.environ.get(TERMINOLOGY_VARIABLE) or None,
+            metavar="URL",
+            help="FHIR terminology server base URL for codes the offline value sets miss"
+            f" ($subsumes/$expand; default: ${TERMINOLOGY_VARIABLE}, else none)",
+        )
         if name == "assess":
             cmd.add_argument(
                 "--out", type=Path, default=None, help="write <name>.result.json files here"
             )
+    serve = sub.add_parser(
+        "serve",
+        help="run the web service under gunicorn (settings: FHIR_DM_* variables)",
+        description="Run the web service under gunicorn. Settings come from FHIR_DM_* variables"
+        " or the file named by FHIR_DM_SETTINGS_FILE (docs/settings.md); they are checked"
+        " before gunicorn starts. Options after -- go to gunicorn unchanged.",
+    )
+    serve.add_argument(
+        "--bind", default=None, metavar="HOST:PORT", help=f"listen address (default {DEFAULT_BIND})"
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"worker processes (default {DEFAULT_WORKERS})",
+    )
+    serve.add_argument("gunicorn_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    demo = sub.add_parser(
+        "demo",
+        help="load synthetic patients into a FHIR server, assess and write back, twice",
+        description="Load six synthetic patients into a FHIR server, assess each through the"
+        " service and write the plans back, then run again to show that nothing changes."
+        " Without --fhir-base-url it builds and starts a local HAPI FHIR server with Maven"
+        " (a clone of the repository, a JDK 17+ and Maven needed).",
+    )
+    demo.add_argument(
+        "--fhir-base-url", default=None, metavar="URL", help="use this FHIR server instead"
+    )
+    demo.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="leave the local HAPI running afterwards; Ctrl-C stops it",
+    )
     return parser
 
 
@@ -99,7 +171,7 @@ def render_summary(result: PatientResult) -> str:
     lines = [
         f"Patient {result.patient_reference}: {e.headline}",
         f"  Rule set: {e.ruleset}",
-        f"  Onset: {e.onset}",
+        *(f"  Date used: {d}" for d in e.dates),
     ]
     lines += [f"  ! {n}" for n in e.notices]
     if e.reasons:
@@ -150,22 +222,92 @@ def _run(args: argparse.Namespace, engine: Engine) -> int:
     return EXIT_OK
 
 
+def _version(config: Path | None) -> int:
+    sys.stdout.write(f"fhir-dm {__version__}\n")
+    knowledge = load_knowledge(config)
+    sys.stdout.write(f"rule set {knowledge.ruleset.label}\n")
+    return EXIT_OK
+
+
+def gunicorn_argv(bind: str | None, workers: int | None, extra: Sequence[str]) -> list[str]:
+    """The gunicorn command line of `fhir-dm serve`: the service's settings, then ours."""
+    argv = [sys.executable, "-m", "gunicorn", "--config", f"python:{GUNICORN_CONFIG_MODULE}"]
+    if bind:
+        argv += ["--bind", bind]
+    if workers:
+        argv += ["--workers", str(workers)]
+    extra = list(extra)
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    return [*argv, *extra, WSGI_APP]
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Check settings and knowledge once, then become gunicorn (workers build the app again)."""
+    from fhir_dm.web.app import create_app  # the web stack is not needed by assess/explain
+
+    if args.config is not None:
+        os.environ[CONFIG_DIR_VARIABLE] = str(args.config)
+    create_app()  # raises KnowledgeError with one line per problem, before any worker starts
+    argv = gunicorn_argv(args.bind, args.workers, args.gunicorn_args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(argv[0], argv)  # noqa: S606 - our own interpreter, a fixed module, user's options
+    return EXIT_OK  # pragma: no cover - execv does not return
+
+
+def _demo(args: argparse.Namespace, config: Path | None) -> int:
+    from fhir_dm import demo  # the web stack is not needed by assess/explain
+
+    return demo.main(args.fhir_base_url, keep_running=args.keep_running, config_dir=config)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit code (never raises for expected failures)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    env_config = os.environ.get(CONFIG_DIR_VARIABLE)
+    config: Path | None = args.config or (Path(env_config) if env_config else None)
+    if not args.version and args.command is None:
+        parser.error("a command is required (see fhir-dm --help)")
     try:
-        knowledge = load_knowledge(args.config)
+        if args.version:
+            return _version(config)
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "demo":
+            return _demo(args, config)
+        knowledge = load_knowledge(config)
     except KnowledgeError as exc:
         sys.stderr.write(f"fhir-dm: configuration error: {exc.message}\n")
         return EXIT_CONFIG
-    try:
-        engine = Engine(
-            knowledge, software_version=__version__, validate_output=args.validate_output
-        )
-        return _run(args, engine)
     except FhirDmError as exc:
         sys.stderr.write(f"fhir-dm: {exc.message}\n")
         return EXIT_INPUT
+    try:
+        engine = engine_for(
+            knowledge,
+            _terminology_config(args.terminology_server),
+            software_version=__version__,
+            validate_output=args.validate_output,
+        )
+        return _run(args, engine)
+    except KnowledgeError as exc:
+        sys.stderr.write(f"fhir-dm: configuration error: {exc.message}\n")
+        return EXIT_CONFIG
+    except FhirDmError as exc:
+        sys.stderr.write(f"fhir-dm: {exc.message}\n")
+        return EXIT_INPUT
+
+
+def _terminology_config(url: str | None) -> TerminologyServerConfig | None:
+    """The terminology server the CLI uses, if one is named; a bad URL is a config error."""
+    if url is None:
+        return None
+    try:
+        return TerminologyServerConfig(base_url=url)
+    except ValidationError:
+        raise KnowledgeError("--terminology-server must be an absolute http(s) URL") from None
 
 
 def main_cli() -> None:

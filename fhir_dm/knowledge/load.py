@@ -8,10 +8,12 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from fhir_dm._data import bundled_dir
 from fhir_dm.errors import KnowledgeError
 from fhir_dm.knowledge.models import Knowledge, RuleSet, Site, Terminology
 
-DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
+# The knowledge base shipped with the package; a site names its own (--config, FHIR_DM_CONFIG_DIR).
+DEFAULT_CONFIG_DIR = bundled_dir("config")
 TERMINOLOGY_DIR = "terminology"
 RULESET_DIR = "ruleset"
 SITE_FILE = "site.yaml"

@@ -1,4 +1,4 @@
-"""The CLI contract: assess / explain, exit codes, one-line errors on stderr, never a traceback."""
+"""The CLI contract: assess / explain / serve / demo, exit codes, one-line errors, no tracebacks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from fhir_dm import cli
+from fhir_dm import __version__, cli, demo
+from fhir_dm.knowledge.load import DEFAULT_CONFIG_DIR
+from fhir_dm.knowledge.models import Knowledge
+from fhir_dm.web import gunicorn_conf
 from tests import factories as f
 
 
@@ -97,3 +100,132 @@ def test_validate_output_flag_gives_the_same_result(
     fast = capsys.readouterr().out
     assert cli.main(["assess", str(seed_file), "--now", "2015-10-25", "--validate-output"]) == 0
     assert capsys.readouterr().out == fast
+
+
+# --- one command line: --version, serve, demo ------------------------------------------------
+
+
+def test_version_names_the_package_and_the_loaded_rule_set(
+    knowledge: Knowledge, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(cli.CONFIG_DIR_VARIABLE, raising=False)
+    assert cli.main(["--version"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"fhir-dm {__version__}", f"rule set {knowledge.ruleset.label}"]
+
+
+def test_version_with_an_unusable_configuration_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(cli.CONFIG_DIR_VARIABLE, str(tmp_path))
+    assert cli.main(["--version"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == f"fhir-dm {__version__}\n"
+    assert "configuration error" in captured.err
+
+
+def test_config_directory_from_the_environment(
+    tmp_path: Path,
+    seed_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(cli.CONFIG_DIR_VARIABLE, str(tmp_path / "missing"))
+    assert cli.main(["explain", str(seed_file)]) == 2
+    assert "configuration directory not found" in capsys.readouterr().err
+    # --config wins over the variable.
+    assert cli.main(["--config", str(DEFAULT_CONFIG_DIR), "explain", str(seed_file)]) == 0
+
+
+def test_a_command_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main([])
+    assert exc.value.code == 2
+    assert "a command is required" in capsys.readouterr().err
+
+
+@pytest.fixture
+def service_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The smallest valid service settings, and no settings file or config dir around."""
+    for name in (cli.CONFIG_DIR_VARIABLE, "FHIR_DM_SETTINGS_FILE"):
+        monkeypatch.setenv(name, "")  # recorded, so whatever `serve` sets is undone afterwards
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("FHIR_DM_FHIR__BASE_URL", "http://127.0.0.1:9/fhir")
+    monkeypatch.setenv("FHIR_DM_TRUST__MODE", "off")
+    monkeypatch.setenv("FHIR_DM_LOCK_DIR", str(tmp_path / "locks"))
+
+
+class ExecCalled(Exception):
+    """Raised by the fake execv so that the test sees the command line instead of gunicorn."""
+
+
+def _capture_exec(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    calls: list[list[str]] = []
+
+    def fake_execv(path: str, argv: list[str]) -> None:
+        calls.append([path, *argv])
+        raise ExecCalled
+
+    monkeypatch.setattr(cli.os, "execv", fake_execv)
+    return calls
+
+
+@pytest.mark.usefixtures("service_env")
+def test_serve_checks_the_settings_then_becomes_gunicorn(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _capture_exec(monkeypatch)
+    with pytest.raises(ExecCalled):
+        cli.main(["serve", "--workers", "3", "--", "--timeout", "60"])
+    path, *argv = calls[0]
+    assert path == argv[0] and argv[1:3] == ["-m", "gunicorn"]
+    assert argv[-1] == "fhir_dm.web.wsgi:app"
+    assert argv[argv.index("--workers") + 1] == "3"
+    assert argv[-3:-1] == ["--timeout", "60"]
+    assert argv[argv.index("--config") + 1] == "python:fhir_dm.web.gunicorn_conf"
+    assert "--bind" not in argv  # the config module's, unless given
+
+
+@pytest.mark.usefixtures("service_env")
+def test_serve_with_bad_settings_exits_2_before_gunicorn(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls = _capture_exec(monkeypatch)
+    monkeypatch.setenv("FHIR_DM_FHIR__BASE_URL", "not-a-url")
+    assert cli.main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert "fhir.base_url" in err and "not-a-url" not in err
+    assert calls == []
+
+
+@pytest.mark.usefixtures("service_env")
+def test_serve_passes_config_to_the_workers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _capture_exec(monkeypatch)
+    # An empty directory: the check before gunicorn reads it, so it fails there.
+    assert cli.main(["--config", str(tmp_path), "serve"]) == 2
+    assert "configuration" in capsys.readouterr().err
+    assert cli.os.environ[cli.CONFIG_DIR_VARIABLE] == str(tmp_path)
+
+
+def test_serve_help_states_the_gunicorn_config_defaults() -> None:
+    assert (gunicorn_conf.bind, gunicorn_conf.workers) == (cli.DEFAULT_BIND, cli.DEFAULT_WORKERS)
+    argv = cli.gunicorn_argv("0.0.0.0:8080", None, [])
+    assert argv[argv.index("--bind") + 1] == "0.0.0.0:8080"
+    assert "--workers" not in argv
+
+
+def test_demo_without_a_server_or_a_clone_says_what_to_do(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(demo, "SOURCE_ROOT", tmp_path)  # as from an installed wheel
+    assert cli.main(["demo"]) == 1
+    err = capsys.readouterr().err
+    assert "--fhir-base-url" in err and "Traceback" not in err
+
+
+def test_demo_against_an_unreachable_server_fails_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cli.main(["demo", "--fhir-base-url", "http://127.0.0.1:9/fhir"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot load the demo patients" in err
