@@ -72,7 +72,7 @@ def _juvenile() -> list[Json]:
 
 
 def _polymyositis_standard() -> list[Json]:
-    p = f.patient("val-pm", gender="male", birth_date="1990-01-01")
+    p = f.patient("val-pm", gender="female", birth_date="1990-01-01")  # male sex: moderate
     return [p, f.iim_condition(p, code=PM_SNOMED), *_negative(p, list(f.ANTIBODY_LOINC))]
 
 
