@@ -65,6 +65,7 @@ PATIENT_SEARCHES = (
     "Procedure",
     "DiagnosticReport",
     "ServiceRequest",
+    "ImagingStudy",
 )
 _LOCATION = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/([^/]+))?/?$")
 
@@ -105,6 +106,13 @@ class PatientWrite:
             if revision and revision.completed_plans:
                 verb = "would complete" if self.preview else "completed"
                 parts.append(f"{verb} {len(revision.completed_plans)} care plan(s)")
+            if revision and (revision.updated_plans or revision.completed_requests):
+                verb = "would update" if self.preview else "updated"
+                done = "would complete" if self.preview else "completed"
+                parts.append(
+                    f"{verb} {len(revision.updated_plans)} care plan(s) in place; {done}"
+                    f" {len(revision.completed_requests)} service request(s) done elsewhere"
+                )
         return "; ".join(parts)
 
 

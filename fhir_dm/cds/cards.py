@@ -32,6 +32,7 @@ from fhir_dm.cds.settings import CdsConfig
 from fhir_dm.core.assess import PatientResult
 from fhir_dm.core.build.common import plan_definition_url
 from fhir_dm.core.explain import Explanation, ScheduleRow
+from fhir_dm.core.plan import STATUS_ORDER
 from fhir_dm.errors import KnowledgeError
 from fhir_dm.knowledge.models import Knowledge
 
@@ -79,19 +80,26 @@ def _bullets(title: str, items: Sequence[str]) -> list[str]:
 
 def _round_rows(schedule: Sequence[ScheduleRow]) -> list[str]:
     """One table row per round and due window: definite tests, then "consider" items."""
-    groups: dict[tuple[str, str, str], list[ScheduleRow]] = {}
-    for row in schedule:
-        groups.setdefault((row.round_label, row.due_start, row.due_end), []).append(row)
-    lines = ["| When | Due | Tests | Consider |", "|---|---|---|---|"]
-    for (label, start, end), rows in groups.items():
-        due = f"{start} to {end}" + (" **overdue**" if any(r.overdue for r in rows) else "")
+    groups: dict[tuple[str, str, str, str], list[ScheduleRow]] = {}
+    # Overdue first, then due, upcoming and done (clinical-logic §10); one row per status.
+    for row in sorted(schedule, key=lambda r: STATUS_ORDER.get(r.status, 9)):
+        key = (row.status, row.round_label, row.due_start, row.due_end)
+        groups.setdefault(key, []).append(row)
+    lines = ["| When | Due | Status | Tests | Consider |", "|---|---|---|---|---|"]
+    for (status, label, start, end), rows in groups.items():
+        due = f"{start} to {end}"
+        shown = f"**{status}**" if status == "overdue" else status
         tests = "; ".join(
-            md(r.test) + (" (not IMACS)" if r.not_imacs else "") for r in rows if not r.consider
+            md(r.test)
+            + (" (not IMACS)" if r.not_imacs else "")
+            + (f" (by {md(r.evidence)})" if r.evidence else "")
+            for r in rows
+            if not r.consider
         )
         consider = "; ".join(
             dict.fromkeys(md(r.condition or f"Consider {r.test}") for r in rows if r.consider)
         )
-        lines.append(f"| {md(label)} | {due} | {tests or '-'} | {consider or '-'} |")
+        lines.append(f"| {md(label)} | {due} | {shown} | {tests or '-'} | {consider or '-'} |")
     return lines
 
 
@@ -118,6 +126,7 @@ def render_detail(
             "",
             *_round_rows(e.schedule),
         ]
+    lines += _bullets("Owed but superseded by the next round", e.superseded)
     if e.unknown_facts:
         lines += [
             "",

@@ -140,7 +140,12 @@ class Engine:
         targets = [risk_url]
         if plan.items:
             plan_url = identity.full_url("plan")
-            orderable = [i for i in plan.items if k.ruleset.tests[i.test_id].kind == "order"]
+            # A done item is not ordered again (clinical-logic §10).
+            orderable = [
+                i
+                for i in plan.items
+                if k.ruleset.tests[i.test_id].kind == "order" and i.done is None
+            ]
             request_urls = {i.key: identity.full_url(i.round_id, i.test_id) for i in orderable}
             care_plan = build_care_plan(ctx, explanation, risk_url, request_urls)
             entries.append(conditional_create(plan_url, care_plan))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fhir_dm.core.plan import Plan, PlanItem
+from fhir_dm.core.plan import STATUS_ORDER, Plan, PlanItem
 from fhir_dm.knowledge.models import Knowledge
 
 FACTOR_CLASS_LABELS = {
@@ -31,6 +31,10 @@ class ScheduleRow:
     overdue: bool
     rules: str
     not_imacs: bool
+    # done / overdue / due / upcoming on the evaluation date (clinical-logic §10).
+    status: str = "upcoming"
+    # For a done item: the record that shows it, e.g. "DiagnosticReport/7 (2026-05-02)".
+    evidence: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +53,12 @@ class Explanation:
     guideline: str
     onset: str
     dates: tuple[str, ...] = ()
+    # Owed rounds the next round superseded, one line each (never dropped silently).
+    superseded: tuple[str, ...] = ()
+
+    def attention_first(self) -> tuple[ScheduleRow, ...]:
+        """The schedule with overdue items first, then due, upcoming, done (stable)."""
+        return tuple(sorted(self.schedule, key=lambda r: STATUS_ORDER.get(r.status, 9)))
 
 
 def _row(plan: Plan, item: PlanItem, knowledge: Knowledge) -> ScheduleRow:
@@ -63,6 +73,23 @@ def _row(plan: Plan, item: PlanItem, knowledge: Knowledge) -> ScheduleRow:
         overdue=plan.overdue(item),
         rules=", ".join(r.id for r in item.rules),
         not_imacs=item.labelled_not_imacs,
+        status=plan.status(item),
+        evidence=evidence_text(item),
+    )
+
+
+def evidence_text(item: PlanItem) -> str:
+    """How outputs name the record that shows an item done."""
+    if item.done is None:
+        return ""
+    return f"{item.done.reference} ({item.done.when.isoformat()})"
+
+
+def _superseded_line(item: PlanItem, knowledge: Knowledge) -> str:
+    test = knowledge.ruleset.tests[item.test_id].display
+    return (
+        f"{item.round_label}: {test} (due {item.due_start.isoformat()} to "
+        f"{item.due_end.isoformat()}) was not done; superseded by the next round"
     )
 
 
@@ -123,4 +150,5 @@ def explain(plan: Plan, knowledge: Knowledge) -> Explanation:
         guideline=f"{rs.title} (doi:{rs.guideline.doi})",
         onset=onset,
         dates=a.dates_used,
+        superseded=tuple(_superseded_line(i, knowledge) for i in plan.superseded),
     )

@@ -47,10 +47,13 @@ FactValue = bool | str | _Unknown
 ACTIVE_CLINICAL = frozenset({"active", "recurrence", "relapse"})
 INACTIVE_CLINICAL = frozenset({"inactive", "remission", "resolved"})
 IGNORED_VERIFICATION = frozenset({"refuted", "entered-in-error"})
+# Records that show a screening test done (clinical-logic §10), by type and status.
 DONE_STATUSES = {
     "Procedure": frozenset({"completed"}),
     "DiagnosticReport": frozenset({"final", "amended", "corrected", "appended"}),
     "ServiceRequest": frozenset({"completed"}),
+    "ImagingStudy": frozenset({"available"}),
+    "Observation": frozenset({"final", "amended", "corrected"}),
 }
 ACTIVE_MEDICATION = frozenset({"active", "on-hold"})
 # DiagnosticReports whose results are not read (the results' own statuses decide otherwise).
@@ -118,6 +121,16 @@ class CkResult:
         return self.value > self.upper_limit
 
 
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """A record showing a screening test done: which test, the resource, its date and type."""
+
+    test_id: str
+    reference: str
+    when: date
+    resource_type: str
+
+
 class LabItem(NamedTuple):
     """One result to read: an Observation or a component, how outputs cite it, and its date."""
 
@@ -139,11 +152,15 @@ class PatientFacts:
     antibodies: Mapping[str, Fact]
     features: Mapping[str, Fact]
     creatine_kinase: tuple[CkResult, ...]
-    screening_done: Mapping[str, date]
+    screening_done: Mapping[str, date]  # latest date per test, from screening_evidence
     findings: tuple[str, ...]
     all_sources: tuple[str, ...] = field(default=())
     deceased: Fact = field(default_factory=lambda: UNKNOWN_FACT)
     past_cancers: tuple[str, ...] = ()
+    # Every record showing a screening test done, oldest first (clinical-logic §10).
+    screening_evidence: tuple[Evidence, ...] = ()
+    # Names of the malignancies recorded as active (a plan says which cancer it defers to).
+    active_cancers: tuple[str, ...] = ()
 
     def feature(self, name: str) -> Fact:
         return self.features.get(name, UNKNOWN_FACT)
@@ -195,6 +212,7 @@ class _Reader:
         self.sources: set[str] = set()
         self._lab_items: list[LabItem] | None = None
         self.cancer_names: list[str] = []
+        self.active_cancer_names: list[str] = []
         self.possible_malignancy = _word_start_pattern(
             knowledge.terminology.possible_malignancy_words
         )
@@ -384,6 +402,8 @@ class _Reader:
                 (history if kind == "history" else active).append(ref)
                 if kind == "history":
                     self.cancer_names.append(_concept_name(cond.get("code")))
+                else:
+                    self.active_cancer_names.append(f"{_concept_name(cond.get('code'))}, {ref}")
                 if day:
                     dates[kind].append(day)
             if "history-of-cancer" in value_sets:
@@ -755,31 +775,72 @@ class _Reader:
         when = max(dates) if len(dates) == len(ended) else None
         return Fact(True, tuple(ref for _, ref in ended), "ended", when)
 
-    def screening_done(self) -> dict[str, date]:
+    def screening_evidence(self) -> tuple[Evidence, ...]:
+        """Every record that shows a screening test done, oldest first (clinical-logic §10).
+
+        Read by the tests' codes: completed ServiceRequests (not fhir-dm's own: those are
+        proposals dated by their due window, closed by write-back against the real evidence),
+        final DiagnosticReports and Observations, completed Procedures, available
+        ImagingStudies (`procedureCode`). Undated records cannot be placed in a round: a finding.
+        """
+        tests = self.rs.tests
         by_code = {
             (self.k.terminology.system_url(t.code.system), t.code.code): test_id
-            for test_id, t in self.rs.tests.items()
+            for test_id, t in tests.items()
         }
-        done: dict[str, date] = {}
+        ours = f"{self.rs.canonical_base}/sid/plan-item"
+        found: dict[tuple[str, str], Evidence] = {}
         for ref, resource in self.of_type(*DONE_STATUSES):
-            if resource.get("status") not in DONE_STATUSES[resource["resourceType"]]:
+            resource_type = resource["resourceType"]
+            if resource.get("status") not in DONE_STATUSES[resource_type]:
                 continue
-            for coding in (resource.get("code") or {}).get("coding") or []:
-                test_id = by_code.get((coding.get("system"), coding.get("code")))
-                if test_id is None:
-                    continue
-                span = (
-                    parse_fhir_date(resource.get("performedDateTime"))
-                    or parse_fhir_date((resource.get("performedPeriod") or {}).get("start"))
-                    or _observation_date(resource)
-                    or parse_fhir_date((resource.get("occurrencePeriod") or {}).get("end"))
-                    or parse_fhir_date(resource.get("occurrenceDateTime"))
-                    or parse_fhir_date(resource.get("authoredOn"))
-                )
-                if span and (test_id not in done or span.latest > done[test_id]):
-                    done[test_id] = span.latest
-                    self.sources.add(ref)
-        return done
+            if resource_type == "ServiceRequest" and any(
+                i.get("system") == ours for i in resource.get("identifier") or []
+            ):
+                continue
+            concepts = (
+                resource.get("procedureCode") or []
+                if resource_type == "ImagingStudy"
+                else [resource.get("code")]
+            )
+            test_ids = {
+                by_code[key]
+                for concept in concepts
+                for coding in (concept or {}).get("coding") or []
+                if (key := (coding.get("system"), coding.get("code"))) in by_code
+            }
+            if not test_ids:
+                continue
+            span = _done_date(resource)
+            if span is None:
+                self.note("screening test record without a date: not counted as done", ref)
+                continue
+            self.sources.add(ref)
+            for test_id in test_ids:
+                found.setdefault((test_id, ref), Evidence(test_id, ref, span.latest, resource_type))
+        return tuple(sorted(found.values(), key=lambda e: (e.when, e.test_id, e.reference)))
+
+
+def _done_date(resource: Mapping[str, Any]) -> DateSpan | None:
+    """When a test was done: performed, effective, started, or (a request) when it was due."""
+    return (
+        parse_fhir_date(resource.get("performedDateTime"))
+        or parse_fhir_date((resource.get("performedPeriod") or {}).get("start"))
+        or parse_fhir_date(resource.get("started"))
+        or _observation_date(resource)
+        or parse_fhir_date((resource.get("occurrencePeriod") or {}).get("end"))
+        or parse_fhir_date(resource.get("occurrenceDateTime"))
+        or parse_fhir_date(resource.get("authoredOn"))
+    )
+
+
+def latest_done(evidence: Sequence[Evidence]) -> dict[str, date]:
+    """The latest date each test was done (for "not repeated within N months" rules)."""
+    done: dict[str, date] = {}
+    for e in evidence:
+        if e.test_id not in done or e.when > done[e.test_id]:
+            done[e.test_id] = e.when
+    return done
 
 
 MAX_REFS_PER_FINDING = 5
@@ -952,7 +1013,7 @@ def extract_facts(record: PatientRecord, knowledge: Knowledge, matcher: Matcher)
     features["checkpoint_inhibitor"] = reader.checkpoint_inhibitor()
     features["flare"] = _flare(ck, features.get(derived.flare.or_feature, UNKNOWN_FACT))
     antibodies = reader.antibody_results(observations)
-    done = reader.screening_done()
+    evidence = reader.screening_evidence()
     unused = record.unused_summary()
     if unused:
         reader.note(unused)
@@ -968,7 +1029,9 @@ def extract_facts(record: PatientRecord, knowledge: Knowledge, matcher: Matcher)
         antibodies=antibodies,
         features=features,
         creatine_kinase=ck,
-        screening_done=done,
+        screening_done=latest_done(evidence),
+        screening_evidence=evidence,
+        active_cancers=tuple(dict.fromkeys(reader.active_cancer_names)),
         findings=reader.grouped_findings(),
         all_sources=tuple(sorted(reader.sources | {record.reference})),
     )

@@ -2,10 +2,16 @@
 
 Rounds are dated from the diagnosis date; red-flag and flare rounds from their event, at any
 time (also after the window has closed). The plan depends on the facts and those dates, not
-on the day it is computed, except that rounds whose due window has already closed are dropped
-(rounds at diagnosis never are: an undone work-up at diagnosis stays, shown as overdue), and
-the window closes once it is over and nothing from it is left owed. Re-running on another day
-therefore gives the same plan, which is what makes write-back idempotent.
+on the day it is computed, except that a later round whose due window has closed undone is
+superseded by the next one (listed in `Plan.superseded`, and said in every output; rounds at
+diagnosis never are: an undone work-up at diagnosis stays, shown as overdue), and the window
+closes once it is over and nothing from it is left owed. Re-running on another day therefore
+gives the same items, which is what makes write-back idempotent.
+
+What has been done (clinical-logic §10) is matched to the items here: a record of the test dated
+inside the item's due window, or at most the test's lookback before it opens, marks it done
+(`PlanItem.done`); each record counts for one item only. A done item stays in the plan (shown
+as done with its evidence) but is not ordered again. An overdue item done late is done too.
 """
 
 from __future__ import annotations
@@ -13,9 +19,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date
+from typing import Literal
 
 from fhir_dm.core.dates import add_months
-from fhir_dm.core.facts import UNKNOWN
+from fhir_dm.core.facts import UNKNOWN, Evidence
 from fhir_dm.core.rules import EVENT_ROUND_SCOPES, Assessment, Evaluator, FiredRule
 from fhir_dm.knowledge.models import Knowledge, Round
 
@@ -33,6 +40,9 @@ class PlanItem:
     condition_text: str
     rules: tuple[FiredRule, ...]
     labelled_not_imacs: bool = False
+    # Done this long before the window opens still counts (clinical-logic §10, per test).
+    lookback_months: int = 3
+    done: Evidence | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -47,6 +57,8 @@ class Plan:
     anchor: date | None
     anchor_source: str
     items: tuple[PlanItem, ...] = field(default=())
+    # Later rounds whose due window passed undone: owed, but superseded by the next round.
+    superseded: tuple[PlanItem, ...] = field(default=())
 
     def rounds(self) -> list[tuple[str, str, date, date]]:
         """(id, label, due_start, due_end) of every round that has items, in date order."""
@@ -58,12 +70,21 @@ class Plan:
         return sorted(seen.values(), key=lambda r: (r[2], r[0]))
 
     def overdue(self, item: PlanItem) -> bool:
-        return item.due_end < self.assessment.now
+        return item.done is None and item.due_end < self.assessment.now
+
+    def status(self, item: PlanItem) -> ItemStatus:
+        """done / overdue / due / upcoming, relative to the evaluation date."""
+        if item.done is not None:
+            return "done"
+        now = self.assessment.now
+        if item.due_end < now:
+            return "overdue"
+        return "due" if item.due_start <= now else "upcoming"
 
 
-# A test done at most this long before a round opens counts for it (a CT of the diagnostic
-# work-up counts for the diagnosis round); clinical-logic §10 default.
-DONE_LOOKBACK_MONTHS = 3
+ItemStatus = Literal["done", "overdue", "due", "upcoming"]
+# Order in which outputs list items that need attention first.
+STATUS_ORDER: dict[str, int] = {"overdue": 0, "due": 1, "upcoming": 2, "done": 3}
 
 
 class _Builder:
@@ -118,6 +139,7 @@ class _Builder:
                 condition_text if conditional else "",
                 (rule,),
                 not_imacs,
+                self.rs.lookback_months(test_id),
             )
             return
         firm = not existing.conditional or not conditional
@@ -132,6 +154,7 @@ class _Builder:
             existing.rules
             + tuple(r for r in (rule,) if r.id not in {x.id for x in existing.rules}),
             existing.labelled_not_imacs and not_imacs,
+            existing.lookback_months,
         )
 
     def add_panels(
@@ -177,6 +200,54 @@ CANCER_SCREENING_KINDS = frozenset({"schedule", "addon", "red-flag", "flare"})
 def _done_since(done_on: Mapping[str, date], test_id: str, since: date) -> bool:
     done = done_on.get(test_id)
     return done is not None and done >= since
+
+
+def _match_done(
+    items: list[PlanItem], evidence: tuple[Evidence, ...], used: set[tuple[str, str]]
+) -> list[PlanItem]:
+    """Mark items done by the earliest unused record inside [opens - lookback, due end].
+
+    Items are taken by due end, each claiming the earliest record that fits, so that one
+    record counts for one item only and no item is left undone that another choice would
+    have covered (the greedy order is optimal for intervals). `used` is updated.
+    """
+    out = {item.key: item for item in items}
+    for item in sorted(items, key=lambda i: (i.due_end, i.due_start, i.round_id)):
+        if item.done is not None:
+            continue
+        opens = add_months(item.due_start, -item.lookback_months)
+        for e in evidence:
+            fits = e.test_id == item.test_id and opens <= e.when <= item.due_end
+            if fits and (e.test_id, e.reference) not in used:
+                used.add((e.test_id, e.reference))
+                out[item.key] = replace(item, done=e)
+                break
+    return [out[item.key] for item in items]
+
+
+def _match_late(
+    items: list[PlanItem], evidence: tuple[Evidence, ...], used: set[tuple[str, str]], now: date
+) -> list[PlanItem]:
+    """An overdue item is done by a record dated after its window, unless a later item of the
+    same test could claim that record (then it belongs to the later round)."""
+    out = {item.key: item for item in items}
+    for item in sorted(items, key=lambda i: (i.due_end, i.due_start, i.round_id)):
+        if item.done is not None or item.due_end >= now:
+            continue
+        later = [
+            add_months(other.due_start, -other.lookback_months)
+            for other in items
+            if other.test_id == item.test_id and other.due_start > item.due_end
+        ]
+        until = min(later) if later else None
+        for e in evidence:
+            if e.test_id != item.test_id or (e.test_id, e.reference) in used:
+                continue
+            if e.when > item.due_end and (until is None or e.when < until):
+                used.add((e.test_id, e.reference))
+                out[item.key] = replace(item, done=e)
+                break
+    return [out[item.key] for item in items]
 
 
 def _guideline_items(b: _Builder, a: Assessment, knowledge: Knowledge) -> None:
@@ -369,17 +440,24 @@ def build_plan(assessment: Assessment, knowledge: Knowledge) -> Plan:
         _guideline_items(b, a, knowledge)
 
     past_window = a.now > a.window[1]
+    used: set[tuple[str, str]] = set()
+    evidence = facts.screening_evidence
     guideline = []
-    for item in b.items.values():
+    superseded = []
+    for item in _match_done(list(b.items.values()), evidence, used):
         rnd = b.rounds[item.round_id]
-        if item.due_end < a.now and rnd.offset_months > 0:
-            continue  # a later round has superseded it; work-ups at diagnosis stay, overdue
         if item.due_start > a.window[1]:
             continue
-        lookback = add_months(item.due_start, -DONE_LOOKBACK_MONTHS)
-        if past_window and _done_since(facts.screening_done, item.test_id, lookback):
-            continue  # the window is over and this was done: nothing left owed
+        if item.done is None and item.due_end < a.now and rnd.offset_months > 0:
+            # The next round supersedes it (work-ups at diagnosis stay, overdue); said in
+            # every output, never dropped silently.
+            superseded.append(item)
+            continue
         guideline.append(item)
+    guideline = _match_late(guideline, evidence, used, a.now)
+    if past_window:
+        # The window is over: what was done is no longer owed.
+        guideline = [item for item in guideline if item.done is None]
     closed = a.scope == "in-scope" and past_window and not guideline
     if closed:
         a = replace(
@@ -394,6 +472,11 @@ def build_plan(assessment: Assessment, knowledge: Knowledge) -> Plan:
     _red_flag_items(b, a, knowledge, closed)
     _flare_items(b, a, knowledge)
 
-    keep = _oncology_items(list(b.items.values()), a, knowledge)
-    keep.sort(key=lambda i: (i.due_start, i.round_id, list(rs.tests).index(i.test_id)))
-    return Plan(a, anchor, anchor_source, tuple(keep))
+    items = _match_done(list(b.items.values()), evidence, used)
+    keep = _oncology_items(items, a, knowledge)
+    order = list(rs.tests)
+    keep.sort(key=lambda i: (i.due_start, i.round_id, order.index(i.test_id)))
+    superseded.sort(key=lambda i: (i.due_start, i.round_id, order.index(i.test_id)))
+    if closed:
+        superseded = []  # the window has closed: the rounds it held are no longer owed
+    return Plan(a, anchor, anchor_source, tuple(keep), tuple(superseded))

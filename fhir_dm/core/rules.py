@@ -358,8 +358,15 @@ def _notices(facts: PatientFacts, knowledge: Knowledge, now: date) -> list[Notic
     active = facts.feature("active_malignancy")
     if active.is_true():
         rule = rs.active_malignancy
+        names = ", ".join(facts.active_cancers) or "cancer named in the record"
         out.append(
-            Notice("active-malignancy", rule.message, rule.evidence, rule.source, active.sources)
+            Notice(
+                "active-malignancy",
+                rule.message.format(cancer=names),
+                rule.evidence,
+                rule.source,
+                active.sources,
+            )
         )
     past = facts.feature("personal_history_cancer")
     if past.is_true():

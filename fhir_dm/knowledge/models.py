@@ -335,6 +335,8 @@ class Test(_Frozen):
     category: Literal["laboratory", "imaging", "procedure"]
     sex: Sex | None = None
     code: CodeRef
+    # Overrides the rule set's `done_lookback_months` for this test (clinical-logic §10).
+    done_lookback_months: int | None = Field(default=None, ge=0)
 
 
 class Panel(_Sourced):
@@ -377,6 +379,7 @@ class RedFlags(_Sourced):
 
 
 class ActiveMalignancy(_Sourced):
+    # `{cancer}` is replaced by the names of the active malignancies.
     message: str
     # Every cancer-screening item becomes a "consider" item with this condition text.
     consider_text: str
@@ -460,6 +463,13 @@ class RuleSet(_Frozen):
     flare: FlareRule
     lung_surveillance: LungSurveillance
     antibody_testing: AntibodyTesting
+    # A test done at most this many months before a round opens counts for it (§10).
+    done_lookback_months: Valued
+
+    def lookback_months(self, test_id: str) -> int:
+        """How long before a round opens a test of this kind still counts as done for it."""
+        override = self.tests[test_id].done_lookback_months
+        return override if override is not None else int(self.done_lookback_months.value)
 
     @model_validator(mode="after")
     def _references_resolve(self) -> RuleSet:

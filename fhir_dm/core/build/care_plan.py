@@ -11,11 +11,13 @@ from fhir_dm.core.build.common import (
     instant,
     period,
     plan_definition_url,
+    reference,
     system_coding,
 )
 from fhir_dm.core.build.narrative import render_narrative
 from fhir_dm.core.build.service_request import item_note
 from fhir_dm.core.explain import Explanation
+from fhir_dm.core.plan import PlanItem
 
 US_CORE_ASSESS_PLAN = (
     "us-core-careplan-category",
@@ -25,13 +27,38 @@ US_CORE_ASSESS_PLAN = (
 DM_CATEGORY = ("dm-careplan-category", "dm-cancer-screening", "IIM cancer screening")
 
 
+def _detail(ctx: BuildContext, item: PlanItem, status: str = "not-started") -> Json:
+    k = ctx.knowledge
+    test = k.ruleset.tests[item.test_id]
+    return {
+        "detail": {
+            "code": {"coding": [coding(k, test.code)], "text": test.display},
+            "status": status,
+            "scheduledPeriod": period(item.due_start, item.due_end),
+            "description": test.display + "".join(f" {n['text']}" for n in item_note(item)),
+        }
+    }
+
+
+def done_activity(ctx: BuildContext, item: PlanItem) -> Json:
+    """The activity of a done item: completed, with the record that shows it as outcome."""
+    assert item.done is not None
+    activity = _detail(ctx, item, "completed")
+    activity["outcomeReference"] = [reference(item.done.reference)]
+    return activity
+
+
 def build_care_plan(
     ctx: BuildContext,
     explanation: Explanation,
     risk_url: str,
     request_urls: Mapping[tuple[str, str], str],
 ) -> Json:
-    """The CarePlan; orderable items reference their ServiceRequest, others are details."""
+    """The CarePlan; orderable items reference their ServiceRequest, others are details.
+
+    A done item (clinical-logic §10) is a completed detail whose `outcomeReference` is the
+    record that shows it done; it has no ServiceRequest.
+    """
     k = ctx.knowledge
     plan = ctx.plan
     a = plan.assessment
@@ -42,17 +69,7 @@ def build_care_plan(
         if url is not None:
             activities.append({"reference": {"reference": url}})
             continue
-        test = k.ruleset.tests[item.test_id]
-        activities.append(
-            {
-                "detail": {
-                    "code": {"coding": [coding(k, test.code)], "text": test.display},
-                    "status": "not-started",
-                    "scheduledPeriod": period(item.due_start, item.due_end),
-                    "description": test.display + "".join(f" {n['text']}" for n in item_note(item)),
-                }
-            }
-        )
+        activities.append(done_activity(ctx, item) if item.done else _detail(ctx, item))
     window = f"{a.window[0].isoformat()} to {a.window[1].isoformat()}"
     data: Json = {
         "resourceType": "CarePlan",

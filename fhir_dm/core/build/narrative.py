@@ -17,7 +17,8 @@ def _list(title: str, items: tuple[str, ...]) -> str:
 
 
 def render_narrative(explanation: Explanation, window: str) -> str:
-    """The CarePlan.text.div: tier, reasons, schedule table, consider items, unknowns, version."""
+    """The CarePlan.text.div: tier, reasons, schedule table (each item's status on the day of
+    the assessment), superseded rounds, unknowns, version."""
     e = explanation
     rows = []
     for r in e.schedule:
@@ -28,14 +29,17 @@ def render_narrative(explanation: Explanation, window: str) -> str:
             )
         if r.not_imacs:
             what += " <i>(not IMACS)</i>"
-        due = f"{escape(r.due_start)} to {escape(r.due_end)}" + (
-            " <b>(overdue)</b>" if r.overdue else ""
-        )
+        due = f"{escape(r.due_start)} to {escape(r.due_end)}"
+        status = f"<b>{escape(r.status)}</b>" if r.status == "overdue" else escape(r.status)
+        if r.evidence:
+            status += f" ({escape(r.evidence)})"
         rows.append(
-            f"<tr><td>{escape(r.round_label)}</td><td>{what}</td><td>{due}</td><td>{escape(r.rules)}</td></tr>"
+            f"<tr><td>{escape(r.round_label)}</td><td>{what}</td><td>{due}</td>"
+            f"<td>{status}</td><td>{escape(r.rules)}</td></tr>"
         )
     table = (
-        "<table><thead><tr><th>When</th><th>Test</th><th>Due</th><th>Rule</th></tr></thead>"
+        "<table><thead><tr><th>When</th><th>Test</th><th>Due</th><th>Status</th>"
+        "<th>Rule</th></tr></thead>"
         f"<tbody>{''.join(rows)}</tbody></table>"
         if rows
         else "<p>No tests are proposed.</p>"
@@ -48,6 +52,7 @@ def render_narrative(explanation: Explanation, window: str) -> str:
         _list("Notices", e.notices),
         _list("Why", e.reasons),
         table,
+        _list("Owed but superseded by the next round", e.superseded),
         _list("Not recorded (unknown, not negative)", e.unknown_facts),
         _list("Input not used", e.findings),
         f"<p>Rule set {escape(e.ruleset)}; {escape(e.guideline)}. "

@@ -102,7 +102,7 @@ def test_detail_is_markdown_with_reasons_schedule_and_rule_set(
     assert detail.startswith("**High risk of IIM-associated cancer**")
     assert "**Why**" in detail
     assert "- High-risk factor: anti-TIF1-gamma positive" in detail
-    assert "| When | Due | Tests | Consider |" in detail
+    assert "| When | Due | Status | Tests | Consider |" in detail
     assert "| At diagnosis | 2024-03-01 to 2024-06-01 |" in detail
     assert "Consider 18F-FDG PET-CT" in detail  # a "consider" item
     assert "Rule set imacs-2023 1.1.0" in detail
