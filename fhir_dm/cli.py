@@ -1,7 +1,8 @@
 """fhir-dm: IIM cancer-risk tiers and screening plans (IMACS 2023), as FHIR R4.
 
 One command line for everything a user runs: `assess` / `explain` bundle files with no server,
-`serve` the web service (gunicorn), `demo` the whole service against a FHIR server.
+`serve` the web service (gunicorn), `worker` the re-assessment queue, `subscriptions` on the FHIR
+server, `dead-letters` of the queue, `demo` the whole service against a FHIR server.
 Contract other tools rely on: `assess FILE...` prints the result transaction Bundle as JSON
 (one FILE, no --out) or writes `<name>.result.json` files into --out; exit 0 on success, 1 on
 bad input (one line on stderr), 2 on a bad configuration or settings.
@@ -42,6 +43,7 @@ EPILOG = """examples:
   fhir-dm explain examples/seed-case-tif1g.json --now 2015-10-25
   fhir-dm assess patient.json > result.json
   FHIR_DM_FHIR__BASE_URL=http://127.0.0.1:8090/fhir FHIR_DM_TRUST__MODE=off fhir-dm serve
+  fhir-dm worker --workers 4
   fhir-dm demo
 """
 
@@ -122,6 +124,41 @@ def _parser() -> argparse.ArgumentParser:
         help=f"worker processes (default {DEFAULT_WORKERS})",
     )
     serve.add_argument("gunicorn_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    worker = sub.add_parser(
+        "worker",
+        help="run the re-assessment queue's workers and daily sweep (settings: jobs.*)",
+        description="Run Huey consumers for the re-assessment queue: each notified patient is"
+        " re-assessed and its plan written back; once a day every patient with an active plan"
+        " is swept. Settings as for serve (FHIR_DM_* variables, FHIR_DM_SETTINGS_FILE); the"
+        " queue is jobs.* (embedded SQLite by default, or Redis for several hosts).",
+    )
+    worker.add_argument(
+        "--workers", type=int, default=None, metavar="N", help="worker count (default jobs.workers)"
+    )
+    worker.add_argument(
+        "--worker-type",
+        choices=("process", "thread"),
+        default=None,
+        help="worker processes or threads (default jobs.worker_type)",
+    )
+    dead = sub.add_parser(
+        "dead-letters",
+        help="list the re-assessments that kept failing (JSON lines), or ask for them again",
+        description="Print one JSON line per failed re-assessment: task id, patient, error"
+        " class and message, attempts, time. --requeue asks for each patient again and drops"
+        " its record.",
+    )
+    dead.add_argument("--requeue", action="store_true", help="enqueue each patient again")
+    subs = sub.add_parser(
+        "subscriptions",
+        help="create or update fhir-dm's Subscriptions on the FHIR server (idempotent)",
+        description="Make the FHIR server hold one rest-hook Subscription per resource type"
+        " the rules read, calling <jobs.notification_base_url or public_base_url>/notifications"
+        "/<type> with its own secret header. Re-running changes nothing when all are in place.",
+    )
+    subs.add_argument(
+        "--sweep", action="store_true", help="also enqueue every patient with an active plan now"
+    )
     demo = sub.add_parser(
         "demo",
         help="load synthetic patients into a FHIR server, assess and write back, twice",
@@ -179,15 +216,17 @@ def render_summary(result: PatientResult) -> str:
         lines += [f"    - {r}" for r in e.reasons]
     if e.schedule:
         lines.append(f"  Proposed ({len(result.service_requests)} service requests):")
-        for row in e.schedule:
+        for row in e.attention_first():
             consider = f"CONSIDER ({row.condition}) " if row.consider else ""
-            overdue = " OVERDUE" if row.overdue else ""
+            status = row.status.upper() if row.status == "overdue" else row.status
+            done = f" by {row.evidence}" if row.evidence else ""
             lines.append(
-                f"    {row.round_label:<14} {row.due_start} to {row.due_end}{overdue}"
+                f"    {row.round_label:<14} {row.due_start} to {row.due_end} {status}{done}"
                 f"  {consider}{row.test}"
             )
     else:
         lines.append("  Proposed: nothing.")
+    lines += [f"  Not done, superseded: {s}" for s in e.superseded]
     if e.unknown_facts:
         lines.append("  Not recorded (unknown, not negative): " + ", ".join(e.unknown_facts))
     lines += [f"  Input not used: {f}" for f in e.findings]
@@ -262,6 +301,59 @@ def _demo(args: argparse.Namespace, config: Path | None) -> int:
     return demo.main(args.fhir_base_url, keep_running=args.keep_running, config_dir=config)
 
 
+def _jobs_of(config: Path | None) -> tuple[Any, Any]:
+    """The queue (`Jobs`) and the service's `Settings`; KnowledgeError without jobs.*."""
+    from fhir_dm.jobs.queue import Jobs, build_runtime, open_huey  # not needed by assess
+    from fhir_dm.web.settings import load_settings
+
+    if config is not None:
+        os.environ[CONFIG_DIR_VARIABLE] = str(config)
+    settings = load_settings()
+    if settings.jobs is None:
+        raise KnowledgeError("settings: jobs is not configured (e.g. FHIR_DM_JOBS__BACKEND)")
+    jobs = Jobs(open_huey(settings.jobs), settings.jobs, lambda: build_runtime(settings))
+    return jobs, settings
+
+
+def _worker(args: argparse.Namespace, config: Path | None) -> int:
+    """Run the consumers until stopped (SIGINT/SIGTERM end them gracefully)."""
+    from fhir_dm.web import logs
+
+    jobs, settings = _jobs_of(config)
+    logs.configure_logging(settings.log_level)
+    jobs.runtime()  # a bad knowledge base or FHIR setting fails here, before any task runs
+    jobs.consumer(args.workers, args.worker_type).run()
+    return EXIT_OK
+
+
+def _dead_letters(args: argparse.Namespace, config: Path | None) -> int:
+    jobs, _ = _jobs_of(config)
+    if args.requeue:
+        sys.stderr.write(f"{jobs.requeue_dead()} patient(s) enqueued again\n")
+        return EXIT_OK
+    for record in jobs.dead_letters():
+        sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return EXIT_OK
+
+
+def _subscriptions(args: argparse.Namespace, config: Path | None) -> int:
+    from fhir_dm.subscriptions import ensure_subscriptions
+
+    jobs, service_settings = _jobs_of(config)
+    settings = jobs.settings
+    if settings.notification_secret is None:
+        raise KnowledgeError("settings: jobs.notification_secret is not set")
+    base = settings.notification_base_url or service_settings.public_base_url
+    runtime = jobs.runtime()
+    report = ensure_subscriptions(
+        runtime.fhir, base, settings.notification_secret.get_secret_value()
+    )
+    sys.stdout.write(report.summary() + "\n")
+    if args.sweep:
+        sys.stdout.write(f"sweep: {jobs.sweep()} patient(s) with an active plan\n")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit code (never raises for expected failures)."""
     parser = _parser()
@@ -277,6 +369,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "demo":
             return _demo(args, config)
+        if args.command == "worker":
+            return _worker(args, config)
+        if args.command == "dead-letters":
+            return _dead_letters(args, config)
+        if args.command == "subscriptions":
+            return _subscriptions(args, config)
         knowledge = load_knowledge(config)
     except KnowledgeError as exc:
         sys.stderr.write(f"fhir-dm: configuration error: {exc.message}\n")

@@ -12,9 +12,10 @@ from fhir_dm import __version__
 from fhir_dm.cds.state import StateSettings, open_replay
 from fhir_dm.fhir.client import client_from_config
 from fhir_dm.fhir.terminology import engine_for
+from fhir_dm.jobs.queue import Jobs, build_runtime, open_huey
 from fhir_dm.knowledge.load import load_knowledge
 from fhir_dm.locks import PatientLocks
-from fhir_dm.web import cds_hooks, limits, logs, operations, outcomes, system
+from fhir_dm.web import cds_hooks, limits, logs, notifications, operations, outcomes, system
 from fhir_dm.web.settings import EXTENSION_KEY, Service, Settings, load_settings
 from fhir_dm.web.trust import InboundAuth, ReplayGuard
 from fhir_dm.writeback import WriteBack
@@ -60,6 +61,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     outcomes.init_app(app)
     app.register_blueprint(system.bp)
     app.register_blueprint(operations.bp)
+    jobs = settings.jobs
+    if jobs is not None and jobs.notification_secret is not None:
+        # The endpoint only enqueues; `fhir-dm worker` runs the re-assessments.
+        queue = Jobs(open_huey(jobs), jobs, lambda: build_runtime(settings))
+        notifications.init_app(app, queue)
     if settings.cds is not None:
         cds = settings.cds
         if cds.config_file is None and settings.config_dir is not None:

@@ -23,6 +23,7 @@ from fhir_dm.errors import KnowledgeError
 from fhir_dm.fhir.client import FhirClient
 from fhir_dm.fhir.config import FhirServerConfig, check_http_url
 from fhir_dm.fhir.terminology import TerminologyServerConfig
+from fhir_dm.jobs.settings import JobsSettings
 from fhir_dm.knowledge.models import Knowledge
 from fhir_dm.locks import PatientLocks
 from fhir_dm.web.cds_hooks import CdsSettings
@@ -111,6 +112,8 @@ class Settings(BaseSettings):
     cds: CdsSettings | None = None
     # Optional terminology server for codes the offline value sets miss (off when unset).
     terminology: TerminologyServerConfig | None = None
+    # Event-driven re-assessment (a job queue, the notification endpoint); off when unset.
+    jobs: JobsSettings | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -89,8 +89,14 @@ public class PersistenceConfig {
 	}
 
 	@Bean
-	public SubscriptionSettings subscriptionSettings() {
-		return new SubscriptionSettings();
+	public SubscriptionSettings subscriptionSettings(TestServerProperties props) {
+		SubscriptionSettings settings = new SubscriptionSettings();
+		if (props.isSubscriptions()) {
+			// Rest-hook only (see SubscriptionServerConfig), matched in memory.
+			settings.addSupportedSubscriptionType(
+					org.hl7.fhir.dstu2.model.Subscription.SubscriptionChannelType.RESTHOOK);
+		}
+		return settings;
 	}
 
 	@Bean

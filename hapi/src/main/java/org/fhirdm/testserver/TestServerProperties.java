@@ -58,6 +58,12 @@ public class TestServerProperties {
 	private boolean terminologyIndex = false;
 
 	/**
+	 * FHIR R4 Subscriptions with rest-hook delivery ({@link SubscriptionServerConfig}). Off by
+	 * default: only the tests of event-driven re-assessment turn it on.
+	 */
+	private boolean subscriptions = false;
+
+	/**
 	 * Resource types validated once in the background after start-up, so that the
 	 * first client {@code $validate} does not pay the validator's start-up cost.
 	 * Empty: no warm-up.
@@ -165,6 +171,14 @@ public class TestServerProperties {
 
 	public void setTerminologyIndex(boolean terminologyIndex) {
 		this.terminologyIndex = terminologyIndex;
+	}
+
+	public boolean isSubscriptions() {
+		return subscriptions;
+	}
+
+	public void setSubscriptions(boolean subscriptions) {
+		this.subscriptions = subscriptions;
 	}
 
 	public List<String> getValidationWarmupTypes() {

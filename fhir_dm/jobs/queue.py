@@ -1,0 +1,423 @@
+"""The re-assessment queue (Huey): one task per patient, debounced, serialised, retried, recorded.
+
+A change on the FHIR server (a notification) or the daily sweep asks for `request(patient_id)`.
+That enqueues `reassess(patient_id)` only when none is pending for the patient (a pending mark,
+set atomically in the queue's own storage, so it holds across hosts with Redis), delayed by
+`debounce_seconds`, so a burst of changes for one patient gives one re-assessment. The task
+clears the mark before it reads, so a change made while it runs is not lost: it asks again.
+The task calls the write-back's public `assess_patient`, under a per-patient lock that holds
+across hosts (Redis) on top of the write-back's own per-host file lock. A failure is retried
+with exponential backoff; a task that keeps failing, or fails in a way retrying cannot mend,
+is written to a dead-letter record an operator lists with `fhir-dm dead-letters`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import redis
+from huey import Huey, RedisHuey, SqliteHuey, crontab
+from huey.consumer import Consumer
+from huey.exceptions import CancelExecution, RetryTask
+
+from fhir_dm import __version__
+from fhir_dm.core.identifiers import Identity
+from fhir_dm.errors import (
+    FhirDmError,
+    InputError,
+    KnowledgeError,
+    PatientBusyError,
+    PatientNotFoundError,
+    UpstreamUnavailableError,
+)
+from fhir_dm.fhir.client import FhirClient, client_from_config
+from fhir_dm.fhir.terminology import engine_for
+from fhir_dm.jobs.settings import JobsSettings
+from fhir_dm.knowledge.load import load_knowledge
+from fhir_dm.locks import PatientLocks
+from fhir_dm.web.settings import Settings
+from fhir_dm.writeback import WriteBack
+
+_log = logging.getLogger(__name__)
+
+REASSESS_TASK = "fhir-dm.reassess"
+SWEEP_TASK = "fhir-dm.sweep"
+PENDING_PREFIX = "fhir-dm:pending:"
+DEAD_PREFIX = "fhir-dm:dead:"
+SWEPT_PREFIX = "fhir-dm:swept:"
+LOCK_PREFIX = "fhir-dm:patient-lock:"
+KEY_NAMESPACE = b"fhir-dm queue key\x00"
+# Failures retrying cannot mend: the patient is gone, the input or the configuration is wrong.
+PERMANENT_ERRORS: tuple[type[Exception], ...] = (InputError, PatientNotFoundError, KnowledgeError)
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_PATIENT_REFERENCE = re.compile(r"(?:^|/)Patient/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
+
+Json = dict[str, Any]
+
+
+def patient_key(patient_id: str) -> str:
+    """A storage key for a patient: a hash, so no patient id is written into key names."""
+    return hashlib.sha256(KEY_NAMESPACE + patient_id.encode("utf-8")).hexdigest()[:40]
+
+
+def is_patient_id(value: object) -> bool:
+    """Whether `value` is a FHIR logical id (what `reassess` accepts)."""
+    return isinstance(value, str) and _FHIR_ID.fullmatch(value) is not None
+
+
+def patient_id_of(reference: object, base_url: str) -> str | None:
+    """The Patient id a Reference names on the FHIR server at `base_url`; None otherwise.
+
+    Relative `Patient/<id>` and absolute references on that server count; a reference to
+    another server, a contained or logical reference does not (nothing to re-assess here).
+    """
+    if not isinstance(reference, Mapping):
+        return None
+    text = reference.get("reference")
+    if not isinstance(text, str):
+        return None
+    if "://" in text and not text.startswith(base_url.rstrip("/") + "/"):
+        return None
+    match = _PATIENT_REFERENCE.search(text)
+    if match is None or ("://" not in text and text.count("/") not in (1, 3)):
+        return None
+    return match.group(1)
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """What a worker needs to re-assess: the write-back, its FHIR client, our plan identifier."""
+
+    writeback: WriteBack
+    fhir: FhirClient
+    plan_series_system: str
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    """The worker's long-lived objects, built like the web service's from the same settings."""
+    knowledge = load_knowledge(settings.config_dir)
+    engine = engine_for(
+        knowledge,
+        settings.terminology,
+        software_version=__version__,
+        validate_output=settings.validate_output,
+    )
+    fhir = client_from_config(settings.fhir)
+    writeback = WriteBack(fhir, engine, PatientLocks(settings.lock_dir))
+    series = Identity(knowledge.ruleset.canonical_base, "", "").series_system
+    return Runtime(writeback, fhir, series)
+
+
+class PatientLock(Protocol):
+    """Serialises the re-assessments of one patient (across hosts where the queue is shared)."""
+
+    def hold(self, patient_id: str) -> AbstractContextManager[None]: ...
+
+
+class HostLock:
+    """Embedded queue (one host): the write-back's own per-host file lock is enough."""
+
+    def hold(self, patient_id: str) -> AbstractContextManager[None]:
+        return nullcontext()
+
+
+class RedisPatientLock:
+    """A Redis lock per patient, with a lease, so workers on several hosts take turns.
+
+    A worker that dies releases it when the lease ends; a run longer than the lease is still
+    safe, because every plan update is versioned (`ifMatch`) by the write-back.
+    """
+
+    def __init__(self, client: redis.Redis, *, lease_seconds: float, wait_seconds: float) -> None:
+        self._client = client
+        self._lease = lease_seconds
+        self._wait = wait_seconds
+
+    def close(self) -> None:
+        self._client.close()
+
+    @contextmanager
+    def hold(self, patient_id: str) -> Iterator[None]:
+        lock = self._client.lock(
+            LOCK_PREFIX + patient_key(patient_id),
+            timeout=self._lease,
+            blocking_timeout=self._wait,
+        )
+        if not lock.acquire():
+            raise PatientBusyError("another worker is re-assessing this patient")
+        try:
+            yield
+        finally:
+            try:
+                lock.release()
+            except redis.exceptions.LockError:
+                _log.warning("patient lock lease ended before the re-assessment did")
+
+
+def open_huey(settings: JobsSettings, *, immediate: bool = False) -> Huey:
+    """The Huey of the configured backend; results are not kept (tasks return nothing)."""
+    if settings.backend == "redis":
+        return RedisHuey(settings.queue_name, url=settings.redis_url, results=False, utc=True)
+    settings.sqlite_file.parent.mkdir(parents=True, exist_ok=True)
+    return SqliteHuey(
+        settings.queue_name,
+        filename=str(settings.sqlite_file),
+        results=False,
+        utc=True,
+        immediate=immediate,
+    )
+
+
+def patient_lock_for(settings: JobsSettings) -> PatientLock:
+    """Redis lock with the Redis queue (several hosts); the host's file lock otherwise."""
+    if settings.backend == "redis" and settings.redis_url:
+        return RedisPatientLock(
+            redis.Redis.from_url(settings.redis_url),
+            lease_seconds=settings.lock_lease_seconds,
+            wait_seconds=settings.lock_wait_seconds,
+        )
+    return HostLock()
+
+
+class Jobs:
+    """The queue's tasks and the operations around them.
+
+    Usage::
+
+        jobs = Jobs(open_huey(settings.jobs), settings.jobs, lambda: build_runtime(settings))
+        jobs.request("123")          # from a notification: enqueue unless one is pending
+        jobs.consumer().run()        # in `fhir-dm worker`
+        jobs.dead_letters()          # what kept failing, for an operator
+
+    `runtime` is called lazily, once per process (Huey's process workers fork).
+    """
+
+    def __init__(
+        self,
+        huey: Huey,
+        settings: JobsSettings,
+        runtime: Callable[[], Runtime],
+        *,
+        lock: PatientLock | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.huey = huey
+        self.settings = settings
+        self._make_runtime = runtime
+        self._runtime: tuple[int, Runtime] | None = None
+        self._runtime_guard = threading.Lock()
+        self._lock = lock if lock is not None else patient_lock_for(settings)
+        self._clock = clock
+        self.reassess = huey.task(retries=settings.retries, context=True, name=REASSESS_TASK)(
+            self._reassess
+        )
+        self.sweep_task = huey.periodic_task(
+            crontab(minute=str(settings.sweep_minute), hour=str(settings.sweep_hour)),
+            name=SWEEP_TASK,
+        )(self._daily_sweep)
+
+    # -- asking for a re-assessment -------------------------------------------------------
+
+    def request(self, patient_id: str) -> bool:
+        """Enqueue a re-assessment unless one is already pending; True when one was enqueued.
+
+        UpstreamUnavailableError (503) when the queue's storage cannot be reached, so the FHIR
+        server delivers the notification again later rather than it being lost.
+        """
+        if not is_patient_id(patient_id):
+            raise InputError("not a valid FHIR Patient id")
+        try:
+            return self._request(patient_id)
+        except (redis.exceptions.RedisError, sqlite3.Error, OSError):
+            _log.warning("job queue unavailable")
+            raise UpstreamUnavailableError(
+                "the re-assessment queue is unavailable; try again later", retry_after=5
+            ) from None
+
+    def _request(self, patient_id: str) -> bool:
+        key = PENDING_PREFIX + patient_key(patient_id)
+        now = self._clock()
+        storage = self.huey.storage
+        if not storage.put_if_empty(key, _number(now)):
+            marked = _read_number(storage.peek_data(key))
+            if marked is not None and now - marked < self.settings.pending_ttl_seconds:
+                return False
+            # A mark older than its job could be: that job was lost (a crash between the mark
+            # and the enqueue, a flushed queue). Take it over rather than block the patient.
+            storage.put_data(key, _number(now))
+        delay = self.settings.debounce_seconds
+        try:
+            if delay > 0:
+                self.reassess.schedule(args=(patient_id,), delay=delay)
+            else:
+                self.reassess(patient_id)
+        except (redis.exceptions.RedisError, sqlite3.Error, OSError):
+            # Not enqueued: drop our mark (if we still can), so the next notification tries.
+            with suppress(redis.exceptions.RedisError, sqlite3.Error, OSError):
+                storage.delete_data(key)
+            raise
+        return True
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds before retry `attempt` (0-based): doubling from the base, capped."""
+        base = self.settings.retry_base_seconds
+        return float(min(self.settings.retry_max_seconds, base * (2**attempt)))
+
+    # -- the tasks ---------------------------------------------------------------------------
+
+    def _reassess(self, patient_id: str, task: Any = None) -> None:
+        """Re-assess one patient and write the revision; retry, or record, on failure."""
+        self.huey.storage.delete_data(PENDING_PREFIX + patient_key(patient_id))
+        try:
+            with self._lock.hold(patient_id):
+                write = self.runtime().writeback.assess_patient(
+                    patient_id, now=datetime.now(UTC).date(), preview=False
+                )
+        except Exception as exc:
+            self._failed(patient_id, task, exc)
+            # Recorded: end it quietly (Huey logs the task id only, no trace that might quote
+            # an upstream URL naming the patient).
+            raise CancelExecution(retry=False) from None
+        _log.info("re-assessed: %s", write.status)
+
+    def _failed(self, patient_id: str, task: Any, exc: Exception) -> None:
+        """Retry with backoff while the budget lasts; else write the dead-letter record."""
+        left = int(getattr(task, "retries", 0) or 0)
+        permanent = isinstance(exc, PERMANENT_ERRORS)
+        if left > 0 and not permanent:
+            attempt = self.settings.retries - left
+            delay = self.backoff(attempt)
+            _log.warning(
+                "re-assessment failed; retry in %.0f s",
+                delay,
+                extra={"error": type(exc).__name__},
+            )
+            # RetryTask keeps Huey's retry budget as it is; this attempt spends one.
+            task.retries = left - 1
+            raise RetryTask(delay=delay) from None
+        attempts = self.settings.retries + 1 - left
+        if task is not None:
+            task.retries = 0  # no further retry by Huey for a permanent failure
+        self._record_dead(patient_id, task, exc, attempts)
+
+    def _record_dead(self, patient_id: str, task: Any, exc: Exception, attempts: int) -> None:
+        task_id = str(getattr(task, "id", "") or f"immediate-{time.time_ns()}")
+        record = {
+            "task_id": task_id,
+            "task": REASSESS_TASK,
+            "patient": f"Patient/{patient_id}",
+            "error": type(exc).__name__,
+            # Our messages never name patient data; anything else is reduced to its class.
+            "message": exc.message if isinstance(exc, FhirDmError) else "",
+            "attempts": attempts,
+            "failed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        self.huey.storage.put_data(DEAD_PREFIX + task_id, json.dumps(record).encode("utf-8"))
+        _log.error("re-assessment failed for good", extra={"error": type(exc).__name__})
+
+    def _daily_sweep(self) -> None:
+        """Once a day across all hosts: every patient with an active plan of ours."""
+        day = datetime.now(UTC).date().isoformat()
+        if not self.huey.storage.put_if_empty(SWEPT_PREFIX + day, b"1"):
+            return  # another host's consumer swept today already
+        count = self.sweep()
+        _log.info("daily sweep: %d patient(s) with an active plan", count)
+
+    def sweep(self) -> int:
+        """Ask for a re-assessment of every patient with an active fhir-dm plan; how many."""
+        runtime = self.runtime()
+        plans = runtime.fhir.search(
+            "CarePlan",
+            {"status": "active", "identifier": f"{runtime.plan_series_system}|"},
+        )
+        ids = sorted(
+            {
+                pid
+                for plan in plans
+                if (pid := patient_id_of(plan.get("subject"), runtime.fhir.base_url))
+            }
+        )
+        for pid in ids:
+            self.request(pid)
+        return len(ids)
+
+    # -- operators and workers ---------------------------------------------------------------
+
+    def runtime(self) -> Runtime:
+        """The write-back of this process, built on first use (after a worker fork)."""
+        pid = os.getpid()
+        with self._runtime_guard:
+            if self._runtime is None or self._runtime[0] != pid:
+                self._runtime = (pid, self._make_runtime())
+            return self._runtime[1]
+
+    def dead_letters(self) -> list[Json]:
+        """Every dead-letter record, oldest first."""
+        records: list[Json] = []
+        for key, value in self.huey.storage.result_items().items():
+            name = key.decode("utf-8") if isinstance(key, bytes) else str(key)
+            if not name.startswith(DEAD_PREFIX):
+                continue
+            try:
+                record = json.loads(bytes(value).decode("utf-8"))
+            except (ValueError, TypeError):
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return sorted(records, key=lambda r: str(r.get("failed_at", "")))
+
+    def requeue_dead(self) -> int:
+        """Ask again for every dead-lettered patient and drop its record; how many."""
+        count = 0
+        for record in self.dead_letters():
+            patient = str(record.get("patient", "")).removeprefix("Patient/")
+            self.huey.storage.delete_data(DEAD_PREFIX + str(record.get("task_id", "")))
+            if is_patient_id(patient):
+                self.request(patient)
+                count += 1
+        return count
+
+    def close(self) -> None:
+        """Release the queue's and the lock's connections."""
+        storage = self.huey.storage
+        pool = getattr(storage, "pool", None)
+        if pool is not None:
+            pool.disconnect()
+        storage.close()
+        close_lock = getattr(self._lock, "close", None)
+        if callable(close_lock):
+            close_lock()
+
+    def consumer(self, workers: int | None = None, worker_type: str | None = None) -> Consumer:
+        """A Huey consumer running the tasks and the daily sweep."""
+        return self.huey.create_consumer(
+            workers=workers or self.settings.workers,
+            worker_type=worker_type or self.settings.worker_type,
+            periodic=True,
+            check_worker_health=True,
+        )
+
+
+def _number(value: float) -> bytes:
+    return repr(value).encode("ascii")
+
+
+def _read_number(value: object) -> float | None:
+    if not isinstance(value, bytes | bytearray | memoryview):
+        return None
+    try:
+        return float(bytes(value).decode("ascii"))
+    except (ValueError, UnicodeDecodeError):
+        return None

@@ -1,0 +1,143 @@
+"""Rest-hook notifications from the FHIR server: authenticate, find the patient, enqueue, answer.
+
+Routes (key: a watched resource type in lower case, see `fhir_dm.subscriptions`):
+
+- `POST /notifications/{key}`: the changed resource (or a Bundle of them) as body; an empty
+  body (an id-only / heartbeat notification) names no patient and is acknowledged.
+- `PUT|POST /notifications/{key}/{type}/{id}`: how HAPI delivers a payload (an update of the
+  resource at the endpoint's base).
+- `DELETE /notifications/{key}/{type}/{id}`: a deletion names no patient; acknowledged, left
+  to the daily sweep.
+
+Each request carries the subscription's secret header, compared in constant time; the answer
+(202) comes as soon as the work is enqueued. Logs name the key and counts, never a patient.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, request
+
+from fhir_dm.errors import AuthError, InputError, NotFhirError, PatientNotFoundError
+from fhir_dm.jobs.queue import Jobs, patient_id_of
+from fhir_dm.subscriptions import KEY_TYPES, NOTIFICATION_PATH, SECRET_HEADER, secret_matches
+from fhir_dm.web.outcomes import fhir_response, operation_outcome, read_json_body
+from fhir_dm.web.settings import current_service
+
+bp = Blueprint("notifications", __name__)
+
+JOBS_KEY = "fhir_dm_jobs"
+# References through which each watched resource names its patient.
+PATIENT_FIELDS = ("subject", "patient")
+
+_log = logging.getLogger(__name__)
+
+Json = dict[str, Any]
+
+
+def init_app(app: Flask, jobs: Jobs) -> None:
+    """Serve the notification endpoint, enqueueing into `jobs`."""
+    if jobs.settings.notification_secret is None:
+        raise ValueError("the notification endpoint needs jobs.notification_secret")
+    app.extensions[JOBS_KEY] = jobs
+    app.register_blueprint(bp)
+
+
+def _jobs() -> Jobs:
+    jobs = current_app.extensions[JOBS_KEY]
+    if not isinstance(jobs, Jobs):
+        raise TypeError("app.extensions['fhir_dm_jobs'] is not Jobs")
+    return jobs
+
+
+def _authenticate(jobs: Jobs, key: str) -> str:
+    """The watched resource type of `key`; 404 for an unknown key, 401 for a wrong secret."""
+    resource_type = KEY_TYPES.get(key)
+    if resource_type is None:
+        raise PatientNotFoundError("no such notification channel")
+    secret = jobs.settings.notification_secret
+    assert secret is not None  # checked by init_app
+    if not secret_matches(secret.get_secret_value(), key, request.headers.get(SECRET_HEADER)):
+        raise AuthError("missing or wrong notification secret")
+    return resource_type
+
+
+def _resources(body: Any) -> list[Mapping[str, Any]]:
+    """The notified resources: the body itself, or the resources of a Bundle body."""
+    if not isinstance(body, Mapping) or not isinstance(body.get("resourceType"), str):
+        raise NotFhirError("the notification body is not a FHIR resource (no resourceType)")
+    if body["resourceType"] != "Bundle":
+        return [body]
+    entries = body.get("entry") or []
+    if not isinstance(entries, list):
+        raise NotFhirError("Bundle.entry is not a list", expression=["Bundle.entry"])
+    return [
+        e["resource"]
+        for e in entries
+        if isinstance(e, Mapping) and isinstance(e.get("resource"), Mapping)
+    ]
+
+
+def patients_named(resources: Iterable[Mapping[str, Any]], base_url: str) -> set[str]:
+    """The server Patient ids the resources are about (a Patient: itself)."""
+    found: set[str] = set()
+    for resource in resources:
+        if resource.get("resourceType") == "Patient":
+            rid = resource.get("id")
+            if isinstance(rid, str):
+                found.add(rid)
+            continue
+        for name in PATIENT_FIELDS:
+            pid = patient_id_of(resource.get(name), base_url)
+            if pid:
+                found.add(pid)
+    return found
+
+
+def _accepted(key: str, enqueued: int, patients: int) -> Response:
+    # Counts and the channel only (the formatter drops unknown extras; ids never go in).
+    _log.info("notification on %s: %d patient(s), %d enqueued", key, patients, enqueued)
+    text = f"accepted: {patients} patient(s), {enqueued} re-assessment(s) enqueued"
+    return fhir_response(operation_outcome("information", "informational", text), 202)
+
+
+def _enqueue(jobs: Jobs, key: str, resources: list[Mapping[str, Any]]) -> Response:
+    service = current_service()
+    resource_type = KEY_TYPES[key]
+    for resource in resources:
+        kind = resource.get("resourceType")
+        if kind not in (resource_type, "Patient", "SubscriptionStatus", "Parameters"):
+            raise InputError(
+                f"this channel notifies {resource_type}, not {kind}", expression=[str(kind)]
+            )
+    patients = patients_named(resources, service.fhir.base_url)
+    enqueued = sum(1 for pid in sorted(patients) if jobs.request(pid))
+    return _accepted(key, enqueued, len(patients))
+
+
+@bp.post(f"{NOTIFICATION_PATH}/<key>")
+def notify(key: str) -> Response:
+    """A notification with the changed resource (or none) in the body."""
+    jobs = _jobs()
+    _authenticate(jobs, key)
+    body = read_json_body(current_service().settings.max_request_bytes, required=False)
+    if body is None:
+        return _accepted(key, 0, 0)
+    return _enqueue(jobs, key, _resources(body))
+
+
+@bp.route(f"{NOTIFICATION_PATH}/<key>/<resource_type>/<rid>", methods=["PUT", "POST", "DELETE"])
+def notify_resource(key: str, resource_type: str, rid: str) -> Response:
+    """HAPI's delivery of a payload: an update (or delete) of the resource at our endpoint."""
+    jobs = _jobs()
+    _authenticate(jobs, key)
+    if request.method == "DELETE":
+        return _accepted(key, 0, 0)
+    body = read_json_body(current_service().settings.max_request_bytes, required=True)
+    resources = _resources(body)
+    if any(r.get("resourceType") != resource_type for r in resources):
+        raise InputError("the body's resourceType does not match the URL")
+    return _enqueue(jobs, key, resources)

@@ -1,0 +1,109 @@
+"""The Redis queue with a real redis-server: two "hosts", several workers, one burst."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from fhir_dm.errors import PatientBusyError, UpstreamUnavailableError
+from fhir_dm.jobs.queue import Jobs, RedisPatientLock, open_huey
+from fhir_dm.jobs.settings import JobsSettings
+from tests.redis_server import RedisServer
+from tests.unit.jobs.test_queue import StubWriteBack, make_jobs
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    url = server.start()
+    yield url
+    server.stop()
+
+
+def redis_settings(url: str, **overrides: object) -> JobsSettings:
+    return JobsSettings(
+        backend="redis",
+        redis_url=url,
+        queue_name=f"t-{uuid.uuid4().hex[:12]}",
+        **overrides,
+    )
+
+
+def _drain(hosts: list[Jobs], until: float) -> None:
+    while time.monotonic() < until:
+        huey = hosts[0].huey
+        if huey.pending_count() == 0 and huey.scheduled_count() == 0:
+            return
+        time.sleep(0.05)
+
+
+def test_two_hosts_and_a_burst_give_one_reassessment_per_patient(
+    redis_url: str, tmp_path: Path
+) -> None:
+    settings = redis_settings(redis_url, debounce_seconds=0.3, lock_wait_seconds=10)
+    writeback = StubWriteBack(delay=0.2)
+    # Two hosts: each its own Huey (connection) and Jobs on the same Redis queue.
+    hosts = [make_jobs(open_huey(settings), settings, writeback) for _ in range(2)]
+    consumers = [h.consumer(workers=2, worker_type="thread") for h in hosts]
+    for consumer in consumers:
+        consumer.start()
+    try:
+        enqueued = [hosts[n % 2].request(f"p{n % 3}") for n in range(30)]
+        assert enqueued.count(True) == 3
+        _drain(hosts, time.monotonic() + 15)
+        time.sleep(0.5)  # let the last task finish
+    finally:
+        for consumer in consumers:
+            consumer.stop(graceful=True)
+        for host in hosts:
+            host.close()
+    assert Counter(writeback.calls) == {"p0": 1, "p1": 1, "p2": 1}
+    assert writeback.overlaps == 0
+
+
+def test_the_patient_lock_holds_across_hosts(redis_url: str) -> None:
+    one = RedisPatientLock(redis.Redis.from_url(redis_url), lease_seconds=5, wait_seconds=0.2)
+    other = RedisPatientLock(redis.Redis.from_url(redis_url), lease_seconds=5, wait_seconds=0.2)
+    with one.hold("p-lock"):
+        with pytest.raises(PatientBusyError), other.hold("p-lock"):
+            pass
+        with other.hold("p-other"):  # another patient is not blocked
+            pass
+    with other.hold("p-lock"):
+        pass
+    one.close()
+    other.close()
+
+
+def test_concurrent_runs_for_one_patient_take_turns(redis_url: str) -> None:
+    settings = redis_settings(redis_url, debounce_seconds=0, lock_wait_seconds=10)
+    writeback = StubWriteBack(delay=0.2)
+    hosts = [make_jobs(open_huey(settings), settings, writeback) for _ in range(2)]
+    threads = [threading.Thread(target=hosts[n % 2]._reassess, args=("same",)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for host in hosts:
+        host.close()
+    assert writeback.calls == ["same"] * 4 and writeback.overlaps == 0
+
+
+def test_a_request_while_redis_is_down_is_unavailable_not_lost(tmp_path: Path) -> None:
+    """503 to the notifier (which delivers again), not a silent drop."""
+    server = RedisServer(tmp_path)
+    url = server.start()
+    settings = redis_settings(url, debounce_seconds=5)
+    jobs = make_jobs(open_huey(settings), settings, StubWriteBack())
+    assert jobs.request("p1") is True
+    server.stop()
+    with pytest.raises(UpstreamUnavailableError):
+        jobs.request("p2")
+    jobs.close()
