@@ -152,6 +152,52 @@ def render_detail(
     return "\n".join(lines)
 
 
+def render_concise_detail(
+    explanation: Explanation,
+    factors: Sequence[tuple[str, str]],
+    *,
+    orders: int | None,
+    unavailable: Sequence[str] = (),
+    max_next: int = 3,
+    max_unknown: int = 5,
+    app_link: bool = False,
+) -> str:
+    """A short card detail: tier, why in one line, the next due items; the rest is in the app.
+
+    `factors` are (label, evidence level) of the risk factors that set the tier.
+    """
+    e = explanation
+    lines = [f"**{md(e.headline)}**"]
+    if e.preliminary:
+        lines += ["", "*Preliminary*: the tier may rise once the missing results are known."]
+    why = "; ".join(f"{label} (evidence {evidence})" for label, evidence in factors)
+    lines += ["", "**Why**: " + md(why or "no risk factor was recorded") + "."]
+    pending = [r for r in e.attention_first() if r.status != "done"][:max_next]
+    if pending:
+        lines += ["", "**Next**:"]
+        lines += [f"- {md(r.test)}: {r.status} ({r.due_start} to {r.due_end})" for r in pending]
+    if e.unknown_facts:
+        shown = ", ".join(e.unknown_facts[:max_unknown])
+        more = len(e.unknown_facts) - max_unknown
+        shown += f" and {more} more" if more > 0 else ""
+        lines += ["", "**Not recorded** (unknown, not negative): " + md(shown)]
+    if unavailable:
+        lines += [
+            "",
+            "**Not checked** (the EHR could not provide it): " + md(", ".join(unavailable)),
+        ]
+    if orders is not None:
+        lines += [
+            "",
+            f"A proposal for a clinician to review: accepting it creates the care plan, {orders}"
+            f" proposed order{'' if orders == 1 else 's'} and the risk assessment.",
+        ]
+    if app_link:
+        lines += ["", "The whole schedule and its timeline are in the app (link below)."]
+    lines += ["", f"Rule set {md(e.ruleset)}."]
+    return "\n".join(lines)
+
+
 # --- suggestion -----------------------------------------------------------------------------
 
 
@@ -273,7 +319,10 @@ class CardBuilder:
         issued = builder.cards(result, hook_instance=req.hook_instance, existing_plans=plans)
     """
 
-    def __init__(self, knowledge: Knowledge, config: CdsConfig) -> None:
+    def __init__(
+        self, knowledge: Knowledge, config: CdsConfig, *, app_launch_url: str | None = None
+    ) -> None:
+        """`app_launch_url`: the SMART app's launch URL; each card links to it (type smart)."""
         self.knowledge = knowledge
         self.config = config
         cards = config.cards
@@ -295,6 +344,10 @@ class CardBuilder:
             ),
         )
         self.links = [Link(label=cards.guideline_link_label, url=rs.guideline.url, type="absolute")]
+        if app_launch_url is not None:
+            # The EHR launches the app on the card's patient (CDS Hooks `links`, type smart).
+            self.links.append(Link(label=cards.app_link_label, url=app_launch_url, type="smart"))
+        self.app_link = app_launch_url is not None
         reasons = config.override_reasons
         self.override_reasons = [
             Coding(system=reasons.system, code=r.code, display=r.display) for r in reasons.reasons
@@ -353,11 +406,12 @@ class CardBuilder:
         card = Card(
             uuid=card_uuid(self.service_id, hook_instance, CARD_SCREENING_PLAN),
             summary=self._summary(f"IIM cancer screening: {self._tier_text(result)}"),
-            detail=render_detail(
+            detail=render_concise_detail(
                 result.explanation,
-                max_findings=cards.max_findings,
+                [(f.label, f.evidence) for f in result.plan.assessment.factors],
                 orders=orders,
                 unavailable=unavailable,
+                app_link=self.app_link,
             ),
             indicator=self._indicator(result.tier),
             source=self.source,

@@ -109,6 +109,7 @@ class CardsConfig(_Frozen):
     source_label: str = Field(min_length=1)
     summary_label: str = Field(min_length=1, max_length=40)
     guideline_link_label: str = Field(min_length=1)
+    app_link_label: str = Field(default="Open the screening timeline", min_length=1)
     topic: TopicConfig
     indicators: dict[str, Indicator]
     plan_on_file_indicator: Indicator = "info"

@@ -220,20 +220,22 @@ def init_app(
     trust_clock: Callable[[], float] = time.time,
     feedback_store: CdsStore | None = None,
     plan_writer: PlanWriter | None = None,
+    app_launch_url: str | None = None,
 ) -> None:
     """Register the CDS Hooks blueprint; raise KnowledgeError when config/cds.yaml is unusable.
 
     `clock` gives the evaluation instant (default: now, UTC); `http_session` fetches the
     EHRs' JWK Sets; `trust_clock` is the JWT verifier's clock (epoch seconds). `plan_writer`
-    is needed when `write_on_accept` is on. `feedback_store` replaces the configured store
-    (tests); the `jti` cache is always the configured shared one.
+    is needed when `write_on_accept` is on; `app_launch_url` adds a smart link to the app.
+    `feedback_store` replaces the configured store (tests); the `jti` cache is always the
+    configured shared one.
     """
     if not cds_settings.enabled:
         logger.info("CDS Hooks disabled")
         return
     config = load_cds_config(cds_settings.config_file)
     templates = build_templates(config.prefetch, knowledge)
-    cards = CardBuilder(knowledge, config)
+    cards = CardBuilder(knowledge, config, app_launch_url=app_launch_url)
     if cds_settings.development:
         logger.warning("CDS Hooks in development mode: no JWT checks, any fhirServer accepted")
     elif not cds_settings.allowed_fhir_servers:

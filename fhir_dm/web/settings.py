@@ -42,6 +42,13 @@ DEFAULT_REQUEST_DEADLINE_SECONDS = 25.0
 # to an offline run.
 DEFAULT_MAX_PATIENTS_PER_REQUEST = 100
 DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+DEFAULT_SMART_CLIENT_ID = "fhir-dm"
+# SMART App Launch 2 scopes: the patient in context, read what the page shows; `launch` is
+# added by the client library on an EHR launch.
+DEFAULT_SMART_SCOPE = (
+    "launch/patient openid fhirUser patient/Patient.rs patient/CarePlan.rs "
+    "patient/RiskAssessment.rs patient/ServiceRequest.rs"
+)
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 DEFAULT_LOG_LEVEL: LogLevel = "INFO"
 
@@ -114,6 +121,18 @@ class Settings(BaseSettings):
     terminology: TerminologyServerConfig | None = None
     # Event-driven re-assessment (a job queue, the notification endpoint); off when unset.
     jobs: JobsSettings | None = None
+    # The clinician's app (/app): its SMART client id at the EHR and the scopes it asks for.
+    smart_client_id: str = Field(
+        default=DEFAULT_SMART_CLIENT_ID,
+        min_length=1,
+        description="The clinician's app's SMART client id, as registered at the EHR.",
+    )
+    smart_scope: str = Field(
+        default=DEFAULT_SMART_SCOPE,
+        min_length=1,
+        description="The scopes the app asks for (SMART App Launch 2; `launch` is added on an "
+        "EHR launch).",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -52,6 +52,17 @@ def test_every_file_of_config_and_profiles_is_package_data() -> None:
                 )
 
 
+def test_every_file_of_the_app_is_package_data() -> None:
+    """The clinician's app is served from fhir_dm/web/static, so the wheel must hold it."""
+    patterns = SETUPTOOLS["package-data"]["fhir_dm.web"]
+    web = ROOT / "fhir_dm" / "web"
+    files = [p for p in (web / "static").rglob("*") if p.is_file()]
+    assert files
+    for path in files:
+        rel = path.relative_to(web).as_posix()
+        assert any(fnmatch.fnmatch(rel, p) for p in patterns), f"{rel} would be left out"
+
+
 def test_from_a_clone_the_top_level_directories_are_used() -> None:
     assert _data.bundled_dir("config") == ROOT / "config"
     assert _data.bundled_dir("profiles") == ROOT / "profiles"

@@ -95,19 +95,44 @@ def test_high_risk_card_is_a_warning_with_a_recommended_suggestion(
     assert suggestion["actions"][-1]["type"] == "update"
 
 
-def test_detail_is_markdown_with_reasons_schedule_and_rule_set(
+def test_detail_is_concise_tier_why_next_due_and_rule_set(
     builder: CardBuilder, high: PatientResult
 ) -> None:
     detail = _cards(builder, high)[0].card.detail or ""
     assert detail.startswith("**High risk of IIM-associated cancer**")
-    assert "**Why**" in detail
-    assert "- High-risk factor: anti-TIF1-gamma positive" in detail
-    assert "| When | Due | Status | Tests | Consider |" in detail
-    assert "| At diagnosis | 2024-03-01 to 2024-06-01 |" in detail
-    assert "Consider 18F-FDG PET-CT" in detail  # a "consider" item
+    why = next(line for line in detail.splitlines() if line.startswith("**Why**"))
+    assert "anti-TIF1-gamma positive (evidence " in why
+    # The next items needing attention, at most three; the full schedule is in the app.
+    next_items = [line for line in detail.splitlines() if line.startswith("- ")]
+    assert 1 <= len(next_items) <= 3
+    assert all(": due (" in line or ": overdue (" in line for line in next_items)
+    assert "| When | Due | Status | Tests | Consider |" not in detail
     assert "Rule set imacs-2023 1.1.0" in detail
     assert "proposal for a clinician" in detail
     assert "**Not recorded** (unknown, not negative)" in detail
+    assert "anti-NXP2 antibody" in detail and " more" in detail
+    assert len(detail) < 1500  # the full detail is about 3,000 characters
+    assert "(link below)" not in detail  # no app link configured
+
+
+def test_with_an_app_the_card_links_to_it_as_a_smart_link(
+    knowledge: Knowledge, cds_config: CdsConfig, high: PatientResult
+) -> None:
+    builder = CardBuilder(knowledge, cds_config, app_launch_url="https://dm.example.org/app/launch")
+    card = _cards(builder, high)[0].card.dump()
+    assert card["links"][1] == {
+        "label": "Open the screening timeline",
+        "url": "https://dm.example.org/app/launch",
+        "type": "smart",
+    }
+    assert "(link below)" in card["detail"]
+
+
+def test_the_full_detail_still_renders_the_schedule_table(high: PatientResult) -> None:
+    detail = render_detail(high.explanation, max_findings=10, orders=1)
+    assert "| When | Due | Status | Tests | Consider |" in detail
+    assert "| At diagnosis | 2024-03-01 to 2024-06-01 |" in detail
+    assert "Consider 18F-FDG PET-CT" in detail  # a "consider" item
     # Data text cannot open a link or HTML: brackets and angle brackets are escaped.
     assert "\\[anti-TIF1-gamma positive\\]" in detail
 
