@@ -45,6 +45,7 @@ EPILOG = """examples:
   FHIR_DM_FHIR__BASE_URL=http://127.0.0.1:8090/fhir FHIR_DM_TRUST__MODE=off fhir-dm serve
   fhir-dm worker --workers 4
   fhir-dm demo
+  fhir-dm population run --server http://127.0.0.1:8090/fhir --preview
 """
 
 
@@ -175,6 +176,9 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="leave the local HAPI running afterwards; Ctrl-C stops it",
     )
+    from fhir_dm.population.commands import add_parser as add_population_parser
+
+    add_population_parser(sub)
     return parser
 
 
@@ -375,6 +379,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _dead_letters(args, config)
         if args.command == "subscriptions":
             return _subscriptions(args, config)
+        if args.command == "population":
+            from fhir_dm.population.commands import main as population_main
+
+            return population_main(args, config)
         knowledge = load_knowledge(config)
     except KnowledgeError as exc:
         sys.stderr.write(f"fhir-dm: configuration error: {exc.message}\n")

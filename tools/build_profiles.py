@@ -32,6 +32,8 @@ from fhir_dm.core.build.service_request import CONSIDER_CODE
 from fhir_dm.core.identifiers import Identity
 from fhir_dm.knowledge.load import load_knowledge
 from fhir_dm.knowledge.models import Knowledge, Predicate, Round, RuleSet, Test
+from fhir_dm.population.config import PopulationConfig, load_population_config
+from fhir_dm.population.measures import measure_resource
 
 Json = dict[str, Any]
 
@@ -1044,11 +1046,24 @@ def operation_patient(ctx: _Context) -> Json:
 # --- entry points --------------------------------------------------------------------------
 
 
+def measures(ctx: _Context, population: PopulationConfig) -> list[Json]:
+    """The §11 quality measures (config/population.yaml), as FHIR Measure resources."""
+    out = []
+    for m in population.measures:
+        header = ctx.header("Measure", m.id, m.title, f"{m.title}. {m.source}")
+        out.append(measure_resource(ctx.k, m, header))
+    return out
+
+
 def build_artifacts(
-    knowledge: Knowledge | None = None, cds: CdsConfig | None = None
+    knowledge: Knowledge | None = None,
+    cds: CdsConfig | None = None,
+    population: PopulationConfig | None = None,
 ) -> dict[str, Json]:
     """Every artifact of profiles/, as ``{file name: resource}``, validated through R4B."""
     ctx = _Context(knowledge if knowledge is not None else load_knowledge())
+    if population is None:
+        population = load_population_config(ctx.k)
     resources = [
         screening_code_system(ctx),
         risk_tier_code_system(ctx),
@@ -1066,6 +1081,7 @@ def build_artifacts(
         service_request_profile(ctx),
         operation_system(ctx),
         operation_patient(ctx),
+        *measures(ctx, population),
     ]
     artifacts: dict[str, Json] = {}
     for resource in resources:
@@ -1115,7 +1131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=PROFILES_DIR, help="output directory")
     parser.add_argument("--check", action="store_true", help="only report drift (exit 1)")
     args = parser.parse_args(argv)
-    artifacts = build_artifacts(load_knowledge(args.config))
+    knowledge = load_knowledge(args.config)
+    artifacts = build_artifacts(
+        knowledge, population=load_population_config(knowledge, args.config)
+    )
     if args.check:
         problems = drift(artifacts, args.out)
         for name in problems:

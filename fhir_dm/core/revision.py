@@ -24,6 +24,7 @@ changed a plan in between makes the whole transaction fail instead of being over
 from __future__ import annotations
 
 import copy
+import html
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -146,12 +147,22 @@ def _update_plan(plan: Mapping[str, Any], new: Mapping[str, Any]) -> Json | None
         old if "reference" in fresh and "reference" in old else fresh
         for old, fresh in zip(old_activities, new_activities, strict=True)
     ]
-    if merged == old_activities and plan.get("text") == new.get("text"):
+    if merged == old_activities and _same_text(plan.get("text"), new.get("text")):
         return None
     updated = copy.deepcopy(dict(plan))
     updated["activity"] = merged
     updated["text"] = copy.deepcopy(new["text"])
     return _put(updated)
+
+
+def _same_text(old: Any, new: Any) -> bool:
+    """Narratives equal once entities are resolved: servers re-serialise XHTML (HAPI writes
+    `&#x27;` back as `'`), which must not make every run update the plan again."""
+    if not isinstance(old, Mapping) or not isinstance(new, Mapping):
+        return bool(old == new)
+    return old.get("status") == new.get("status") and html.unescape(
+        str(old.get("div"))
+    ) == html.unescape(str(new.get("div")))
 
 
 def _put(resource: Json) -> Json:
