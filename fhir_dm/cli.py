@@ -164,7 +164,8 @@ def _parser() -> argparse.ArgumentParser:
         "demo",
         help="load synthetic patients into a FHIR server, assess and write back, twice",
         description="Load six synthetic patients into a FHIR server, assess each through the"
-        " service and write the plans back, then run again to show that nothing changes."
+        " service and write the plans back, then run again to show that nothing changes, and"
+        " print the clinician app's link for each patient."
         " Without --fhir-base-url it builds and starts a local HAPI FHIR server with Maven"
         " (a clone of the repository, a JDK 17+ and Maven needed).",
     )
@@ -174,7 +175,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--keep-running",
         action="store_true",
-        help="leave the local HAPI running afterwards; Ctrl-C stops it",
+        help="keep the service (and its app) and the local HAPI running; Ctrl-C stops them",
     )
     from fhir_dm.population.commands import add_parser as add_population_parser
 

@@ -11,16 +11,20 @@ from __future__ import annotations
 import contextlib
 import importlib
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from importlib import resources
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import urlencode
 
 import requests
 import yaml
 from fhir.resources.R4B import get_fhir_model_class
+from flask import Flask
+from werkzeug.serving import make_server
 
 from fhir_dm.errors import FhirDmError
 from fhir_dm.fhir.config import FhirServerConfig
@@ -39,6 +43,7 @@ SOURCE_ROOT = Path(__file__).resolve().parents[1]
 HAPI_TOOL = ("tools", "hapi_server.py")
 HAPI_POM = ("hapi", "pom.xml")
 CLINICAL_STATUS = "http://terminology.hl7.org/CodeSystem/condition-clinical"
+APP_HOST = "127.0.0.1"
 
 
 class DemoError(FhirDmError):
@@ -152,17 +157,24 @@ def load(base_url: str, patients: list[DemoPatient]) -> None:
         ) from None
 
 
-def run(base_url: str, today: date, out: TextIO, config_dir: Path | None = None) -> int:
-    """Load the patients, then assess each twice through the service; 1 if any call failed."""
-    patients = demo_patients(today)
-    load(base_url, patients)
+def demo_app(base_url: str, config_dir: Path | None = None) -> Flask:
+    """The service for the demo: the given FHIR server, no inbound authentication."""
     settings = Settings(
         config_dir=config_dir,
         fhir=FhirServerConfig(base_url=base_url),
         trust=TrustConfig(mode="off"),
         log_level="WARNING",
     )
-    client = create_app(settings).test_client()
+    return create_app(settings)
+
+
+def run(
+    base_url: str, today: date, out: TextIO, config_dir: Path | None = None
+) -> tuple[int, list[DemoPatient]]:
+    """Load the patients, then assess each twice through the service; 1 if any call failed."""
+    patients = demo_patients(today)
+    load(base_url, patients)
+    client = demo_app(base_url, config_dir).test_client()
     out.write(
         f"\nLoaded {len(patients)} synthetic patients into {base_url}; assessing on {today}.\n"
     )
@@ -188,7 +200,28 @@ def run(base_url: str, today: date, out: TextIO, config_dir: Path | None = None)
             where = plans[0] if plans and not plans[0].startswith("urn:") else "(as before)"
             out.write(f"{p.label}\n    {summary}\n    CarePlan: {where if plans else '(none)'}\n")
             out.write(f"    [{ms:.0f} ms]\n")
-    return 1 if failures else 0
+    return (1 if failures else 0), patients
+
+
+@contextlib.contextmanager
+def serve_app(app: Flask) -> Iterator[str]:
+    """Serve the service (and its SMART app) on a free loopback port; yield its base URL."""
+    server = make_server(APP_HOST, 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, name="demo-app", daemon=True)
+    thread.start()
+    try:
+        yield f"http://{APP_HOST}:{server.server_port}"
+    finally:
+        server.shutdown()
+
+
+def app_links(app_url: str, base_url: str, patients: list[DemoPatient]) -> list[str]:
+    """The SMART app's launch URL for each demo patient (open server: no authorisation)."""
+    links = []
+    for p in patients:
+        query = urlencode({"fhirServiceUrl": base_url, "patientId": p.pid})
+        links.append(f"{p.label}\n    {app_url}/app/launch?{query}")
+    return links
 
 
 @contextlib.contextmanager
@@ -228,12 +261,17 @@ def main(
     )
     with server as base_url:
         out.write(f"FHIR server ready at {base_url} after {time.perf_counter() - started:.0f} s\n")
-        code = run(base_url, datetime.now(UTC).date(), out, config_dir)
+        code, patients = run(base_url, datetime.now(UTC).date(), out, config_dir)
         out.write(f"\nDemo finished in {time.perf_counter() - started:.0f} s.\n")
-        if keep_running and not fhir_base_url:
-            out.write(f"HAPI keeps running at {base_url}; press Ctrl-C to stop.\n")
-            out.flush()
-            with contextlib.suppress(KeyboardInterrupt):
-                while True:
-                    time.sleep(3600)
+        with serve_app(demo_app(base_url, config_dir)) as app_url:
+            out.write("\nThe clinician's app (SMART on FHIR) for each demo patient:\n")
+            out.write("\n".join(app_links(app_url, base_url, patients)) + "\n")
+            if keep_running:
+                out.write(f"\nService at {app_url}, FHIR server at {base_url}; Ctrl-C stops.\n")
+                out.flush()
+                with contextlib.suppress(KeyboardInterrupt):
+                    while True:
+                        time.sleep(3600)
+            else:
+                out.write("(the links work while the demo runs: add --keep-running)\n")
     return code

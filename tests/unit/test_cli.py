@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from datetime import date
 from pathlib import Path
 
 import pytest
+import requests
 
 from fhir_dm import __version__, cli, demo
 from fhir_dm.knowledge.load import DEFAULT_CONFIG_DIR
@@ -229,3 +231,18 @@ def test_demo_against_an_unreachable_server_fails_in_one_line(
     assert cli.main(["demo", "--fhir-base-url", "http://127.0.0.1:9/fhir"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot load the demo patients" in err
+
+
+def test_demo_serves_the_app_and_links_each_patient() -> None:
+    app = demo.demo_app("http://127.0.0.1:9/fhir")
+    with demo.serve_app(app) as url:
+        page = requests.get(f"{url}/app/launch", timeout=10)
+    assert page.status_code == 200 and "text/html" in page.headers["Content-Type"]
+    patients = demo.demo_patients(date(2024, 1, 1))
+    links = demo.app_links(url, "http://h.example/fhir", patients)
+    assert len(links) == len(patients) == 6
+    for link, p in zip(links, patients, strict=True):
+        assert link.startswith(p.label)
+        assert link.endswith(
+            f"/app/launch?fhirServiceUrl=http%3A%2F%2Fh.example%2Ffhir&patientId={p.pid}"
+        )
