@@ -1,17 +1,26 @@
 """Event-driven re-assessment on the real HAPI: Subscription -> notification -> worker -> plan.
 
-A HAPI with rest-hook subscriptions (`--testserver.subscriptions=true`), a real fhir-dm web
-service on a free loopback port (werkzeug, threaded) and a real Huey consumer on the same
-SQLite queue file, as `fhir-dm serve` and `fhir-dm worker` would run on one host.
+A HAPI with rest-hook subscriptions (`--testserver.subscriptions=true`, its matcher run every
+0.5 s), a real fhir-dm web service on a free loopback port (werkzeug, threaded) and a real Huey
+consumer on the same SQLite queue file, as `fhir-dm serve` and `fhir-dm worker` would run on one
+host. The last tests swap the endpoint's app for one on a real Redis queue, run `fhir-dm worker`
+in two processes (two "hosts": own lock directories) and reach HAPI through a TCP relay that
+can be cut, to take the FHIR server away from the workers for a while.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,30 +36,48 @@ from fhir_dm.web.app import create_app
 from fhir_dm.web.settings import Settings
 from fhir_dm.web.trust import TrustConfig
 from tests import factories as f
+from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
 
 SECRET = "integration-notification-secret-0123456789"
 FHIR = {"Content-Type": "application/fhir+json"}
 WAIT_S = 60.0
+# HAPI hands stored changes to its subscription matcher on a timer (HAPI's default 5 s).
+HAPI_ARGS = ["--testserver.subscriptions=true", "--testserver.subscription-interval-ms=500"]
+LUNG_CANCER = f.concept(f.SCT, "363358000", "Malignant tumor of lung (disorder)")
+CT_LOINC = "89283-6"  # CT neck, chest, abdomen and pelvis: a cancer-screening test
 Json = dict[str, Any]
+WsgiApp = Callable[..., Any]
 
 
 @pytest.fixture(scope="module")
 def hapi_url() -> Iterator[str]:
     from tools.hapi_server import HapiServer
 
-    server = HapiServer(extra_args=["--testserver.subscriptions=true"])
+    server = HapiServer(extra_args=HAPI_ARGS)
     try:
         yield server.start()
     finally:
         server.stop()
 
 
+class Front:
+    """The notification endpoint's WSGI app, swappable, so one set of Subscriptions serves all."""
+
+    def __init__(self, app: WsgiApp) -> None:
+        self.app = app
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        return self.app(environ, start_response)
+
+
 @dataclass(frozen=True)
 class Service:
     jobs: Jobs
     base_url: str
+    front: Front
+    settings: Settings
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +100,9 @@ def service(hapi_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         ),
     )
     assert settings.jobs is not None
-    web = make_server("127.0.0.1", port, create_app(settings), threaded=True)
+    sqlite_app = create_app(settings)
+    front = Front(sqlite_app)
+    web = make_server("127.0.0.1", port, front, threaded=True)
     threading.Thread(target=web.serve_forever, daemon=True).start()
     jobs = Jobs(open_huey(settings.jobs), settings.jobs, lambda: build_runtime(settings))
     consumer = jobs.consumer(workers=2, worker_type="thread")
@@ -85,7 +114,7 @@ def service(hapi_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             again = ensure_subscriptions(client, settings.public_base_url, SECRET)
             assert sorted(again.unchanged) == sorted(WATCHED_TYPES)
             _wait_active(client)
-        yield Service(jobs, settings.public_base_url)
+        yield Service(jobs, settings.public_base_url, front, settings)
     finally:
         consumer.stop(graceful=True)
         web.shutdown()
@@ -155,3 +184,313 @@ def test_a_wrong_secret_is_refused_by_the_real_endpoint(service: Service) -> Non
     )
     assert response.status_code == 401
     assert response.json()["resourceType"] == "OperationOutcome"
+
+
+# -- what a notification changes in the plan ------------------------------------------------
+
+
+def _today() -> str:
+    return datetime.now(UTC).date().isoformat()
+
+
+def _young_dm(hapi_url: str) -> Json:
+    """A woman with DM at 32: moderate risk (preliminary) until her antibodies are known."""
+    patient = _post(hapi_url, f.patient(birth_date="1994-01-01", gender="female"))
+    onset = (datetime.now(UTC).date() - timedelta(days=30)).isoformat()
+    _post(hapi_url, f.iim_condition(patient, onset=onset))
+    return patient
+
+
+def _tier(client: FhirClient, plan: Json) -> str:
+    """The risk tier code of the RiskAssessment the plan rests on."""
+    kind, rid = plan["supportingInfo"][0]["reference"].split("/")
+    risk = client.read(kind, rid)
+    assert risk is not None
+    codings = risk["prediction"][0]["qualitativeRisk"]["coding"]
+    return str(codings[0]["code"])
+
+
+def _one_plan_with_tier(client: FhirClient, patient_id: str, tier: str) -> Json | None:
+    plans = _active_plans(client, patient_id)
+    if len(plans) == 1 and _tier(client, plans[0]) == tier:
+        return plans[0]
+    return None
+
+
+def _quiet(jobs: Jobs) -> bool:
+    return bool(jobs.huey.pending_count() == 0 and jobs.huey.scheduled_count() == 0)
+
+
+def test_a_positive_anti_tif1_gamma_revises_the_plan_to_high(
+    hapi_url: str, service: Service
+) -> None:
+    patient = _young_dm(hapi_url)
+    with FhirClient(hapi_url) as client:
+        first = _wait_for(
+            lambda: _one_plan_with_tier(client, patient["id"], "moderate"), "a moderate plan"
+        )
+        started = time.monotonic()
+        _post(hapi_url, f.antibody(patient, "tif1g", "positive", effective=_today()))
+        high = _wait_for(lambda: _one_plan_with_tier(client, patient["id"], "high"), "high")
+        print(f"anti-TIF1-gamma posted to high plan written: {time.monotonic() - started:.2f} s")
+        assert high["id"] != first["id"]
+        old = client.read("CarePlan", first["id"])
+        assert old is not None and old["status"] == "revoked"
+        _wait_for(lambda: _quiet(service.jobs), "an empty queue")
+    assert service.jobs.dead_letters() == []
+
+
+def test_a_cancer_makes_screening_conditional_and_revokes_the_open_orders(
+    hapi_url: str, service: Service
+) -> None:
+    patient = _young_dm(hapi_url)
+    _post(hapi_url, f.antibody(patient, "tif1g", "positive", effective=_today()))
+    subject = f"Patient/{patient['id']}"
+    with FhirClient(hapi_url) as client:
+        before = _wait_for(lambda: _one_plan_with_tier(client, patient["id"], "high"), "high")
+        _wait_for(lambda: _quiet(service.jobs), "an empty queue")
+        open_before = [
+            r
+            for r in client.search("ServiceRequest", {"based-on": f"CarePlan/{before['id']}"})
+            if r["status"] == "active"
+        ]
+        assert any(r["code"]["coding"][0]["code"] == CT_LOINC for r in open_before)
+        assert not any("asNeededCodeableConcept" in r for r in open_before if _is_ct(r))
+
+        _post(hapi_url, f.condition(patient, LUNG_CANCER, onset=_today()))
+
+        def revised() -> Json | None:
+            plans = _active_plans(client, patient["id"])
+            if len(plans) == 1 and plans[0]["id"] != before["id"]:
+                return plans[0]
+            return None
+
+        after = _wait_for(revised, "the plan revised for the cancer")
+        assert "management with oncology" in after["text"]["div"]
+        assert "Malignant tumor of lung (disorder)" in after["text"]["div"]
+        # Every order open before the cancer is closed: revoked, none left active.
+        for request in open_before:
+            now = client.read("ServiceRequest", request["id"])
+            assert now is not None and now["status"] == "revoked", request["id"]
+        # The cancer-screening tests are now only proposed as "consider".
+        open_after = client.search("ServiceRequest", {"subject": subject, "status": "active"})
+        ct = [r for r in open_after if _is_ct(r)]
+        assert ct and all(
+            r["asNeededCodeableConcept"]["coding"][0]["code"] == "consider" for r in ct
+        )
+        assert all(r["basedOn"] == [{"reference": f"CarePlan/{after['id']}"}] for r in open_after)
+    assert service.jobs.dead_letters() == []
+
+
+def _is_ct(request: Json) -> bool:
+    return any(c.get("code") == CT_LOINC for c in request["code"]["coding"])
+
+
+# -- several worker processes on Redis; the FHIR server away for a while ---------------------
+
+
+class Relay:
+    """A TCP relay to HAPI that can be cut (connections refused) and restored on the same port.
+
+    Workers given the relay's URL see the FHIR server go down and come back, while HAPI (and
+    its in-memory data) stays up for the test and the notifications.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self._target = ("127.0.0.1", target_port)
+        self._listener: socket.socket | None = None
+        self._open: list[socket.socket] = []
+        self._guard = threading.Lock()
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = int(probe.getsockname()[1])
+
+    def up(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def down(self) -> None:
+        """Refuse new connections and cut the open ones."""
+        with self._guard:
+            listener, self._listener = self._listener, None
+            sockets, self._open = self._open, []
+        for sock in [s for s in (listener,) if s is not None] + sockets:
+            with contextlib.suppress(OSError):  # already closed by its peer
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # cut
+            try:
+                upstream = socket.create_connection(self._target)
+            except OSError:
+                client.close()
+                continue
+            with self._guard:
+                self._open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass  # the other side or the relay closed
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):  # already shut
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+@dataclass(frozen=True)
+class RedisSetup:
+    jobs: Jobs
+    relay: Relay
+    start_workers: Callable[[int], None]
+    logs: list[Path]
+
+
+@pytest.fixture
+def on_redis(hapi_url: str, service: Service, tmp_path: Path) -> Iterator[RedisSetup]:
+    """The endpoint now enqueues on a real Redis; `fhir-dm worker` processes start on demand.
+
+    The workers reach HAPI through a Relay; each has its own lock directory (as on its own
+    host), so only the Redis lock serialises them. No debounce: every notification that finds
+    no task pending enqueues one, so a burst keeps both workers busy on one patient.
+    """
+    redis_server = RedisServer(tmp_path)
+    redis_url = redis_server.start()
+    relay = Relay(int(hapi_url.split(":")[2].split("/")[0]))
+    relay.up()
+    jobs_settings = JobsSettings(
+        backend="redis",
+        redis_url=redis_url,
+        debounce_seconds=0,
+        retry_base_seconds=1.0,
+        lock_wait_seconds=60.0,
+        notification_secret=SECRET,
+    )
+    settings = service.settings.model_copy(update={"jobs": jobs_settings})
+    jobs = Jobs(open_huey(jobs_settings), jobs_settings, lambda: build_runtime(settings))
+    service.front.app = create_app(settings)
+    workers: list[tuple[subprocess.Popen[bytes], Any]] = []
+    logs: list[Path] = []
+
+    def start_workers(count: int) -> None:
+        for n in range(count):
+            home = tmp_path / f"worker-{len(workers)}"
+            home.mkdir()
+            env = {
+                **os.environ,
+                "FHIR_DM_FHIR__BASE_URL": f"http://127.0.0.1:{relay.port}/fhir",
+                "FHIR_DM_TRUST__MODE": "off",
+                "FHIR_DM_LOCK_DIR": str(home / "locks"),
+                "FHIR_DM_LOG_LEVEL": "INFO",
+                "FHIR_DM_JOBS__BACKEND": "redis",
+                "FHIR_DM_JOBS__REDIS_URL": redis_url,
+                "FHIR_DM_JOBS__RETRY_BASE_SECONDS": "1",
+                "FHIR_DM_JOBS__LOCK_WAIT_SECONDS": "60",
+            }
+            log_path = home / "worker.log"
+            log = log_path.open("wb")
+            command = [sys.executable, "-c", "import sys; from fhir_dm.cli import main; "]
+            command[-1] += "sys.exit(main(sys.argv[1:]))"
+            command += ["worker", "--workers", "2", "--worker-type", "thread"]
+            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+            workers.append((process, log))
+            logs.append(log_path)
+            del n
+
+    try:
+        yield RedisSetup(jobs, relay, start_workers, logs)
+    finally:
+        service.front.app = create_app(service.settings)
+        for process, log in workers:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            log.close()
+        relay.down()
+        jobs.close()
+        redis_server.stop()
+
+
+def _runs(logs: list[Path]) -> list[int]:
+    """Re-assessments each worker process finished (its log, one line each)."""
+    return [p.read_text(encoding="utf-8", errors="replace").count("re-assessed") for p in logs]
+
+
+def test_two_worker_processes_and_a_burst_give_exactly_one_active_plan(
+    hapi_url: str, on_redis: RedisSetup
+) -> None:
+    jobs = on_redis.jobs
+    # A notification while no worker runs: queued in Redis, run when the workers start.
+    waiting = _young_dm(hapi_url)
+    _wait_for(lambda: jobs.huey.pending_count() > 0, "the notification queued")
+    time.sleep(2)
+    with FhirClient(hapi_url) as client:
+        assert _active_plans(client, waiting["id"]) == []
+        started = time.monotonic()
+        on_redis.start_workers(2)
+        _wait_for(lambda: _active_plans(client, waiting["id"]), "the queued plan")
+        print(f"worker down: queued work written {time.monotonic() - started:.2f} s after start")
+
+        # One burst for one patient: every change a notification, both workers busy on her.
+        patient = _post(hapi_url, f.patient(birth_date="1994-01-01", gender="female"))
+        onset = (datetime.now(UTC).date() - timedelta(days=30)).isoformat()
+        burst = [f.iim_condition(patient, onset=onset), f.antibody(patient, "tif1g")]
+        burst += [f.condition(patient, {"text": f"note {n}"}) for n in range(6)]
+        runs_before = sum(_runs(on_redis.logs))
+        for resource in burst:
+            _post(hapi_url, resource)
+        _wait_for(lambda: _one_plan_with_tier(client, patient["id"], "high"), "a high plan")
+        time.sleep(3)
+        _wait_for(lambda: _quiet(jobs), "an empty queue")
+        time.sleep(2)  # a run taken just before the queue emptied
+        assert len(_active_plans(client, patient["id"])) == 1
+        assert len(_active_plans(client, waiting["id"])) == 1
+    runs = _runs(on_redis.logs)
+    print(f"re-assessments per worker process: {runs} ({sum(runs) - runs_before} for the burst)")
+    assert jobs.dead_letters() == []
+
+
+def test_the_fhir_server_away_for_a_while_is_retried_and_converges(
+    hapi_url: str, on_redis: RedisSetup
+) -> None:
+    jobs = on_redis.jobs
+    on_redis.start_workers(1)
+    on_redis.relay.down()
+    patient = _young_dm(hapi_url)
+    _post(hapi_url, f.antibody(patient, "tif1g", effective=_today()))
+    away = time.monotonic()
+    # The worker fails and retries (after 1 s, 2 s, 4 s ...) while the server is away.
+    _wait_for(
+        lambda: "retry in" in on_redis.logs[0].read_text(encoding="utf-8", errors="replace"),
+        "a failed attempt",
+    )
+    time.sleep(max(0.0, 6 - (time.monotonic() - away)))
+    with FhirClient(hapi_url) as client:
+        assert _active_plans(client, patient["id"]) == []
+        on_redis.relay.up()
+        back = time.monotonic()
+        _wait_for(lambda: _one_plan_with_tier(client, patient["id"], "high"), "the plan")
+        print(
+            f"FHIR server away {back - away:.1f} s; plan written {time.monotonic() - back:.1f} s "
+            "after it came back"
+        )
+        _wait_for(lambda: _quiet(jobs), "an empty queue")
+        assert len(_active_plans(client, patient["id"])) == 1
+    assert jobs.dead_letters() == []

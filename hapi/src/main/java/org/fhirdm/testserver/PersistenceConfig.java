@@ -95,6 +95,8 @@ public class PersistenceConfig {
 			// Rest-hook only (see SubscriptionServerConfig), matched in memory.
 			settings.addSupportedSubscriptionType(
 					org.hl7.fhir.dstu2.model.Subscription.SubscriptionChannelType.RESTHOOK);
+			// How often stored resource changes reach the matcher (every delivery waits for it).
+			settings.setSubscriptionIntervalInMs(props.getSubscriptionIntervalMs());
 		}
 		return settings;
 	}

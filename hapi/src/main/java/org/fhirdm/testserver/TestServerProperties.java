@@ -64,6 +64,13 @@ public class TestServerProperties {
 	private boolean subscriptions = false;
 
 	/**
+	 * Milliseconds between two runs of HAPI's job that hands stored resource changes to the
+	 * subscription matcher (HAPI's default: 5000). Every rest-hook delivery waits for it, so
+	 * it bounds the notification latency; the event tests and the bench shorten it.
+	 */
+	private long subscriptionIntervalMs = 5000;
+
+	/**
 	 * Resource types validated once in the background after start-up, so that the
 	 * first client {@code $validate} does not pay the validator's start-up cost.
 	 * Empty: no warm-up.
@@ -179,6 +186,14 @@ public class TestServerProperties {
 
 	public void setSubscriptions(boolean subscriptions) {
 		this.subscriptions = subscriptions;
+	}
+
+	public long getSubscriptionIntervalMs() {
+		return subscriptionIntervalMs;
+	}
+
+	public void setSubscriptionIntervalMs(long subscriptionIntervalMs) {
+		this.subscriptionIntervalMs = subscriptionIntervalMs;
 	}
 
 	public List<String> getValidationWarmupTypes() {
