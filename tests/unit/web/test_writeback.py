@@ -68,7 +68,7 @@ def test_server_locations_become_absolute_full_urls(fhir_server: FakeFhirServer)
     assert writeback._parse_location("nonsense") is None
 
 
-# -- One active plan per patient, whatever changes (issue 9, item 1) ---------------------------
+# -- One active plan per patient, whatever changes ------------------------------------------
 
 NOW = "2024-04-15"
 
@@ -156,7 +156,7 @@ def test_patients_sharing_an_identifier_each_get_their_own_plan(
                 )
 
 
-# -- Earlier plans end when the patient dies or leaves the guideline (item 3) -----------------
+# -- Earlier plans end when the patient dies or leaves the guideline--------------------------
 
 
 def test_a_deceased_patient_has_the_earlier_plan_revoked(
@@ -188,7 +188,7 @@ def test_a_patient_now_out_of_scope_has_the_earlier_plan_revoked(
     assert set(_status(fhir_server, "ServiceRequest", "scope-1")) == {"revoked"}
 
 
-# -- A posted bundle never acts on another patient (item 2) ------------------------------------
+# -- A posted bundle never acts on another patient---------------------------------------------
 
 
 def _refused(response: Any, status: int, words: str) -> None:
@@ -276,7 +276,7 @@ def test_a_partial_bundle_is_assessed_with_the_server_record(
     assert _status(fhir_server, "CarePlan", "part-1") == {"active": 1}
 
 
-# -- Concurrency: a lost race is read again, then 409 (item 4) ---------------------------------
+# -- Concurrency: a lost race is read again, then 409------------------------------------------
 
 CONFLICT = (412, {"resourceType": "OperationOutcome", "issue": []})
 
