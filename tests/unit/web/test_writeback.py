@@ -156,7 +156,7 @@ def test_patients_sharing_an_identifier_each_get_their_own_plan(
                 )
 
 
-# -- Earlier plans end when the patient dies or leaves the guideline--------------------------
+# -- Earlier plans end when the patient dies or leaves the guideline -------------------------
 
 
 def test_a_deceased_patient_has_the_earlier_plan_revoked(
@@ -188,7 +188,7 @@ def test_a_patient_now_out_of_scope_has_the_earlier_plan_revoked(
     assert set(_status(fhir_server, "ServiceRequest", "scope-1")) == {"revoked"}
 
 
-# -- A posted bundle never acts on another patient---------------------------------------------
+# -- A posted bundle never acts on another patient --------------------------------------------
 
 
 def _refused(response: Any, status: int, words: str) -> None:
@@ -276,7 +276,7 @@ def test_a_partial_bundle_is_assessed_with_the_server_record(
     assert _status(fhir_server, "CarePlan", "part-1") == {"active": 1}
 
 
-# -- Concurrency: a lost race is read again, then 409------------------------------------------
+# -- Concurrency: a lost race is read again, then 409 -----------------------------------------
 
 CONFLICT = (412, {"resourceType": "OperationOutcome", "issue": []})
 
