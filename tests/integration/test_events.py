@@ -282,6 +282,51 @@ def test_a_cancer_makes_screening_conditional_and_revokes_the_open_orders(
     assert service.jobs.dead_letters() == []
 
 
+def test_a_ct_report_posted_completes_the_ct_order_in_place(
+    hapi_url: str, service: Service
+) -> None:
+    """A CT done elsewhere: the plan's CT item becomes done with the report, no duplicate."""
+    patient = _young_dm(hapi_url)
+    _post(hapi_url, f.antibody(patient, "tif1g", "positive", effective=_today()))
+    subject = f"Patient/{patient['id']}"
+    with FhirClient(hapi_url) as client:
+        plan = _wait_for(lambda: _one_plan_with_tier(client, patient["id"], "high"), "high")
+        _wait_for(lambda: _quiet(service.jobs), "an empty queue")
+        ct_order = next(
+            r
+            for r in client.search("ServiceRequest", {"based-on": f"CarePlan/{plan['id']}"})
+            if _is_ct(r) and r["status"] == "active"
+        )
+        report = _post(
+            hapi_url,
+            {
+                "resourceType": "DiagnosticReport",
+                "status": "final",
+                "subject": {"reference": subject},
+                "code": f.concept(f.LOINC, CT_LOINC),
+                "effectiveDateTime": _today(),
+            },
+        )
+
+        def completed() -> Json | None:
+            order = client.read("ServiceRequest", ct_order["id"])
+            return order if order is not None and order["status"] == "completed" else None
+
+        order = _wait_for(completed, "the CT order completed by the report")
+        evidence = {r["reference"] for r in order.get("supportingInfo", [])}
+        assert f"DiagnosticReport/{report['id']}" in evidence
+        _wait_for(lambda: _quiet(service.jobs), "an empty queue")
+        plans = _active_plans(client, patient["id"])
+        assert [p["id"] for p in plans] == [plan["id"]]  # updated in place, not re-created
+        open_ct = [
+            r
+            for r in client.search("ServiceRequest", {"subject": subject, "status": "active"})
+            if _is_ct(r)
+        ]
+        assert open_ct == []  # the done test is not proposed again
+    assert service.jobs.dead_letters() == []
+
+
 def _is_ct(request: Json) -> bool:
     return any(c.get("code") == CT_LOINC for c in request["code"]["coding"])
 
