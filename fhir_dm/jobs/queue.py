@@ -46,6 +46,7 @@ from fhir_dm.fhir.client import FhirClient, client_from_config
 from fhir_dm.fhir.terminology import engine_for
 from fhir_dm.jobs.settings import JobsSettings
 from fhir_dm.knowledge.load import load_knowledge
+from fhir_dm.knowledge.models import Knowledge
 from fhir_dm.locks import PatientLocks
 from fhir_dm.web.settings import Settings
 from fhir_dm.writeback import WriteBack
@@ -54,6 +55,7 @@ _log = logging.getLogger(__name__)
 
 REASSESS_TASK = "fhir-dm.reassess"
 SWEEP_TASK = "fhir-dm.sweep"
+POPULATION_TASK = "fhir-dm.population-assess"
 PENDING_PREFIX = "fhir-dm:pending:"
 DEAD_PREFIX = "fhir-dm:dead:"
 SWEPT_PREFIX = "fhir-dm:swept:"
@@ -103,6 +105,7 @@ class Runtime:
     writeback: WriteBack
     fhir: FhirClient
     plan_series_system: str
+    knowledge: Knowledge | None = None  # for the population task's rows
 
 
 def build_runtime(settings: Settings) -> Runtime:
@@ -117,7 +120,7 @@ def build_runtime(settings: Settings) -> Runtime:
     fhir = client_from_config(settings.fhir)
     writeback = WriteBack(fhir, engine, PatientLocks(settings.lock_dir))
     series = Identity(knowledge.ruleset.canonical_base, "", "").series_system
-    return Runtime(writeback, fhir, series)
+    return Runtime(writeback, fhir, series, knowledge)
 
 
 class PatientLock(Protocol):
@@ -227,6 +230,9 @@ class Jobs:
             crontab(minute=str(settings.sweep_minute), hour=str(settings.sweep_hour)),
             name=SWEEP_TASK,
         )(self._daily_sweep)
+        # A population run's patients (fhir_dm.population.queued); no Huey retry: a failure
+        # is recorded for the run, and resuming the run asks again.
+        self.population_assess = huey.task(name=POPULATION_TASK)(self._population_assess)
 
     # -- asking for a re-assessment -------------------------------------------------------
 
@@ -326,6 +332,12 @@ class Jobs:
         }
         self.huey.storage.put_data(DEAD_PREFIX + task_id, json.dumps(record).encode("utf-8"))
         _log.error("re-assessment failed for good", extra={"error": type(exc).__name__})
+
+    def _population_assess(self, run_id: str, patient_id: str, now: str, preview: bool) -> None:
+        """One patient of a queued population run, under the cross-host patient lock."""
+        from fhir_dm.population.queued import assess_for_run  # the population view is optional
+
+        assess_for_run(self, self._lock, run_id, patient_id, now=now, preview=preview)
 
     def _daily_sweep(self) -> None:
         """Once a day across all hosts: every patient with an active plan of ours."""

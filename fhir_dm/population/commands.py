@@ -97,8 +97,19 @@ def add_parser(sub: Any) -> None:
     measure.add_argument(
         "--subject-list", action="store_true", help="list the patients of each population"
     )
+    run.add_argument(
+        "--queue",
+        action="store_true",
+        help="one task per patient on the job queue (settings jobs.*), shared by every"
+        " `fhir-dm worker`; the FHIR server is the service's (settings fhir.*)",
+    )
     for cmd in (run, work, measure):
-        cmd.add_argument("--server", required=True, metavar="URL", help="FHIR server base URL")
+        cmd.add_argument(
+            "--server",
+            required=cmd is not run,
+            metavar="URL",
+            help="FHIR server base URL" + (" (not with --queue)" if cmd is run else ""),
+        )
         cmd.add_argument(
             "--workers",
             type=_workers,
@@ -151,6 +162,10 @@ def _failures(result: RunResult) -> None:
 def _run(args: argparse.Namespace, config: Path | None) -> int:
     from rich.console import Console
 
+    if args.queue:
+        return _run_queued(args, config)
+    if args.server is None:
+        raise InputError("--server is required (or --queue, to use the service's server)")
     run_id = args.run_id or new_run_id()
     setup = _setup(args, config, args.state_dir / "locks")
     state = StateFile(args.state_dir, run_id)
@@ -167,6 +182,48 @@ def _run(args: argparse.Namespace, config: Path | None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"interrupted; resume with: --run-id {run_id}\n")
         return 130
+    Console(file=sys.stdout).print(summary_table(result, preview=args.preview))
+    _failures(result)
+    return 1 if result.failures else 0
+
+
+def _run_queued(args: argparse.Namespace, config: Path | None) -> int:
+    """The run on the job queue: enqueue, wait for the workers' outcomes, summarise."""
+    from rich.console import Console
+
+    from fhir_dm.cli import _jobs_of
+    from fhir_dm.fhir.client import client_from_config
+    from fhir_dm.population.queued import QueuedRun, run_queued
+
+    run_id = args.run_id or new_run_id()
+    StateFile.check_run_id(run_id)
+    jobs, settings = _jobs_of(config)
+    base = settings.fhir.base_url.rstrip("/")
+    if args.server is not None and args.server.rstrip("/") != base:
+        raise InputError("with --queue the workers use the service's FHIR server; omit --server")
+    knowledge = load_knowledge(settings.config_dir)
+    population = load_population_config(knowledge, config)
+    tokens = iim_search_tokens(knowledge, population.finder)
+    with client_from_config(settings.fhir) as finder:
+        patient_ids = find_iim_patients(finder, tokens)
+    state = StateFile(args.state_dir, run_id)
+    sys.stderr.write(
+        f"run {run_id}: {len(patient_ids)} patient(s) with an IIM Condition; queued for"
+        f" `fhir-dm worker` ({settings.jobs.backend} queue)\n"
+    )
+    try:
+        result = run_queued(
+            QueuedRun(jobs, run_id),
+            patient_ids,
+            now=args.now or _today(),
+            preview=args.preview,
+            state=state,
+        )
+    except KeyboardInterrupt:
+        sys.stderr.write(f"stopped waiting; the tasks stay queued. Resume: --run-id {run_id}\n")
+        return 130
+    finally:
+        jobs.close()
     Console(file=sys.stdout).print(summary_table(result, preview=args.preview))
     _failures(result)
     return 1 if result.failures else 0

@@ -15,7 +15,17 @@ from fhir_dm.fhir.terminology import engine_for
 from fhir_dm.jobs.queue import Jobs, build_runtime, open_huey
 from fhir_dm.knowledge.load import load_knowledge
 from fhir_dm.locks import PatientLocks
-from fhir_dm.web import app_ui, cds_hooks, limits, logs, notifications, operations, outcomes, system
+from fhir_dm.web import (
+    app_ui,
+    cds_hooks,
+    limits,
+    logs,
+    notifications,
+    operations,
+    outcomes,
+    population_ops,
+    system,
+)
 from fhir_dm.web.settings import EXTENSION_KEY, Service, Settings, load_settings
 from fhir_dm.web.trust import InboundAuth, ReplayGuard
 from fhir_dm.writeback import WriteBack
@@ -61,6 +71,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     outcomes.init_app(app)
     app.register_blueprint(system.bp)
     app.register_blueprint(operations.bp)
+    population_ops.init_app(app)
     app_ui.init_app(app)
     jobs = settings.jobs
     if jobs is not None and jobs.notification_secret is not None:

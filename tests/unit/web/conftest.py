@@ -169,6 +169,7 @@ class FakeFhirServer:
         params = dict(parse_qsl(parts.query))
         offset = int(params.pop("_offset", "0"))
         count = int(params.pop("_count", "20"))
+        params.pop("_elements", None)  # the whole resource is returned, as a server may
         self.searches.append((resource_type, dict(params)))
         matches = [r for r in self.all(resource_type) if _matches(r, params)]
         page = matches[offset : offset + count]
@@ -279,6 +280,10 @@ def _matches_one(resource: Json, name: str, value: str) -> bool:
         return value in _references(resource, "basedOn")
     if name == "status":
         return bool(resource.get("status") == value)
+    if name == "code":  # system|code tokens only
+        system, _, code = value.partition("|")
+        codings = (resource.get("code") or {}).get("coding") or []
+        return any(c.get("system") == system and c.get("code") == code for c in codings)
     raise AssertionError(f"the fake server does not support search parameter {name}")
 
 
