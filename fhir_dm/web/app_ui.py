@@ -6,18 +6,32 @@ the browser with the `fhirclient` library. The app reads its data from `POST
 preview as `$dm-cancer-screening?preview=true` and returns the core's Explanation with each
 item's status, so the page and every other output render one structure. Writing goes through
 the service's own `$dm-cancer-screening` operation, with the clinician's token.
+
+The clinic page reads `POST /app/api/clinic`: the population module's finder, per-patient
+rows, worklist and §11 measures over the IIM patients of the service's FHIR server, at most
+`CLINIC_MAX_PATIENTS` per call (the answer says when it was cut).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import asdict
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from flask import Blueprint, Flask, Response, jsonify, request, send_from_directory
 
-from fhir_dm.errors import InputError
+from fhir_dm import deadline as deadlines
+from fhir_dm.errors import DeadlineExceededError, FhirDmError, InputError
+from fhir_dm.fhir.client import client_from_config
+from fhir_dm.knowledge.models import Knowledge
+from fhir_dm.population.config import MeasureConfig, PopulationConfig, load_population_config
+from fhir_dm.population.finder import find_iim_patients, iim_search_tokens
+from fhir_dm.population.measures import NO_VALUE, measure_report
+from fhir_dm.population.rows import PatientRow
+from fhir_dm.population.run import PopulationRunner
+from fhir_dm.population.worklist import worklist
 from fhir_dm.web.settings import Service, current_service
 from fhir_dm.writeback import PatientWrite
 
@@ -33,6 +47,14 @@ _CSP = (
     "connect-src 'self' https: http:; frame-ancestors *; base-uri 'none'; form-action 'none'"
 )
 Json = dict[str, Any]
+# Patients one clinic call assesses (each a preview: about eight FHIR searches). 50 stay well
+# inside the request deadline on a local server; a larger clinic belongs to an offline run
+# (`fhir-dm population worklist|measure`). The answer says when the list was cut.
+CLINIC_MAX_PATIENTS = 50
+# The measures' default reporting period: the year ending on the evaluation date.
+CLINIC_PERIOD_DAYS = 365
+# Stop assessing when less than this is left of the request's deadline, to answer in time.
+CLINIC_RESERVE_SECONDS = 3.0
 
 
 def init_app(app: Flask) -> None:
@@ -74,16 +96,29 @@ def config() -> Response:
     return jsonify({"clientId": settings.smart_client_id, "scope": settings.smart_scope})
 
 
-def _now() -> date:
-    raw = request.args.get("now")
+def _date_arg(name: str) -> date | None:
+    raw = request.args.get(name)
     if raw is None:
-        return datetime.now(UTC).date()
+        return None
     if not _DATE.fullmatch(raw):
-        raise InputError("query parameter now must be a full date (YYYY-MM-DD)")
+        raise InputError(f"query parameter {name} must be a full date (YYYY-MM-DD)")
     try:
         return date.fromisoformat(raw)
     except ValueError:
-        raise InputError("query parameter now is not a valid date") from None
+        raise InputError(f"query parameter {name} is not a valid date") from None
+
+
+def _now() -> date:
+    return _date_arg("now") or datetime.now(UTC).date()
+
+
+def _authenticate(service: Service, allowed: set[str]) -> None:
+    """The caller's token, as for the operations; then refuse unknown query parameters."""
+    audience = service.settings.public_base_url + request.path
+    service.auth.authenticate(request.headers.get("Authorization"), audience=audience)
+    unknown = sorted(set(request.args) - allowed)
+    if unknown:
+        raise InputError(f"unknown query parameter(s): {', '.join(unknown)}")
 
 
 def patient_view(write: PatientWrite) -> Json:
@@ -143,5 +178,207 @@ def view(id: str) -> Response:
         raise InputError(f"unknown query parameter(s): {', '.join(unknown)}")
     write = service.writeback.assess_patient(id, now=_now(), preview=True)
     response = jsonify(patient_view(write))
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _label_maps(knowledge: Knowledge) -> tuple[dict[str, str], dict[str, str]]:
+    """Tier and round labels of the rule set, for the clinic page's charts."""
+    tiers = {level.id: level.label for level in knowledge.ruleset.tiers.levels}
+    rounds: dict[str, str] = {}
+    for schedule in knowledge.ruleset.schedules.values():
+        for r in schedule.rounds:
+            rounds.setdefault(r.id, r.label)
+    return tiers, rounds
+
+
+def _counts(group: Json) -> Json:
+    """Initial population, denominator, numerator and score of a MeasureReport group/stratum."""
+    out: Json = {p["code"]["coding"][0]["code"]: p["count"] for p in group["population"]}
+    score = group.get("measureScore")
+    return {
+        "initial": out["initial-population"],
+        "denominator": out["denominator"],
+        "numerator": out["numerator"],
+        "score": score["value"] if score else None,
+    }
+
+
+def _measure_summary(
+    knowledge: Knowledge,
+    measure: MeasureConfig,
+    rows: Sequence[PatientRow],
+    period: tuple[date, date],
+    generated: datetime,
+) -> Json:
+    """One measure over `rows`, read back from its MeasureReport: overall, per tier, per round."""
+    report = measure_report(
+        knowledge, measure, rows, period, subject_list=False, generated=generated
+    )
+    group = report["group"][0]
+    by_tier = []
+    for stratifier in group["stratifier"]:
+        if stratifier["code"][0]["text"] == "tier":
+            by_tier = [
+                {"tier": s["value"]["text"], **_counts(s)} for s in stratifier.get("stratum", [])
+            ]
+    by_round = []
+    if measure.kind == "completion" and len(measure.rounds) > 1:
+        for round_id in measure.rounds:
+            one = measure.model_copy(update={"rounds": (round_id,)})
+            one_report = measure_report(
+                knowledge, one, rows, period, subject_list=False, generated=generated
+            )
+            by_round.append({"round": round_id, **_counts(one_report["group"][0])})
+    return {"id": measure.id, **_counts(group), "byTier": by_tier, "byRound": by_round}
+
+
+def _filter_keys(rows: Sequence[PatientRow]) -> list[tuple[str | None, str | None]]:
+    """Every (organisation, practitioner) filter the page can choose; None: any."""
+    keys: dict[tuple[str | None, str | None], None] = {(None, None): None}
+    for row in rows:
+        org, gp = row.organization or NO_VALUE, row.practitioner or NO_VALUE
+        for key in ((org, None), (None, gp), (org, gp)):
+            keys.setdefault(key)
+    return list(keys)
+
+
+def _selected(rows: Sequence[PatientRow], org: str | None, gp: str | None) -> list[PatientRow]:
+    return [
+        r
+        for r in rows
+        if (org is None or (r.organization or NO_VALUE) == org)
+        and (gp is None or (r.practitioner or NO_VALUE) == gp)
+    ]
+
+
+def _assess(
+    service: Service, patient_ids: Sequence[str], now: date
+) -> tuple[list[PatientRow], list[Json], bool]:
+    """Preview-assess each patient (the population runner's `assess_one`), in this thread.
+
+    In this thread so the request's deadline applies to every FHIR call; the list stops early
+    (the third value True) when too little time is left to answer.
+    """
+    runner = PopulationRunner(
+        lambda: client_from_config(service.settings.fhir),
+        service.engine,
+        service.knowledge,
+        service.locks,
+    )
+    rows: list[PatientRow] = []
+    failed: list[Json] = []
+    try:
+        for patient_id in patient_ids:
+            left = deadlines.remaining_or_none()
+            if left is not None and left < CLINIC_RESERVE_SECONDS:
+                return rows, failed, True
+            try:
+                rows.append(runner.assess_one(patient_id, now=now, preview=True).row)
+            except DeadlineExceededError:
+                return rows, failed, True
+            except FhirDmError as exc:  # one patient never hides the clinic
+                failed.append({"patient": f"Patient/{patient_id}", "error": type(exc).__name__})
+    finally:
+        runner.close()
+    return rows, failed, False
+
+
+def clinic_view(service: Service, population: PopulationConfig, now: date, start: date) -> Json:
+    """The clinic page's data: worklist, measure summaries per filter, and the MeasureReports."""
+    knowledge = service.knowledge
+    tokens = iim_search_tokens(knowledge, population.finder)
+    found = find_iim_patients(service.fhir, tokens)
+    rows, failed, out_of_time = _assess(service, found[:CLINIC_MAX_PATIENTS], now)
+    truncated = None
+    if out_of_time:
+        truncated = {
+            "reason": "time",
+            "message": f"only {len(rows) + len(failed)} of {len(found)} patients could be"
+            " assessed within the request's time limit",
+        }
+    elif len(found) > CLINIC_MAX_PATIENTS:
+        truncated = {
+            "reason": "limit",
+            "message": f"{len(found)} patients found; the first {CLINIC_MAX_PATIENTS} (by id)"
+            " are shown. Use `fhir-dm population worklist` for the whole clinic.",
+        }
+    period = (start, now)
+    generated = datetime.now(UTC)
+    items = worklist(rows, now, population.worklist.soon_due_days)
+    tiers, rounds = _label_maps(knowledge)
+    return {
+        "today": now.isoformat(),
+        "period": {"start": start.isoformat(), "end": now.isoformat()},
+        "limit": CLINIC_MAX_PATIENTS,
+        "found": len(found),
+        "assessed": len(rows),
+        "failed": failed,
+        "truncated": truncated,
+        "noValue": NO_VALUE,
+        "labels": {"tiers": tiers, "rounds": rounds},
+        "patients": [
+            {
+                "patient": r.patient,
+                "tier": r.tier,
+                "organization": r.organization or NO_VALUE,
+                "practitioner": r.practitioner or NO_VALUE,
+            }
+            for r in rows
+        ],
+        "worklist": [
+            {
+                **asdict(w),
+                "organization": w.organization or NO_VALUE,
+                "practitioner": w.practitioner or NO_VALUE,
+            }
+            for w in items
+        ],
+        "measures": [
+            {
+                "id": m.id,
+                "title": m.title,
+                "kind": m.kind,
+                "improvement": "decrease" if m.kind == "overdue" else "increase",
+                "rounds": list(m.rounds),
+                "source": m.source,
+            }
+            for m in population.measures
+        ],
+        "results": [
+            {
+                "organization": org,
+                "practitioner": gp,
+                "measures": [
+                    _measure_summary(knowledge, m, _selected(rows, org, gp), period, generated)
+                    for m in population.measures
+                ],
+            }
+            for org, gp in _filter_keys(rows)
+        ],
+        "reports": [
+            measure_report(knowledge, m, rows, period, subject_list=False, generated=generated)
+            for m in population.measures
+        ],
+    }
+
+
+@bp.get("/clinic")
+def clinic_page() -> Response:
+    """The clinic page: the worklist and the §11 measures of the service's IIM patients."""
+    return _page("clinic.html")
+
+
+@bp.post("/api/clinic")
+def clinic() -> Response:
+    """Preview-assess the clinic's IIM patients (nothing is written); the clinic page's JSON."""
+    service: Service = current_service()
+    _authenticate(service, {"now", "start"})
+    now = _now()
+    start = _date_arg("start") or now - timedelta(days=CLINIC_PERIOD_DAYS)
+    if start > now:
+        raise InputError("query parameter start is after the evaluation date")
+    population = load_population_config(service.knowledge, service.settings.config_dir)
+    response = jsonify(clinic_view(service, population, now, start))
     response.headers["Cache-Control"] = "no-store"
     return response

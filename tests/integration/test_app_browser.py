@@ -31,7 +31,7 @@ from tools.hapi_server import free_port
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.chrome.service import Service as ChromeService  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -240,3 +240,78 @@ def test_a_moderate_preliminary_patient_shows_the_preliminary_badge(
     assert browser.find_element(By.ID, "preliminary").is_displayed()
     unknown = browser.find_elements(By.CSS_SELECTOR, "#unknown li")
     assert any("anti-TIF1-gamma" in li.text for li in unknown)
+
+
+def _clinic_patients(hapi: FhirClient) -> tuple[str, str, str, str]:
+    """Three IIM patients: two of one (new) organisation, one of them overdue, one due soon;
+    one of another organisation, more overdue. Ids start with "0" so that the clinic's
+    per-call limit (first patients by id) keeps them whatever else the server holds."""
+    tag = uuid.uuid4().hex[:8]
+    org = {"display": f"Clinic test {tag}"}
+    overdue, soon, elsewhere = (f"0clinic-{tag}-{n}" for n in ("a", "b", "c"))
+    a = f.patient(overdue, birth_date="1970-01-01", managingOrganization=org)
+    b = f.patient(soon, birth_date="1990-01-01", managingOrganization=org)
+    c = f.patient(elsewhere, birth_date="1970-01-01", managingOrganization={"display": "Other"})
+    _store(
+        hapi,
+        a,
+        f.iim_condition(a, id=f"{overdue}-dm"),
+        f.antibody(a, "tif1g", id=f"{overdue}-ab"),
+        b,
+        f.iim_condition(b, id=f"{soon}-dm", onset="2024-07-10"),
+        c,
+        f.iim_condition(c, id=f"{elsewhere}-dm", onset="2024-01-01"),
+        f.antibody(c, "tif1g", id=f"{elsewhere}-ab"),
+    )
+    return org["display"], overdue, soon, elsewhere
+
+
+def test_the_clinic_page_lists_the_overdue_patient_first_and_draws_the_measures(
+    browser: Any, service_url: str, fhir_base_url: str, hapi: FhirClient
+) -> None:
+    org, overdue, soon, elsewhere = _clinic_patients(hapi)
+    _open(browser, service_url, fhir_base_url, overdue)
+    browser.find_element(By.ID, "to-clinic").click()  # from the patient page to the clinic
+    WebDriverWait(browser, WAIT_S * 2).until(
+        lambda d: (
+            d.execute_script("return document.body.dataset.loaded") == "true"
+            or "could not" in d.find_element(By.ID, "status").text
+        )
+    )
+    status = browser.find_element(By.ID, "status").text
+    assert browser.execute_script("return document.body.dataset.loaded") == "true", status
+
+    Select(browser.find_element(By.ID, "filter-organization")).select_by_visible_text(org)
+    rows = browser.find_elements(By.CSS_SELECTOR, "#worklist tbody tr")
+    patients = [r.get_attribute("data-patient") for r in rows]
+    assert patients[0] == f"Patient/{overdue}"  # overdue first
+    assert rows[0].get_attribute("data-status") == "overdue"
+    assert f"Patient/{soon}" in patients and f"Patient/{elsewhere}" not in patients
+    assert rows[-1].get_attribute("data-status") == "due soon"
+    days = [
+        int(r.find_element(By.CSS_SELECTOR, "td.days").text)
+        for r in rows
+        if r.get_attribute("data-status") == "overdue"
+    ]
+    assert days == sorted(days, reverse=True) and days[0] > 0
+
+    # One chart per measure, with bars; the overdue measure is 1 of 2 in this organisation.
+    charts = browser.find_elements(By.CSS_SELECTOR, "#measures svg.measure-chart")
+    assert len(charts) == 4
+    assert browser.find_elements(By.CSS_SELECTOR, "#measures rect.bar")
+    bar = browser.find_element(By.CSS_SELECTOR, "#measure-dm-any-overdue rect.bar.measure-all")
+    assert float(bar.get_attribute("data-score")) == 0.5
+    table = browser.find_element(By.ID, "measure-table").text
+    assert "Patients with any overdue screening item All patients 1 2 50%" in table
+    _shot(browser, "clinic-page")
+
+    # Back to a patient, from the worklist, with the keyboard.
+    link = rows[0].find_element(By.CSS_SELECTOR, "a.patient")
+    link.send_keys("\n")
+    WebDriverWait(browser, WAIT_S).until(
+        lambda d: (
+            d.execute_script("return document.body.dataset.loaded") == "true"
+            and overdue in d.find_element(By.ID, "patient").text
+        )
+    )
+    assert browser.find_element(By.ID, "tier").text == "High risk"

@@ -229,10 +229,11 @@
   async function main() {
     try {
       smart = await FHIR.oauth2.ready();
-      patientId = smart.patient.id;
+      // A patient chosen on the clinic page (`?patient=`), else the launch's patient.
+      patientId = new URLSearchParams(window.location.search).get("patient") || smart.patient.id;
       if (!patientId) throw new Error("the launch gave no patient in context");
       $("patient").textContent = "Patient/" + patientId;
-      smart.patient.read().then((p) => {
+      smart.request("Patient/" + encodeURIComponent(patientId)).then((p) => {
         const name = (p.name || [])[0];
         if (name) $("patient").textContent = [...(name.given || []), name.family || ""].join(" ").trim() + " (Patient/" + patientId + ")";
       }).catch(() => {});

@@ -1,0 +1,209 @@
+/* The clinic page: asks the service for the clinic's worklist and §11 measure results (one
+ * JSON call, computed by the service's population module), then renders the worklist (overdue
+ * first, each patient linked to the patient page) and one plain-SVG bar chart per measure
+ * (all patients, per tier, per round), with a table holding the same figures. The organisation
+ * and practitioner filters pick among results the service computed for each choice. */
+"use strict";
+(function () {
+  const SVG = "http://www.w3.org/2000/svg";
+  const $ = (id) => document.getElementById(id);
+  let smart = null;
+  let view = null;
+
+  function setStatus(text, alert) {
+    const el = $("status");
+    el.textContent = text;
+    el.hidden = !text;
+    el.setAttribute("role", alert ? "alert" : "status");
+  }
+
+  function serviceUrl(path) {
+    const url = new URL(path, new URL("../", window.location.href));
+    const now = sessionStorage.getItem("fhir-dm-now");
+    if (now) url.searchParams.set("now", now);
+    return url;
+  }
+
+  function headers() {
+    const h = { Accept: "application/json" };
+    const token = smart && smart.state.tokenResponse && smart.state.tokenResponse.access_token;
+    if (token) h.Authorization = "Bearer " + token;
+    return h;
+  }
+
+  async function problem(response) {
+    try {
+      const body = await response.json();
+      const issue = (body.issue || [])[0] || {};
+      return issue.diagnostics || response.statusText;
+    } catch (e) {
+      return response.statusText || String(response.status);
+    }
+  }
+
+  function cell(row, text, className) {
+    const td = document.createElement("td");
+    if (text instanceof Node) td.appendChild(text); else td.textContent = text;
+    if (className) td.className = className;
+    row.appendChild(td);
+    return td;
+  }
+
+  function svg(name, attrs, parent, text) {
+    const el = document.createElementNS(SVG, name);
+    for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, String(v));
+    if (text !== undefined) el.textContent = text;
+    if (parent) parent.appendChild(el);
+    return el;
+  }
+
+  const pct = (score) => Math.round(score * 100) + "%";
+  const tierLabel = (t) => view.labels.tiers[t] || t;
+  const roundLabel = (r) => view.labels.rounds[r] || r;
+
+  function options(select, values) {
+    for (const v of [...new Set(values)].sort()) {
+      const o = document.createElement("option");
+      o.value = v;
+      o.textContent = v;
+      select.appendChild(o);
+    }
+  }
+
+  function chosen() {
+    return { org: $("filter-organization").value || null, gp: $("filter-practitioner").value || null };
+  }
+
+  function patientLink(reference) {
+    const a = document.createElement("a");
+    const id = reference.split("/").pop();
+    a.href = "./?patient=" + encodeURIComponent(id);
+    a.textContent = reference;
+    a.className = "patient";
+    return a;
+  }
+
+  function renderWorklist() {
+    const { org, gp } = chosen();
+    const items = view.worklist.filter((w) => (!org || w.organization === org) && (!gp || w.practitioner === gp));
+    const tbody = $("worklist").querySelector("tbody");
+    tbody.replaceChildren();
+    for (const w of items) {
+      const row = document.createElement("tr");
+      row.className = w.status === "overdue" ? "overdue" : "due-soon";
+      row.dataset.patient = w.patient;
+      row.dataset.status = w.status;
+      cell(row, patientLink(w.patient));
+      cell(row, tierLabel(w.tier));
+      cell(row, w.test + (w.conditional ? " (consider)" : ""));
+      cell(row, w.round_label);
+      cell(row, `${w.due_start} to ${w.due_end}`);
+      cell(row, w.status === "overdue" ? String(w.days_overdue) : "due soon", "days");
+      cell(row, w.organization);
+      cell(row, w.practitioner);
+      tbody.appendChild(row);
+    }
+    $("worklist-empty").hidden = items.length > 0;
+    const patients = new Set(items.map((w) => w.patient)).size;
+    $("filter-summary").textContent = `${items.length} item(s) for ${patients} patient(s) on the worklist.`;
+  }
+
+  /* One horizontal bar per group: the measure's score as a share of the full width, and the
+   * figures written beside it (so the value never depends on the bar's length or colour). */
+  function chart(measure, result) {
+    const bars = [{ label: "All patients", kind: "all", r: result }];
+    for (const t of result.byTier) bars.push({ label: tierLabel(t.tier), kind: "tier", r: t });
+    for (const r of result.byRound) bars.push({ label: roundLabel(r.round), kind: "round", r: r });
+    const figure = document.createElement("figure");
+    const caption = document.createElement("figcaption");
+    caption.id = "caption-" + measure.id;
+    caption.textContent = measure.title + (measure.improvement === "decrease" ? " (lower is better)" : "");
+    figure.appendChild(caption);
+    const width = 800, left = 170, barW = 360, rowH = 24, top = 6;
+    const height = top + bars.length * rowH + 6;
+    const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", "aria-labelledby": caption.id + " desc-" + measure.id, id: "measure-" + measure.id, class: "measure-chart" }, figure);
+    const r = result;
+    svg("desc", { id: "desc-" + measure.id }, root,
+      r.score === null ? "No patient in the denominator." : `${r.numerator} of ${r.denominator} (${pct(r.score)}); the table "Measure results" lists every group.`);
+    bars.forEach((b, i) => {
+      const y = top + i * rowH;
+      svg("text", { x: 4, y: y + 15 }, root, b.label);
+      svg("rect", { x: left, y: y + 3, width: barW, height: rowH - 8, class: "track" }, root);
+      const score = b.r.score;
+      if (score !== null) {
+        const bar = svg("rect", { x: left, y: y + 3, width: Math.max(score > 0 ? 2 : 0, score * barW), height: rowH - 8, class: "bar measure-" + b.kind, "data-score": score }, root);
+        svg("title", {}, bar, `${b.label}: ${b.r.numerator} of ${b.r.denominator} (${pct(score)})`);
+      }
+      svg("text", { x: left + barW + 8, y: y + 15 }, root,
+        score === null ? "no patient in the denominator" : `${pct(score)} (${b.r.numerator} of ${b.r.denominator})`);
+    });
+    return figure;
+  }
+
+  function renderMeasures() {
+    const { org, gp } = chosen();
+    const entry = view.results.find((e) => e.organization === org && e.practitioner === gp);
+    const box = $("measures");
+    box.replaceChildren();
+    const tbody = $("measure-table").querySelector("tbody");
+    tbody.replaceChildren();
+    if (!entry) {
+      box.textContent = "No patient matches this filter.";
+      return;
+    }
+    view.measures.forEach((m, i) => {
+      const result = entry.measures[i];
+      box.appendChild(chart(m, result));
+      const groups = [["All patients", result]];
+      for (const t of result.byTier) groups.push([tierLabel(t.tier), t]);
+      for (const r of result.byRound) groups.push([roundLabel(r.round), r]);
+      for (const [label, g] of groups) {
+        const row = document.createElement("tr");
+        cell(row, m.title); cell(row, label);
+        cell(row, String(g.numerator)); cell(row, String(g.denominator));
+        cell(row, g.score === null ? "no patient in the denominator" : pct(g.score));
+        tbody.appendChild(row);
+      }
+    });
+  }
+
+  function renderAll() {
+    renderWorklist();
+    renderMeasures();
+  }
+
+  function render() {
+    $("scope").textContent = `${view.assessed} IIM patient(s) assessed as of ${view.today}` +
+      (view.found !== view.assessed ? ` (${view.found} found)` : "") + "; nothing is written.";
+    $("period").textContent = `Reporting period ${view.period.start} to ${view.period.end}; a completion measure counts the patients whose round closed in the period.`;
+    $("truncated").hidden = !view.truncated;
+    $("truncated").textContent = view.truncated ? "Not the whole clinic: " + view.truncated.message : "";
+    $("failed").hidden = !view.failed.length;
+    $("failed").textContent = view.failed.length ? `Could not be assessed: ${view.failed.map((x) => x.patient + " (" + x.error + ")").join(", ")}.` : "";
+    options($("filter-organization"), view.patients.map((p) => p.organization));
+    options($("filter-practitioner"), view.patients.map((p) => p.practitioner));
+    $("filter-organization").addEventListener("change", renderAll);
+    $("filter-practitioner").addEventListener("change", renderAll);
+    renderAll();
+    $("view").hidden = false;
+  }
+
+  async function main() {
+    try {
+      try {
+        smart = await FHIR.oauth2.ready();
+      } catch (e) {
+        smart = null; // no SMART session: an open service answers without a token
+      }
+      const response = await fetch(serviceUrl("app/api/clinic"), { method: "POST", headers: headers() });
+      if (!response.ok) throw new Error(await problem(response));
+      view = await response.json();
+      render();
+      setStatus("");
+      document.body.dataset.loaded = "true";
+    } catch (error) {
+      setStatus("The clinic could not be shown: " + error.message, true);
+    }
+  }
+  main();
+})();

@@ -1,0 +1,152 @@
+"""The clinic page's JSON: the population module's finder, rows, worklist and measures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import responses
+from flask.testing import FlaskClient
+
+from fhir_dm import deadline
+from fhir_dm.web import app_ui
+from tests import factories as f
+from tests.unit.web.conftest import FakeFhirServer, transaction_calls
+
+CLINIC = "/app/api/clinic?now=2024-09-15"
+NORTH = {"reference": "Organization/north"}
+SOUTH = {"reference": "Organization/south"}
+Json = dict[str, Any]
+
+
+def _clinic(fhir_server: FakeFhirServer) -> None:
+    """A high-risk patient whose at-diagnosis round closed undone (overdue on 2024-09-15), a
+    moderate one diagnosed in July (due soon), and a patient without an IIM Condition."""
+    a = f.patient(
+        "c-a",
+        birth_date="1970-01-01",
+        managingOrganization=NORTH,
+        generalPractitioner=[{"reference": "Practitioner/p1"}],
+    )
+    b = f.patient("c-b", birth_date="1990-01-01", managingOrganization=SOUTH)
+    other = f.patient("c-other", birth_date="1970-01-01", managingOrganization=NORTH)
+    fhir_server.put(
+        a,
+        f.iim_condition(a, id="c-a-dm"),
+        f.antibody(a, "tif1g", id="c-a-ab"),
+        b,
+        f.iim_condition(b, id="c-b-dm", onset="2024-07-10"),
+        other,
+    )
+
+
+def _post(client: FlaskClient, url: str = CLINIC) -> Json:
+    response = client.post(url)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.headers["Cache-Control"] == "no-store"
+    body: Json = response.get_json()
+    return body
+
+
+def test_the_clinic_lists_the_overdue_patient_first_and_writes_nothing(
+    client: FlaskClient, fhir_server: FakeFhirServer, rsps: responses.RequestsMock
+) -> None:
+    _clinic(fhir_server)
+    view = _post(client)
+    assert view["found"] == view["assessed"] == 2  # c-other has no IIM Condition
+    assert view["truncated"] is None and view["failed"] == []
+    assert [p["patient"] for p in view["patients"]] == ["Patient/c-a", "Patient/c-b"]
+    items = view["worklist"]
+    assert items and items[0]["patient"] == "Patient/c-a"
+    assert items[0]["status"] == "overdue" and items[0]["days_overdue"] > 0
+    assert items[0]["organization"] == "Organization/north"
+    assert items[0]["practitioner"] == "Practitioner/p1"
+    days = [w["days_overdue"] for w in items]
+    assert days == sorted(days, reverse=True)
+    assert any(w["patient"] == "Patient/c-b" and w["status"] == "due soon" for w in items)
+    south = [w for w in items if w["patient"] == "Patient/c-b"]
+    assert all(w["practitioner"] == view["noValue"] for w in south)
+    assert transaction_calls(rsps) == 0
+
+
+def test_the_measures_are_the_measure_reports_read_back_per_tier_and_filter(
+    client: FlaskClient, fhir_server: FakeFhirServer
+) -> None:
+    _clinic(fhir_server)
+    view = _post(client)
+    assert view["period"] == {"start": "2023-09-16", "end": "2024-09-15"}
+    ids = [m["id"] for m in view["measures"]]
+    assert [r["resourceType"] for r in view["reports"]] == ["MeasureReport"] * len(ids)
+    everyone = view["results"][0]
+    assert everyone["organization"] is None and everyone["practitioner"] is None
+    workup = dict(zip(ids, everyone["measures"], strict=True))["dm-workup-at-diagnosis"]
+    # Only c-a's at-diagnosis round closed in the period, and it was not done.
+    assert (workup["initial"], workup["denominator"], workup["numerator"]) == (2, 1, 0)
+    assert workup["score"] == 0.0
+    assert {t["tier"]: t["denominator"] for t in workup["byTier"]} == {"high": 1, "moderate": 0}
+    report = view["reports"][ids.index("dm-workup-at-diagnosis")]
+    assert report["group"][0]["measureScore"] == {"value": 0.0}
+    overdue = dict(zip(ids, everyone["measures"], strict=True))["dm-any-overdue"]
+    assert (overdue["denominator"], overdue["numerator"]) == (2, 1)
+    yearly = dict(zip(ids, everyone["measures"], strict=True))["dm-yearly-rounds-high"]
+    assert [r["round"] for r in yearly["byRound"]] == ["year-1", "year-2", "year-3"]
+    # One result per filter the page can choose; South alone has nobody overdue.
+    keys = {(r["organization"], r["practitioner"]) for r in view["results"]}
+    assert ("Organization/south", None) in keys
+    assert (None, "Practitioner/p1") in keys
+    assert ("Organization/north", "Practitioner/p1") in keys
+    south = next(r for r in view["results"] if r["organization"] == "Organization/south")
+    south_overdue = dict(zip(ids, south["measures"], strict=True))["dm-any-overdue"]
+    assert (south_overdue["denominator"], south_overdue["numerator"]) == (1, 0)
+    assert view["labels"]["tiers"]["high"] == "High risk"
+
+
+def test_a_clinic_over_the_limit_is_cut_and_says_so(
+    client: FlaskClient, fhir_server: FakeFhirServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _clinic(fhir_server)
+    monkeypatch.setattr(app_ui, "CLINIC_MAX_PATIENTS", 1)
+    view = _post(client)
+    assert view["found"] == 2 and view["assessed"] == 1 and view["limit"] == 1
+    assert view["truncated"]["reason"] == "limit"
+    assert "2 patients found" in view["truncated"]["message"]
+    assert {w["patient"] for w in view["worklist"]} == {"Patient/c-a"}
+
+
+def test_a_clinic_cut_short_by_the_deadline_says_so(
+    client: FlaskClient, fhir_server: FakeFhirServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _clinic(fhir_server)
+    monkeypatch.setattr(deadline, "remaining_or_none", lambda: 1.0)
+    view = _post(client)
+    assert view["assessed"] == 0 and view["truncated"]["reason"] == "time"
+    assert view["worklist"] == []
+
+
+def test_a_patient_that_fails_is_listed_and_the_others_shown(
+    client: FlaskClient, fhir_server: FakeFhirServer
+) -> None:
+    _clinic(fhir_server)
+    gone = f.patient("c-gone")
+    fhir_server.put(f.iim_condition(gone, id="c-gone-dm"))  # the Patient itself is not there
+    view = _post(client)
+    assert view["found"] == 3 and view["assessed"] == 2
+    assert view["failed"] == [{"patient": "Patient/c-gone", "error": "PatientNotFoundError"}]
+
+
+def test_the_clinic_refuses_bad_parameters(
+    client: FlaskClient, fhir_server: FakeFhirServer
+) -> None:
+    for query in ("?preview=false", "?now=2024-02-30", "?start=2024-10-01&now=2024-09-15"):
+        response = client.post("/app/api/clinic" + query)
+        assert response.status_code == 400, query
+        assert response.get_json()["resourceType"] == "OperationOutcome"
+
+
+def test_the_clinic_needs_a_token_when_the_service_does(client_static: FlaskClient) -> None:
+    response = client_static.post("/app/api/clinic")
+    assert response.status_code == 401
+    assert response.get_json()["issue"][0]["code"] == "login"
+    with client_static.get("/app/clinic") as page:
+        assert page.status_code == 200  # the page itself is public
+        assert "static/clinic.js" in page.get_data(as_text=True)
