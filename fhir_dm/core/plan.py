@@ -302,7 +302,10 @@ def _guideline_items(b: _Builder, a: Assessment, knowledge: Knowledge) -> None:
             "Cancer-relevant myositis antibodies untested or equivocal",
             testing.evidence,
             testing.source,
-            tuple(f"{names[x]} untested or equivocal" for x in untested),
+            tuple(
+                f"{names[x]} {'equivocal' if facts.antibody(x).note == 'equivocal' else 'untested'}"
+                for x in untested
+            ),
             tuple(s for x in untested for s in facts.antibody(x).sources),
         )
         b.add(testing.test, b.round_named(testing.round), rule)

@@ -540,3 +540,14 @@ def test_an_equivocal_antibody_is_said_to_be_equivocal_not_unrecorded(engine: En
     assert (result.tier, a.preliminary) == ("moderate", True)  # never positive
     assert a.preliminary_because == ("anti-TIF1-gamma antibody (equivocal)",)
     assert "anti-TIF1-gamma antibody (equivocal)" in result.explanation.unknown_facts
+
+
+def test_the_antibody_panel_proposal_says_which_are_untested_and_which_equivocal(
+    engine: Engine,
+) -> None:
+    p = f.patient(gender="female", birth_date=YOUNG)
+    equivocal = f.antibody(p, "nxp2", "Borderline", shape="string")
+    result = run_one(engine, p, f.iim_condition(p), equivocal, *negatives(p, "sae1", "hmgcr"))
+    item = next(i for i in result.plan.items if i.test_id == "myositis-antibodies")
+    facts = set(item.rules[0].facts)
+    assert {"anti-NXP2 equivocal", "anti-TIF1-gamma untested", "anti-MDA5 untested"} <= facts
