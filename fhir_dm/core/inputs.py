@@ -149,8 +149,11 @@ class Relevance:
             return True  # missing or malformed: keep, validation says why
         for coding in concept.get("coding") or []:
             if not isinstance(coding, Mapping):
+                return True  # malformed: keep, validation says why
+            system, code = coding.get("system"), coding.get("code")
+            if not isinstance(system, str | None) or not isinstance(code, str | None):
                 return True
-            if (coding.get("system"), coding.get("code")) in self._test_codes:
+            if (system, code) in self._test_codes:
                 return True
         try:
             if self._matcher.concept(concept, use_text=True).value_sets:

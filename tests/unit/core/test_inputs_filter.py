@@ -302,3 +302,20 @@ def _is_type(name: str) -> bool:
     except (KeyError, ValueError):
         return False
     return "resourceType" in model.model_fields or hasattr(model, "get_resource_type")
+
+
+@pytest.mark.parametrize("system", [{"a": 1}, ["x"], 7])
+def test_a_coding_of_the_wrong_type_is_a_clear_input_error(engine: Engine, system: Any) -> None:
+    """Malformed codes are kept for validation, which names the path (never a TypeError)."""
+    p = f.patient()
+    report = {
+        "resourceType": "DiagnosticReport",
+        "id": "bad-code",
+        "status": "final",
+        "subject": f.ref(p),
+        "code": {"coding": [{"system": system, "code": "89283-6"}]},
+    }
+    bundle = f.bundle(p, f.iim_condition(p))  # valid; the bad report is added unvalidated
+    bundle["entry"].append({"resource": report})
+    with pytest.raises(NotFhirError, match=r"code\.coding\.0\.system"):
+        engine.assess(bundle, now=date(2024, 4, 15))
