@@ -3,10 +3,12 @@
 Evaluation is pure: it reads `PatientRow`s assessed on the period's last day and counts.
 For a completion measure, a patient is in the initial population when in scope with a tier
 the measure names; in the denominator when one of its rounds closed inside the period
-(due window ended on or after the period start, before the evaluation date); in the
-numerator when every firm item of those rounds (of the measure's panels) was done by the end
-of its window. A superseded round counts as not done. For the overdue measure, the
-denominator is the initial population and the numerator the patients with any item overdue.
+(due window ended between the period start and end, both included, and before the
+evaluation date; a period ending before the evaluation date reads the same rows' windows and
+done dates); in the numerator when every firm item of those rounds (of the measure's panels)
+was done by the end of its window. A superseded round counts as not done. For the overdue
+measure, the denominator is the initial population and the numerator the patients with any
+item overdue.
 Stratifiers: tier, `Patient.managingOrganization`, `Patient.generalPractitioner`.
 """
 
@@ -137,13 +139,19 @@ class Membership:
     numerator: bool
 
 
-def _closed_in(item: ItemRow, start: date, now: date) -> bool:
-    return start <= item.due_end_date < now
+def _closed_in(item: ItemRow, start: date, end: date, now: date) -> bool:
+    return start <= item.due_end_date <= end and item.due_end_date < now
 
 
 def membership(
-    row: PatientRow, measure: MeasureConfig, tests: set[str] | None, start: date
+    row: PatientRow,
+    measure: MeasureConfig,
+    tests: set[str] | None,
+    start: date,
+    end: date | None = None,
 ) -> Membership:
+    """`end` (default: the evaluation date) may precede the evaluation date: a completion
+    measure over a past period then reads the windows and done dates the rows already carry."""
     now = date.fromisoformat(row.now)
     initial = row.in_scope and row.tier in measure.tiers and bool(row.items)
     if not initial:
@@ -156,7 +164,7 @@ def membership(
         if i.round_id in measure.rounds
         and not i.conditional
         and (tests is None or i.test_id in tests)
-        and _closed_in(i, start, now)
+        and _closed_in(i, start, end or now, now)
     ]
     if not counted:
         return Membership(True, False, False)
@@ -212,7 +220,7 @@ def measure_report(
     """The MeasureReport (summary or subject-list) of one measure over the patients' rows."""
     start, end = period
     tests = _panel_tests(knowledge, measure)
-    members = [(row, membership(row, measure, tests, start)) for row in rows]
+    members = [(row, membership(row, measure, tests, start, end)) for row in rows]
     contained: list[Json] = []
     populations: list[Json] = []
     for code in POPULATIONS:

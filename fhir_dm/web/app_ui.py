@@ -9,11 +9,14 @@ the service's own `$dm-cancer-screening` operation, with the clinician's token.
 
 The clinic page reads `POST /app/api/clinic`: the population module's finder, per-patient
 rows, worklist and §11 measures over the IIM patients of the service's FHIR server, at most
-`CLINIC_MAX_PATIENTS` per call (the answer says when it was cut).
+`CLINIC_MAX_PATIENTS` per call (the answer says when it was cut). It also gives the completion
+measures over time: per quarter (3-month periods ending on the evaluation date), counted from the
+same rows (a past round's window and done dates are in today's assessment).
 """
 
 from __future__ import annotations
 
+import calendar
 import re
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -53,6 +56,9 @@ Json = dict[str, Any]
 CLINIC_MAX_PATIENTS = 50
 # The measures' default reporting period: the year ending on the evaluation date.
 CLINIC_PERIOD_DAYS = 365
+# The completion measures over time: this many 3-month periods, the last ending on the evaluation
+# date (a display choice: one year, as the default period, in quarters).
+CLINIC_QUARTERS = 4
 # Stop assessing when less than this is left of the request's deadline, to answer in time.
 CLINIC_RESERVE_SECONDS = 3.0
 
@@ -233,6 +239,50 @@ def _measure_summary(
     return {"id": measure.id, **_counts(group), "byTier": by_tier, "byRound": by_round}
 
 
+def _months_before(day: date, months: int) -> date:
+    """The same day `months` months earlier (the month's last day when it is shorter)."""
+    index = day.year * 12 + day.month - 1 - months
+    year, month = divmod(index, 12)
+    month += 1
+    return date(year, month, min(day.day, calendar.monthrange(year, month)[1]))
+
+
+def quarters(now: date, count: int = CLINIC_QUARTERS) -> list[tuple[date, date]]:
+    """`count` consecutive 3-month periods (both ends included), oldest first, the last ending
+    on `now`; each starts the day after the previous one ends."""
+    ends = [_months_before(now, 3 * i) for i in range(count + 1)]
+    return [(ends[i + 1] + timedelta(days=1), ends[i]) for i in reversed(range(count))]
+
+
+def over_time(
+    knowledge: Knowledge,
+    measures: Sequence[MeasureConfig],
+    rows: Sequence[PatientRow],
+    periods: Sequence[tuple[date, date]],
+    generated: datetime,
+) -> list[Json]:
+    """The completion measures per period, from the rows already assessed on the evaluation
+    date. The overdue measure is left out: it is a status on the evaluation date, and a past
+    date's status is not in the rows."""
+    out = []
+    for start, end in periods:
+        results = []
+        for m in measures:
+            if m.kind != "completion":
+                continue
+            report = measure_report(
+                knowledge, m, rows, (start, end), subject_list=False, generated=generated
+            )
+            counts = _counts(report["group"][0])
+            results.append(
+                {"id": m.id, **{k: counts[k] for k in ("numerator", "denominator", "score")}}
+            )
+        out.append(
+            {"period": {"start": start.isoformat(), "end": end.isoformat()}, "measures": results}
+        )
+    return out
+
+
 def _filter_keys(rows: Sequence[PatientRow]) -> list[tuple[str | None, str | None]]:
     """Every (organisation, practitioner) filter the page can choose; None: any."""
     keys: dict[tuple[str | None, str | None], None] = {(None, None): None}
@@ -353,6 +403,13 @@ def clinic_view(service: Service, population: PopulationConfig, now: date, start
                     _measure_summary(knowledge, m, _selected(rows, org, gp), period, generated)
                     for m in population.measures
                 ],
+                "overTime": over_time(
+                    knowledge,
+                    population.measures,
+                    _selected(rows, org, gp),
+                    quarters(now),
+                    generated,
+                ),
             }
             for org, gp in _filter_keys(rows)
         ],

@@ -303,6 +303,10 @@ def test_the_clinic_page_lists_the_overdue_patient_first_and_draws_the_measures(
     assert float(bar.get_attribute("data-score")) == 0.5
     table = browser.find_element(By.ID, "measure-table").text
     assert "Patients with any overdue screening item All patients 1 2 50%" in table
+    # Completion over time: one chart per completion measure, one column per quarter.
+    over_time = browser.find_elements(By.CSS_SELECTOR, "#over-time svg.over-time-chart")
+    assert len(over_time) == 3
+    assert len(over_time[0].find_elements(By.CSS_SELECTOR, "rect.track")) == 4
     _shot(browser, "clinic-page")
 
     # Back to a patient, from the worklist, with the keyboard.

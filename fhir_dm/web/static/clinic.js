@@ -1,7 +1,8 @@
 /* The clinic page: asks the service for the clinic's worklist and §11 measure results (one
  * JSON call, computed by the service's population module), then renders the worklist (overdue
  * first, each patient linked to the patient page) and one plain-SVG bar chart per measure
- * (all patients, per tier, per round), with a table holding the same figures. The organisation
+ * (all patients, per tier, per round), with a table holding the same figures, and per completion
+ * measure a small chart of its score per quarter (also as a table). The organisation
  * and practitioner filters pick among results the service computed for each choice. */
 "use strict";
 (function () {
@@ -140,6 +141,55 @@
     return figure;
   }
 
+  /* One vertical bar per quarter (oldest first), labelled with the period's end and the figures,
+   * so the chart reads without colour; a quarter with nobody in the denominator has no bar. */
+  function overTimeChart(measure, quarters) {
+    const figure = document.createElement("figure");
+    const caption = document.createElement("figcaption");
+    caption.id = "caption-time-" + measure.id;
+    caption.textContent = measure.title + ", by quarter";
+    figure.appendChild(caption);
+    const colW = 150, left = 10, top = 8, barH = 100, width = left + quarters.length * colW;
+    const height = top + barH + 44;
+    const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", "aria-labelledby": caption.id + " desc-time-" + measure.id, id: "over-time-" + measure.id, class: "over-time-chart" }, figure);
+    const text = (q) => q.r.score === null ? "no patient in the denominator" : `${pct(q.r.score)} (${q.r.numerator} of ${q.r.denominator})`;
+    const points = quarters.map((q) => ({ period: q.period, r: q.measures.find((m) => m.id === measure.id) }));
+    svg("desc", { id: "desc-time-" + measure.id }, root,
+      points.map((q) => `${q.period.start} to ${q.period.end}: ${text(q)}`).join("; ") + ".");
+    points.forEach((q, i) => {
+      const x = left + i * colW;
+      svg("rect", { x: x + 40, y: top, width: 50, height: barH, class: "track" }, root);
+      if (q.r.score !== null) {
+        const h = Math.max(q.r.score > 0 ? 2 : 0, q.r.score * barH);
+        const bar = svg("rect", { x: x + 40, y: top + barH - h, width: 50, height: h, class: "bar measure-all", "data-score": q.r.score }, root);
+        svg("title", {}, bar, `${q.period.start} to ${q.period.end}: ${text(q)}`);
+      }
+      svg("text", { x: x + 65, y: top + barH + 16, "text-anchor": "middle" }, root, "to " + q.period.end);
+      svg("text", { x: x + 65, y: top + barH + 34, "text-anchor": "middle" }, root,
+        q.r.score === null ? "none due" : `${pct(q.r.score)} (${q.r.numerator}/${q.r.denominator})`);
+    });
+    return figure;
+  }
+
+  function renderOverTime(entry) {
+    const box = $("over-time");
+    box.replaceChildren();
+    const tbody = $("over-time-table").querySelector("tbody");
+    tbody.replaceChildren();
+    if (!entry) return;
+    for (const m of view.measures.filter((x) => x.kind === "completion")) {
+      box.appendChild(overTimeChart(m, entry.overTime));
+      for (const q of entry.overTime) {
+        const r = q.measures.find((x) => x.id === m.id);
+        const row = document.createElement("tr");
+        cell(row, m.title); cell(row, `${q.period.start} to ${q.period.end}`);
+        cell(row, String(r.numerator)); cell(row, String(r.denominator));
+        cell(row, r.score === null ? "no patient in the denominator" : pct(r.score));
+        tbody.appendChild(row);
+      }
+    }
+  }
+
   function renderMeasures() {
     const { org, gp } = chosen();
     const entry = view.results.find((e) => e.organization === org && e.practitioner === gp);
@@ -147,6 +197,7 @@
     box.replaceChildren();
     const tbody = $("measure-table").querySelector("tbody");
     tbody.replaceChildren();
+    renderOverTime(entry);
     if (!entry) {
       box.textContent = "No patient matches this filter.";
       return;

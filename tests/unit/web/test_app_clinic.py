@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Any
 
 import pytest
@@ -150,3 +151,44 @@ def test_the_clinic_needs_a_token_when_the_service_does(client_static: FlaskClie
     with client_static.get("/app/clinic") as page:
         assert page.status_code == 200  # the page itself is public
         assert "static/clinic.js" in page.get_data(as_text=True)
+
+
+def test_the_quarters_end_on_the_evaluation_date_and_meet_without_a_gap() -> None:
+    assert app_ui.quarters(date(2024, 5, 31)) == [
+        (date(2023, 6, 1), date(2023, 8, 31)),
+        (date(2023, 9, 1), date(2023, 11, 30)),
+        (date(2023, 12, 1), date(2024, 2, 29)),  # a shorter month: its last day
+        (date(2024, 3, 1), date(2024, 5, 31)),
+    ]
+
+
+def test_a_round_counts_in_the_quarter_it_closed_in_and_not_later(
+    client: FlaskClient, fhir_server: FakeFhirServer
+) -> None:
+    _clinic(fhir_server)
+    view = _post(client)
+    everyone = view["results"][0]
+    quarters = everyone["overTime"]
+    assert [q["period"] for q in quarters] == [
+        {"start": "2023-09-16", "end": "2023-12-15"},
+        {"start": "2023-12-16", "end": "2024-03-15"},
+        {"start": "2024-03-16", "end": "2024-06-15"},
+        {"start": "2024-06-16", "end": "2024-09-15"},
+    ]
+    # Only the completion measures: a past day's overdue status is not in today's rows.
+    completion = [m["id"] for m in view["measures"] if m["kind"] == "completion"]
+    assert all([m["id"] for m in q["measures"]] == completion for q in quarters)
+
+    def workup(q: Json) -> tuple[int, int, float | None]:
+        m = next(m for m in q["measures"] if m["id"] == "dm-workup-at-diagnosis")
+        return m["denominator"], m["numerator"], m["score"]
+
+    # c-a (onset 2024-03-01): the diagnosis round's window closed 2024-06-01, undone; c-b's
+    # (onset 2024-07-10) is still open on 2024-09-15.
+    assert [workup(q) for q in quarters] == [(0, 0, None), (0, 0, None), (1, 0, 0.0), (0, 0, None)]
+    # The quarters tile the year: their denominators add up to the year's.
+    year = dict(zip([m["id"] for m in view["measures"]], everyone["measures"], strict=True))
+    assert sum(workup(q)[0] for q in quarters) == year["dm-workup-at-diagnosis"]["denominator"]
+    # Per filter too: South (c-b only) has nobody in any quarter's denominator.
+    south = next(r for r in view["results"] if r["organization"] == "Organization/south")
+    assert [workup(q)[0] for q in south["overTime"]] == [0, 0, 0, 0]
