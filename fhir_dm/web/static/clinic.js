@@ -11,36 +11,8 @@
   let smart = null;
   let view = null;
 
-  function setStatus(text, alert) {
-    const el = $("status");
-    el.textContent = text;
-    el.hidden = !text;
-    el.setAttribute("role", alert ? "alert" : "status");
-  }
-
-  function serviceUrl(path) {
-    const url = new URL(path, new URL("../", window.location.href));
-    const now = sessionStorage.getItem("fhir-dm-now");
-    if (now) url.searchParams.set("now", now);
-    return url;
-  }
-
-  function headers() {
-    const h = { Accept: "application/json" };
-    const token = smart && smart.state.tokenResponse && smart.state.tokenResponse.access_token;
-    if (token) h.Authorization = "Bearer " + token;
-    return h;
-  }
-
-  async function problem(response) {
-    try {
-      const body = await response.json();
-      const issue = (body.issue || [])[0] || {};
-      return issue.diagnostics || response.statusText;
-    } catch (e) {
-      return response.statusText || String(response.status);
-    }
-  }
+  const { setStatus, serviceUrl, problem } = window.FhirDm;
+  const headers = () => window.FhirDm.headers(smart);
 
   function cell(row, text, className) {
     const td = document.createElement("td");
