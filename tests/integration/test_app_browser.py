@@ -29,6 +29,10 @@ from tests import factories as f
 from tools.hapi_server import free_port
 
 webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.common.exceptions import (  # noqa: E402
+    NoSuchElementException,
+    StaleElementReferenceException,
+)
 from selenium.webdriver.chrome.service import Service as ChromeService  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
@@ -40,6 +44,8 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 START_TIMEOUT_S = 60.0
+# The launch page redirects to the app page: an element read during that navigation is gone.
+NAVIGATING = (StaleElementReferenceException, NoSuchElementException)
 WAIT_S = 30.0
 # The target for the patient page's first render on the local HAPI.
 RENDER_BUDGET_MS = 1000
@@ -135,7 +141,7 @@ def _open(browser: Any, service_url: str, fhir_base_url: str, pid: str) -> float
     browser.get(
         f"{service_url}/app/launch?fhirServiceUrl={fhir_base_url}&patientId={pid}&now={NOW}"
     )
-    WebDriverWait(browser, WAIT_S).until(
+    WebDriverWait(browser, WAIT_S, ignored_exceptions=NAVIGATING).until(
         lambda d: (
             d.execute_script("return document.body.dataset.loaded") == "true"
             or "could not" in d.find_element(By.ID, "status").text
@@ -202,7 +208,7 @@ def test_the_patient_page_shows_tier_counts_and_chart_and_writes_one_plan(
     button = browser.find_element(By.ID, "write")
     assert button.is_displayed() and _plans(hapi, pid) == []
     button.send_keys("\n")
-    WebDriverWait(browser, WAIT_S).until(
+    WebDriverWait(browser, WAIT_S, ignored_exceptions=NAVIGATING).until(
         lambda d: d.find_element(By.ID, "write-result").text.startswith(("Written", "Not"))
     )
     _shot(browser, "patient-page-after-write")
@@ -272,10 +278,14 @@ def test_the_clinic_page_lists_the_overdue_patient_first_and_draws_the_measures(
     org, overdue, soon, elsewhere = _clinic_patients(hapi)
     _open(browser, service_url, fhir_base_url, overdue)
     browser.find_element(By.ID, "to-clinic").click()  # from the patient page to the clinic
-    WebDriverWait(browser, WAIT_S * 2).until(
+    # Wait for the clinic page itself: the patient page's body is "loaded" until it is gone.
+    WebDriverWait(browser, WAIT_S * 2, ignored_exceptions=NAVIGATING).until(
         lambda d: (
-            d.execute_script("return document.body.dataset.loaded") == "true"
-            or "could not" in d.find_element(By.ID, "status").text
+            d.find_elements(By.ID, "worklist")
+            and (
+                d.execute_script("return document.body.dataset.loaded") == "true"
+                or "could not" in d.find_element(By.ID, "status").text
+            )
         )
     )
     status = browser.find_element(By.ID, "status").text
@@ -312,7 +322,7 @@ def test_the_clinic_page_lists_the_overdue_patient_first_and_draws_the_measures(
     # Back to a patient, from the worklist, with the keyboard.
     link = rows[0].find_element(By.CSS_SELECTOR, "a.patient")
     link.send_keys("\n")
-    WebDriverWait(browser, WAIT_S).until(
+    WebDriverWait(browser, WAIT_S, ignored_exceptions=NAVIGATING).until(
         lambda d: (
             d.execute_script("return document.body.dataset.loaded") == "true"
             and overdue in d.find_element(By.ID, "patient").text
