@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import date
@@ -134,6 +135,9 @@ def test_two_workers_on_redis_share_one_run(fake: FakeFhirServer, tmp_path: Path
         def counting(patient_id: str, **kw: object) -> object:
             with guard:
                 seen.setdefault(patient_id, set()).add(threading.get_ident())
+            # A patient takes a moment, as on a real server, so the second consumer (polling
+            # with backoff) gets work too, whatever the scheduling.
+            time.sleep(0.25)
             return assess(patient_id, **kw)  # type: ignore[arg-type]
 
         object.__setattr__(runtime.writeback, "assess_patient", counting)
