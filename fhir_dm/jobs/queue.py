@@ -32,7 +32,6 @@ from huey import Huey, RedisHuey, SqliteHuey, crontab
 from huey.consumer import Consumer
 from huey.exceptions import CancelExecution, RetryTask
 
-from fhir_dm import __version__
 from fhir_dm.core.identifiers import Identity
 from fhir_dm.errors import (
     FhirDmError,
@@ -43,12 +42,10 @@ from fhir_dm.errors import (
     UpstreamUnavailableError,
 )
 from fhir_dm.fhir.client import FhirClient, client_from_config
-from fhir_dm.fhir.terminology import engine_for
 from fhir_dm.jobs.settings import JobsSettings
-from fhir_dm.knowledge.load import load_knowledge
 from fhir_dm.knowledge.models import Knowledge
 from fhir_dm.locks import PatientLocks
-from fhir_dm.web.settings import Settings
+from fhir_dm.web.settings import Settings, load_engine
 from fhir_dm.writeback import WriteBack
 
 _log = logging.getLogger(__name__)
@@ -110,13 +107,7 @@ class Runtime:
 
 def build_runtime(settings: Settings) -> Runtime:
     """The worker's long-lived objects, built like the web service's from the same settings."""
-    knowledge = load_knowledge(settings.config_dir)
-    engine = engine_for(
-        knowledge,
-        settings.terminology,
-        software_version=__version__,
-        validate_output=settings.validate_output,
-    )
+    knowledge, engine = load_engine(settings)
     fhir = client_from_config(settings.fhir)
     writeback = WriteBack(fhir, engine, PatientLocks(settings.lock_dir))
     series = Identity(knowledge.ruleset.canonical_base, "", "").series_system

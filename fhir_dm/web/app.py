@@ -8,12 +8,9 @@ from pathlib import Path
 import requests
 from flask import Flask
 
-from fhir_dm import __version__
 from fhir_dm.cds.state import StateSettings, open_replay
 from fhir_dm.fhir.client import client_from_config
-from fhir_dm.fhir.terminology import engine_for
 from fhir_dm.jobs.queue import Jobs, build_runtime, open_huey
-from fhir_dm.knowledge.load import load_knowledge
 from fhir_dm.locks import PatientLocks
 from fhir_dm.web import (
     app_ui,
@@ -26,7 +23,7 @@ from fhir_dm.web import (
     population_ops,
     system,
 )
-from fhir_dm.web.settings import EXTENSION_KEY, Service, Settings, load_settings
+from fhir_dm.web.settings import EXTENSION_KEY, Service, Settings, load_engine, load_settings
 from fhir_dm.web.trust import InboundAuth, ReplayGuard
 from fhir_dm.writeback import WriteBack
 
@@ -41,13 +38,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     """
     settings = settings if settings is not None else load_settings()
     logs.configure_logging(settings.log_level)
-    knowledge = load_knowledge(settings.config_dir)
-    engine = engine_for(
-        knowledge,
-        settings.terminology,
-        software_version=__version__,
-        validate_output=settings.validate_output,
-    )
+    knowledge, engine = load_engine(settings)
     fhir = client_from_config(settings.fhir)
     locks = PatientLocks(settings.lock_dir)
     service = Service(

@@ -18,12 +18,14 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from fhir_dm import __version__
 from fhir_dm.core.assess import Engine
 from fhir_dm.errors import KnowledgeError
 from fhir_dm.fhir.client import FhirClient
 from fhir_dm.fhir.config import FhirServerConfig, check_http_url
-from fhir_dm.fhir.terminology import TerminologyServerConfig
+from fhir_dm.fhir.terminology import TerminologyServerConfig, engine_for
 from fhir_dm.jobs.settings import JobsSettings
+from fhir_dm.knowledge.load import load_knowledge
 from fhir_dm.knowledge.models import Knowledge
 from fhir_dm.locks import PatientLocks
 from fhir_dm.web.cds_hooks import CdsSettings
@@ -201,3 +203,15 @@ def current_service() -> Service:
     if not isinstance(service, Service):
         raise TypeError("app.extensions['fhir_dm'] is not a Service")
     return service
+
+
+def load_engine(settings: Settings) -> tuple[Knowledge, Engine]:
+    """The knowledge base and the engine the service and its workers build from one settings."""
+    knowledge = load_knowledge(settings.config_dir)
+    engine = engine_for(
+        knowledge,
+        settings.terminology,
+        software_version=__version__,
+        validate_output=settings.validate_output,
+    )
+    return knowledge, engine
