@@ -7,6 +7,7 @@ statuses, unparseable dates) is listed in `findings`, in words that carry no pat
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -213,8 +214,8 @@ class _Reader:
         self._lab_items: list[LabItem] | None = None
         self.cancer_names: list[str] = []
         self.active_cancer_names: list[str] = []
-        self.possible_malignancy = _word_start_pattern(
-            knowledge.terminology.possible_malignancy_words
+        self.possible_malignancy = _word_pattern(
+            knowledge.terminology.possible_malignancy_words, starts=True
         )
 
     def note(self, message: str, ref: str | None = None) -> None:
@@ -905,11 +906,6 @@ def _medication_end(med: Mapping[str, Any]) -> DateSpan | None:
     )
 
 
-def _word_start_pattern(words: Sequence[str]) -> re.Pattern[str]:
-    alternatives = "|".join(re.escape(w) for w in words) or r"(?!x)x"
-    return re.compile(rf"(?<!\w)(?:{alternatives})", re.IGNORECASE)
-
-
 def _group_line(message: str, refs: list[str]) -> str:
     if not refs:
         return message
@@ -919,9 +915,12 @@ def _group_line(message: str, refs: list[str]) -> str:
     return f"{count}{message}: {shown}" + (f" and {more} more" if more > 0 else "")
 
 
-def _word_pattern(words: Sequence[str]) -> re.Pattern[str]:
+@functools.lru_cache(maxsize=32)
+def _word_pattern(words: tuple[str, ...], *, starts: bool = False) -> re.Pattern[str]:
+    """Whole words (or, with `starts`, word starts), compiled once per configured word list."""
     alternatives = "|".join(re.escape(w) for w in words) or r"(?!x)x"
-    return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
+    end = "" if starts else r"(?!\w)"
+    return re.compile(rf"(?<!\w)(?:{alternatives}){end}", re.IGNORECASE)
 
 
 def _refractory(
