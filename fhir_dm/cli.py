@@ -231,7 +231,7 @@ def render_summary(result: PatientResult) -> str:
             )
     else:
         lines.append("  Proposed: nothing.")
-    lines += [f"  Not done, superseded: {s}" for s in e.superseded]
+    lines += [f"  Not done, missed: {s}" for s in e.missed]
     if e.unknown_facts:
         lines.append("  Not recorded (unknown, not negative): " + ", ".join(e.unknown_facts))
     lines += [f"  Input not used: {f}" for f in e.findings]

@@ -81,7 +81,7 @@ def _bullets(title: str, items: Sequence[str]) -> list[str]:
 def _round_rows(schedule: Sequence[ScheduleRow]) -> list[str]:
     """One table row per round and due window: definite tests, then "consider" items."""
     groups: dict[tuple[str, str, str, str], list[ScheduleRow]] = {}
-    # Overdue first, then due, upcoming and done (clinical-logic §10); one row per status.
+    # Overdue first, then due, upcoming, done and missed (clinical-logic §13); one row per status.
     for row in sorted(schedule, key=lambda r: STATUS_ORDER.get(r.status, 9)):
         key = (row.status, row.round_label, row.due_start, row.due_end)
         groups.setdefault(key, []).append(row)
@@ -126,7 +126,7 @@ def render_detail(
             "",
             *_round_rows(e.schedule),
         ]
-    lines += _bullets("Owed but superseded by the next round", e.superseded)
+    lines += _bullets("Missed (no longer owed)", e.missed)
     if e.unknown_facts:
         lines += [
             "",
@@ -172,7 +172,9 @@ def render_concise_detail(
         lines += ["", "*Preliminary*: the tier may rise once the missing results are known."]
     why = "; ".join(f"{label} (evidence {evidence})" for label, evidence in factors)
     lines += ["", "**Why**: " + md(why or "no risk factor was recorded") + "."]
-    pending = [r for r in e.attention_first() if r.status != "done"][:max_next]
+    pending = [r for r in e.attention_first() if r.status in ("overdue", "due", "upcoming")][
+        :max_next
+    ]
     if pending:
         lines += ["", "**Next**:"]
         lines += [f"- {md(r.test)}: {r.status} ({r.due_start} to {r.due_end})" for r in pending]

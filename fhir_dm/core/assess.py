@@ -132,21 +132,20 @@ class Engine:
         identity = identity_for(plan, k.ruleset)
         ctx = BuildContext(k, plan, identity, moment, self.validate_output)
 
-        risk_url = identity.full_url("risk")
+        risk_url = identity.full_url(identity.digest_value("risk"))
         risk = build_risk_assessment(ctx, explanation)
         entries = [conditional_create(risk_url, risk)]
         care_plan = None
         requests: list[Json] = []
         targets = [risk_url]
         if plan.items:
-            plan_url = identity.full_url("plan")
-            # A done item is not ordered again (clinical-logic §10).
-            orderable = [
-                i
-                for i in plan.items
-                if k.ruleset.tests[i.test_id].kind == "order" and i.done is None
-            ]
-            request_urls = {i.key: identity.full_url(i.round_id, i.test_id) for i in orderable}
+            plan_url = identity.full_url(identity.value("plan"))
+            # Orders only for what is due now; done items are not ordered again (§10, §13).
+            orderable = [i for i in plan.items if plan.orders_now(i)]
+            request_urls = {
+                i.key: identity.full_url(identity.item_value(i.round_id, i.test_id, i.due_start))
+                for i in orderable
+            }
             care_plan = build_care_plan(ctx, explanation, risk_url, request_urls)
             entries.append(conditional_create(plan_url, care_plan))
             targets.append(plan_url)

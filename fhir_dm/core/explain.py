@@ -31,7 +31,7 @@ class ScheduleRow:
     overdue: bool
     rules: str
     not_imacs: bool
-    # done / overdue / due / upcoming on the evaluation date (clinical-logic §10).
+    # upcoming / due / overdue / done / done-late / missed on the evaluation date (§13).
     status: str = "upcoming"
     # For a done item: the record that shows it, e.g. "DiagnosticReport/7 (2026-05-02)".
     evidence: str = ""
@@ -53,11 +53,11 @@ class Explanation:
     guideline: str
     onset: str
     dates: tuple[str, ...] = ()
-    # Owed rounds the next round superseded, one line each (never dropped silently).
-    superseded: tuple[str, ...] = ()
+    # Items that lapsed undone, one line each (kept in the history, never dropped silently).
+    missed: tuple[str, ...] = ()
 
     def attention_first(self) -> tuple[ScheduleRow, ...]:
-        """The schedule with overdue items first, then due, upcoming, done (stable)."""
+        """The schedule with overdue items first, then due, upcoming, done, missed (stable)."""
         return tuple(sorted(self.schedule, key=lambda r: STATUS_ORDER.get(r.status, 9)))
 
 
@@ -79,17 +79,20 @@ def _row(plan: Plan, item: PlanItem, knowledge: Knowledge) -> ScheduleRow:
 
 
 def evidence_text(item: PlanItem) -> str:
-    """How outputs name the record that shows an item done."""
+    """How outputs name the record that shows an item done (and what it covered)."""
     if item.done is None:
         return ""
-    return f"{item.done.reference} ({item.done.when.isoformat()})"
+    note = getattr(item.done, "note", "")
+    shown = f"{item.done.reference} ({item.done.when.isoformat()})"
+    return f"{shown}: {note}" if note else shown
 
 
-def _superseded_line(item: PlanItem, knowledge: Knowledge) -> str:
+def _missed_line(item: PlanItem, knowledge: Knowledge) -> str:
     test = knowledge.ruleset.tests[item.test_id].display
+    kind = "consider item " if item.conditional else ""
     return (
-        f"{item.round_label}: {test} (due {item.due_start.isoformat()} to "
-        f"{item.due_end.isoformat()}) was not done; superseded by the next round"
+        f"{item.round_label}: {kind}{test} (due {item.due_start.isoformat()} to "
+        f"{item.due_end.isoformat()}) was not done; missed: {item.lapse_note}"
     )
 
 
@@ -150,5 +153,5 @@ def explain(plan: Plan, knowledge: Knowledge) -> Explanation:
         guideline=f"{rs.title} (doi:{rs.guideline.doi})",
         onset=onset,
         dates=a.dates_used,
-        superseded=tuple(_superseded_line(i, knowledge) for i in plan.superseded),
+        missed=tuple(_missed_line(i, knowledge) for i in plan.missed()),
     )

@@ -2,10 +2,13 @@
 
 An assessment is identified by its *series* (rule-set family + the patient it is written for:
 stable while the plan is revised) and its *digest* (a hash of everything the plan says).
-Re-running unchanged input reproduces every identifier; a changed plan gets a new digest in the
-same series. Nothing the assessment computes (window, onset, diagnosis date) and nothing the
-Patient may change (its identifiers) is part of the series, so a corrected date or a new MRN
-revises the plan instead of starting a second one.
+Re-running unchanged input reproduces every identifier. The CarePlan is one per series, revised
+in place (clinical-logic §13): its identifier is the series'; each order is one test of one
+round with its due start (`series.round.test.YYYYMMDD`), so an order still proposed keeps its
+identifier whatever else changes. Only the RiskAssessment (an assessment is an event) and the
+plan's version marker carry the digest. Nothing the assessment computes (window, onset,
+diagnosis date) and nothing the Patient may change (its identifiers) is part of the series, so
+a corrected date or a new MRN revises the plan instead of starting a second one.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import re
 import uuid
 from dataclasses import dataclass
+from datetime import date
 
 from fhir_dm.core.plan import Plan
 from fhir_dm.knowledge.models import RuleSet
@@ -51,17 +55,40 @@ class Identity:
     def requisition_system(self) -> str:
         return f"{self.base}/sid/requisition"
 
+    @property
+    def digest_system(self) -> str:
+        """The plan's version marker: which assessment its content came from."""
+        return f"{self.base}/sid/plan-digest"
+
     def value(self, *parts: str) -> str:
+        """A series-scoped value, stable across revisions (the plan, its orders)."""
+        return ".".join((self.series, *parts))
+
+    def digest_value(self, *parts: str) -> str:
+        """A value that changes whenever the plan says something else (the RiskAssessment)."""
         return ".".join((self.series, self.digest, *parts))
 
-    def full_url(self, *parts: str) -> str:
+    def item_value(self, round_id: str, test_id: str, due_start: date) -> str:
+        """One test of one round: `series.round.test.YYYYMMDD` (round and test hold no dot)."""
+        return self.value(round_id, test_id, due_start.strftime("%Y%m%d"))
+
+    def full_url(self, value: str) -> str:
         """A stable urn:uuid for a generated resource inside the transaction."""
-        name = f"{self.item_system}|{self.value(*parts)}"
+        name = f"{self.item_system}|{value}"
         return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, name)}"
 
     def provenance_id(self) -> str:
         """A client-assigned id (Provenance has no identifier search parameter in R4)."""
-        return "fhir-dm-" + hashlib.sha256(self.value("provenance").encode()).hexdigest()[:32]
+        raw = self.digest_value("provenance").encode()
+        return "fhir-dm-" + hashlib.sha256(raw).hexdigest()[:32]
+
+
+def parse_item_value(value: str) -> tuple[str, str, str] | None:
+    """(round, test, YYYYMMDD) of an order's identifier value, or None (another format)."""
+    parts = value.rsplit(".", 3)
+    if len(parts) != 4 or not (len(parts[3]) == 8 and parts[3].isdigit()):
+        return None
+    return parts[1], parts[2], parts[3]
 
 
 def plan_digest(plan: Plan) -> str:

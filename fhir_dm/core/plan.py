@@ -1,17 +1,23 @@
 """Turn an assessment into a dated plan: rounds of tests, add-ons, surveillance, "consider" items.
 
 Rounds are dated from the diagnosis date; red-flag and flare rounds from their event, at any
-time (also after the window has closed). The plan depends on the facts and those dates, not
-on the day it is computed, except that a later round whose due window has closed undone is
-superseded by the next one (listed in `Plan.superseded`, and said in every output; rounds at
-diagnosis never are: an undone work-up at diagnosis stays, shown as overdue), and the window
-closes once it is over and nothing from it is left owed. Re-running on another day therefore
-gives the same items, which is what makes write-back idempotent.
+time (also after the window has closed). The items depend on the facts and those dates, not on
+the day the plan is computed, which is what makes write-back idempotent; the day only decides
+each item's status (clinical-logic §13): upcoming, due, overdue, done, done late, or missed.
+
+Every firm item lapses some day (`PlanItem.lapses_on`, from the round's `lapses` rule): a yearly
+round when the next one opens, the last round at the window's end date + a grace, the work-up
+at diagnosis at the window's end date (then one notice asks to confirm it was done). A lapsed
+item is "missed": kept in the plan's history, never dropped, never ordered. "Consider" items are
+never overdue and lapse with their round. The window is closed once its end date has passed and
+no firm item is owed; done and missed items stay in the plan.
 
 What has been done (clinical-logic §10) is matched to the items here: a record of the test dated
 inside the item's due window, or at most the test's lookback before it opens, marks it done
-(`PlanItem.done`); each record counts for one item only. A done item stays in the plan (shown
-as done with its evidence) but is not ordered again. An overdue item done late is done too.
+(`PlanItem.done`); one dated after the window but before the item lapses marks it done late.
+Each record counts for one item only. A done item stays in the plan but is not ordered again.
+Only items whose round is open now (or opens within the order lead time) are ordered
+(`Plan.orders_now`); later rounds and "consider" items are plan activities.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Literal
 
 from fhir_dm.core.dates import add_months
 from fhir_dm.core.facts import UNKNOWN, Evidence
-from fhir_dm.core.rules import EVENT_ROUND_SCOPES, Assessment, Evaluator, FiredRule
+from fhir_dm.core.rules import EVENT_ROUND_SCOPES, Assessment, Evaluator, FiredRule, Notice
 from fhir_dm.knowledge.models import Knowledge, Round
 
 
@@ -43,10 +49,28 @@ class PlanItem:
     # Done this long before the window opens still counts (clinical-logic §10, per test).
     lookback_months: int = 3
     done: Evidence | None = None
+    # The day an undone firm item stops being owed ("missed" from then), and why (§13).
+    lapses_on: date | None = None
+    lapse_note: str = ""
+    # A test the plan can order (a ServiceRequest), not a plan activity such as an examination.
+    orderable: bool = True
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.round_id, self.test_id)
+
+
+ItemStatus = Literal["upcoming", "due", "overdue", "done", "done-late", "missed"]
+# Order in which outputs list items: what needs attention first, the history last.
+STATUS_ORDER: dict[str, int] = {
+    "overdue": 0,
+    "due": 1,
+    "upcoming": 2,
+    "done-late": 3,
+    "done": 4,
+    "missed": 5,
+}
+OWED_STATUSES = frozenset({"upcoming", "due", "overdue"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +81,8 @@ class Plan:
     anchor: date | None
     anchor_source: str
     items: tuple[PlanItem, ...] = field(default=())
-    # Later rounds whose due window passed undone: owed, but superseded by the next round.
-    superseded: tuple[PlanItem, ...] = field(default=())
+    # Orders for a round are written this many months before it opens (§13).
+    order_lead_months: int = 1
 
     def rounds(self) -> list[tuple[str, str, date, date]]:
         """(id, label, due_start, due_end) of every round that has items, in date order."""
@@ -69,22 +93,47 @@ class Plan:
             )
         return sorted(seen.values(), key=lambda r: (r[2], r[0]))
 
-    def overdue(self, item: PlanItem) -> bool:
-        return item.done is None and item.due_end < self.assessment.now
-
     def status(self, item: PlanItem) -> ItemStatus:
-        """done / overdue / due / upcoming, relative to the evaluation date."""
+        """The item's status on the evaluation date (clinical-logic §13)."""
         if item.done is not None:
-            return "done"
+            return "done-late" if item.done.when > item.due_end else "done"
         now = self.assessment.now
-        if item.due_end < now:
-            return "overdue"
-        return "due" if item.due_start <= now else "upcoming"
+        if now < item.due_start:
+            return "upcoming"
+        if item.lapses_on is not None and now >= item.lapses_on:
+            return "missed"
+        if now <= item.due_end or item.conditional:
+            # A "consider" item is never overdue: it stays open until its round lapses.
+            return "due"
+        return "overdue"
 
+    def overdue(self, item: PlanItem) -> bool:
+        return self.status(item) == "overdue"
 
-ItemStatus = Literal["done", "overdue", "due", "upcoming"]
-# Order in which outputs list items that need attention first.
-STATUS_ORDER: dict[str, int] = {"overdue": 0, "due": 1, "upcoming": 2, "done": 3}
+    def owed(self, item: PlanItem) -> bool:
+        """A firm item still owed: upcoming, due or overdue (never a "consider" item)."""
+        return not item.conditional and self.status(item) in OWED_STATUSES
+
+    def orders_now(self, item: PlanItem) -> bool:
+        """Whether the item is a ServiceRequest now: a firm, orderable, undone item of a round
+        that is open, or opens within the lead time (later rounds are plan activities)."""
+        if not item.orderable or item.conditional or item.done is not None:
+            return False
+        status = self.status(item)
+        if status in ("due", "overdue"):
+            return True
+        return status == "upcoming" and self.assessment.now >= add_months(
+            item.due_start, -self.order_lead_months
+        )
+
+    def missed(self) -> tuple[PlanItem, ...]:
+        """Items that lapsed undone (firm and "consider"), in plan order."""
+        return tuple(i for i in self.items if self.status(i) == "missed")
+
+    @property
+    def open(self) -> bool:
+        """Whether anything is still owed or open to consider (else the plan has run its course)."""
+        return any(self.status(i) in OWED_STATUSES for i in self.items)
 
 
 class _Builder:
@@ -96,6 +145,8 @@ class _Builder:
         self.items: dict[tuple[str, str], PlanItem] = {}
         self.rounds: dict[str, Round] = {}
         self.anchors: dict[str, date] = {}  # rounds dated from an event, not the diagnosis
+        # The rounds of each series (the tier's schedule, the lung rounds), for lapse dates.
+        self.series: dict[str, tuple[Round, ...]] = {}
 
     def window_for(self, rnd: Round) -> tuple[date, date]:
         start = add_months(self.anchors.get(rnd.id, self.anchor), rnd.offset_months)
@@ -143,18 +194,14 @@ class _Builder:
             )
             return
         firm = not existing.conditional or not conditional
-        self.items[key] = PlanItem(
-            test_id,
-            rnd.id,
-            rnd.label,
-            start,
-            end,
-            not firm,
-            "" if firm else existing.condition_text,
-            existing.rules
+        # Merged into the existing item: what was matched to it (done, lapse) stays.
+        self.items[key] = replace(
+            existing,
+            conditional=not firm,
+            condition_text="" if firm else existing.condition_text,
+            rules=existing.rules
             + tuple(r for r in (rule,) if r.id not in {x.id for x in existing.rules}),
-            existing.labelled_not_imacs and not_imacs,
-            existing.lookback_months,
+            labelled_not_imacs=existing.labelled_not_imacs and not_imacs,
         )
 
     def add_panels(
@@ -228,18 +275,20 @@ def _match_done(
 def _match_late(
     items: list[PlanItem], evidence: tuple[Evidence, ...], used: set[tuple[str, str]], now: date
 ) -> list[PlanItem]:
-    """An overdue item is done by a record dated after its window, unless a later item of the
-    same test could claim that record (then it belongs to the later round)."""
+    """An undone item is done late by a record dated after its window and before it lapses,
+    unless a later item of the same test could claim that record (it belongs to that round)."""
     out = {item.key: item for item in items}
     for item in sorted(items, key=lambda i: (i.due_end, i.due_start, i.round_id)):
         if item.done is not None or item.due_end >= now:
             continue
-        later = [
+        limits = [
             add_months(other.due_start, -other.lookback_months)
             for other in items
             if other.test_id == item.test_id and other.due_start > item.due_end
         ]
-        until = min(later) if later else None
+        if item.lapses_on is not None:
+            limits.append(item.lapses_on)
+        until = min(limits) if limits else None
         for e in evidence:
             if e.test_id != item.test_id or (e.test_id, e.reference) in used:
                 continue
@@ -250,12 +299,44 @@ def _match_late(
     return [out[item.key] for item in items]
 
 
+def _with_lapse(items: list[PlanItem], b: _Builder, window_end: date) -> list[PlanItem]:
+    """Date when each item stops being owed, by its round's `lapses` rule (§13)."""
+    grace = b.rs.plan_life.overdue_grace_months
+    out = []
+    for item in items:
+        rnd = b.rounds[item.round_id]
+        rule = rnd.lapses or "next-round"
+        lapses_on: date | None = None
+        note = ""
+        if rule == "next-round":
+            series = next((s for s in b.series.values() if rnd in s), ())
+            later = sorted(
+                (r for r in series if r.offset_months > rnd.offset_months),
+                key=lambda r: r.offset_months,
+            )
+            if later:
+                lapses_on = b.window_for(later[0])[0]
+                note = f"superseded by the {later[0].label} round"
+            else:
+                rule = "due-end-grace"
+        if rule == "window-end":
+            lapses_on, note = window_end, "window closed"
+        elif rule == "window-end-grace":
+            lapses_on, note = add_months(window_end, grace), "window closed"
+        elif rule == "due-end-grace":
+            lapses_on, note = add_months(item.due_end, grace), "its round has passed"
+        orderable = b.rs.tests[item.test_id].kind == "order"
+        out.append(replace(item, lapses_on=lapses_on, lapse_note=note, orderable=orderable))
+    return out
+
+
 def _guideline_items(b: _Builder, a: Assessment, knowledge: Knowledge) -> None:
     """The tier's rounds, the add-ons, antibody testing and lung surveillance."""
     rs = knowledge.ruleset
     facts = a.facts
     assert a.tier is not None
     tier_rule = _tier_rule(a, knowledge)
+    b.series["schedule"] = rs.schedule_rounds(a.tier)
     for rnd in rs.schedule_rounds(a.tier):
         b.register_round(rnd)
         b.add_panels(rnd.panels, rnd, tier_rule)
@@ -322,6 +403,7 @@ def _guideline_items(b: _Builder, a: Assessment, knowledge: Knowledge) -> None:
             result.facts,
             result.sources,
         )
+        b.series["lung"] = lung.rounds
         for rnd in lung.rounds:
             for test_id in rnd.tests:
                 b.add(test_id, rnd, rule, not_imacs=True)
@@ -433,6 +515,7 @@ def build_plan(assessment: Assessment, knowledge: Knowledge) -> Plan:
     rs = knowledge.ruleset
     facts = a.facts
     anchor = a.window[0]
+    window_end = a.window[1]
     anchor_source = (
         facts.iim.diagnosis_source
         if facts.iim and facts.iim.diagnosed
@@ -442,26 +525,18 @@ def build_plan(assessment: Assessment, knowledge: Knowledge) -> Plan:
     if a.scope == "in-scope" and a.tier is not None:
         _guideline_items(b, a, knowledge)
 
-    past_window = a.now > a.window[1]
     used: set[tuple[str, str]] = set()
     evidence = facts.screening_evidence
-    guideline = []
-    superseded = []
-    for item in _match_done(list(b.items.values()), evidence, used):
-        rnd = b.rounds[item.round_id]
-        if item.due_start > a.window[1]:
-            continue
-        if item.done is None and item.due_end < a.now and rnd.offset_months > 0:
-            # The next round supersedes it (work-ups at diagnosis stay, overdue); said in
-            # every output, never dropped silently.
-            superseded.append(item)
-            continue
-        guideline.append(item)
+    guideline = [
+        item
+        for item in _with_lapse(list(b.items.values()), b, window_end)
+        if item.due_start <= window_end
+    ]
+    guideline = _match_done(guideline, evidence, used)
     guideline = _match_late(guideline, evidence, used, a.now)
-    if past_window:
-        # The window is over: what was done is no longer owed.
-        guideline = [item for item in guideline if item.done is None]
-    closed = a.scope == "in-scope" and past_window and not guideline
+    draft = Plan(a, anchor, anchor_source, tuple(guideline))
+    # The window closes once its end date has passed and no firm item is owed (§13).
+    closed = a.scope == "in-scope" and a.now > window_end and not any(map(draft.owed, guideline))
     if closed:
         a = replace(
             a,
@@ -475,11 +550,29 @@ def build_plan(assessment: Assessment, knowledge: Knowledge) -> Plan:
     _red_flag_items(b, a, knowledge, closed)
     _flare_items(b, a, knowledge)
 
+    fresh = [item for item in b.items.values() if item.lapses_on is None]
+    lapsed = _with_lapse(fresh, b, window_end)
+    b.items.update((item.key, item) for item in lapsed)
     items = _match_done(list(b.items.values()), evidence, used)
+    items = _match_late(items, evidence, used, a.now)
     keep = _oncology_items(items, a, knowledge)
     order = list(rs.tests)
     keep.sort(key=lambda i: (i.due_start, i.round_id, order.index(i.test_id)))
-    superseded.sort(key=lambda i: (i.due_start, i.round_id, order.index(i.test_id)))
-    if closed:
-        superseded = []  # the window has closed: the rounds it held are no longer owed
-    return Plan(a, anchor, anchor_source, tuple(keep), tuple(superseded))
+    plan = Plan(a, anchor, anchor_source, tuple(keep), rs.plan_life.order_lead_months)
+    workup = [
+        i
+        for i in plan.missed()
+        if not i.conditional and b.rounds[i.round_id].lapses == "window-end"
+    ]
+    if workup:
+        # The work-up at diagnosis lapses into one notice, never orders years later (§13).
+        life = rs.plan_life
+        tests = ", ".join(rs.tests[i.test_id].display for i in workup)
+        notice = Notice(
+            "workup-not-recorded",
+            life.workup_not_recorded.format(tests=tests),
+            life.evidence,
+            life.source,
+        )
+        plan = replace(plan, assessment=replace(a, notices=(*a.notices, notice)))
+    return plan

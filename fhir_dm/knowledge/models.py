@@ -344,6 +344,13 @@ class Panel(_Sourced):
     tests: tuple[str, ...]
 
 
+# When a round's undone firm items stop being owed (clinical-logic §13): when the next round
+# of its series opens; at the window's end date (the work-up at diagnosis); at the window's end
+# + the grace (the last yearly round); or at its own due end + the grace (event rounds, the last
+# lung round). Unset: the next round of the series, else its due end + the grace.
+Lapse = Literal["next-round", "window-end", "window-end-grace", "due-end-grace"]
+
+
 class Round(_Frozen):
     id: str
     label: str
@@ -351,6 +358,18 @@ class Round(_Frozen):
     due_within_months: int = Field(ge=1)
     panels: tuple[str, ...] = ()
     tests: tuple[str, ...] = ()
+    lapses: Lapse | None = None
+
+
+class PlanLife(_Sourced):
+    """How a plan lives over its window (clinical-logic §13): lapse grace, order lead time."""
+
+    # The last round's items stay overdue this long after the window's end date.
+    overdue_grace_months: int = Field(ge=0, le=24)
+    # Orders for a round are written this long before it opens (future rounds are activities).
+    order_lead_months: int = Field(ge=0, le=3)
+    # The one notice that replaces the work-up items at diagnosis once they lapse; `{tests}`.
+    workup_not_recorded: str
 
 
 class Schedule(_Sourced):
@@ -465,6 +484,7 @@ class RuleSet(_Frozen):
     antibody_testing: AntibodyTesting
     # A test done at most this many months before a round opens counts for it (§10).
     done_lookback_months: Valued
+    plan_life: PlanLife
 
     def lookback_months(self, test_id: str) -> int:
         """How long before a round opens a test of this kind still counts as done for it."""

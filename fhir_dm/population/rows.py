@@ -88,7 +88,7 @@ def _item(plan: Plan, item: PlanItem, knowledge: Knowledge, *, superseded: bool)
         test=knowledge.ruleset.tests[item.test_id].display,
         due_start=item.due_start.isoformat(),
         due_end=item.due_end.isoformat(),
-        status="overdue" if superseded else plan.status(item),
+        status=plan.status(item),
         conditional=item.conditional,
         done_on=item.done.when.isoformat() if item.done is not None else None,
         superseded=superseded,
@@ -104,8 +104,7 @@ def patient_row(
     """The row of one assessed patient (superseded rounds kept: they count as not on time)."""
     plan = result.plan
     organization, practitioner = responsible(patient or {})
-    items = [_item(plan, i, knowledge, superseded=False) for i in plan.items]
-    items += [_item(plan, i, knowledge, superseded=True) for i in plan.superseded]
+    items = [_item(plan, i, knowledge, superseded=plan.status(i) == "missed") for i in plan.items]
     return PatientRow(
         patient=reference or result.patient_reference,
         in_scope=plan.assessment.in_scope,

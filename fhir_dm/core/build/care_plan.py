@@ -45,6 +45,17 @@ def done_activity(ctx: BuildContext, item: PlanItem) -> Json:
     assert item.done is not None
     activity = _detail(ctx, item, "completed")
     activity["outcomeReference"] = [reference(item.done.reference)]
+    note = getattr(item.done, "note", "")
+    if ctx.plan.status(item) == "done-late" or note:
+        said = ["done late" if ctx.plan.status(item) == "done-late" else "", note]
+        activity["detail"]["statusReason"] = {"text": "; ".join(s for s in said if s)}
+    return activity
+
+
+def missed_activity(ctx: BuildContext, item: PlanItem) -> Json:
+    """The activity of an item that lapsed undone: kept in the history, with why (§13)."""
+    activity = _detail(ctx, item, "cancelled")
+    activity["detail"]["statusReason"] = {"text": f"missed: {item.lapse_note}"}
     return activity
 
 
@@ -54,10 +65,12 @@ def build_care_plan(
     risk_url: str,
     request_urls: Mapping[tuple[str, str], str],
 ) -> Json:
-    """The CarePlan; orderable items reference their ServiceRequest, others are details.
+    """The CarePlan; items ordered now reference their ServiceRequest, others are details.
 
     A done item (clinical-logic §10) is a completed detail whose `outcomeReference` is the
-    record that shows it done; it has no ServiceRequest.
+    record that shows it done; a missed one is cancelled with the reason; later rounds and
+    "consider" items are not-started details with their scheduled period (§13). The plan is
+    completed once its window has closed and nothing in it is open.
     """
     k = ctx.knowledge
     plan = ctx.plan
@@ -69,17 +82,23 @@ def build_care_plan(
         if url is not None:
             activities.append({"reference": {"reference": url}})
             continue
-        activities.append(done_activity(ctx, item) if item.done else _detail(ctx, item))
+        if item.done is not None:
+            activities.append(done_activity(ctx, item))
+        elif plan.status(item) == "missed":
+            activities.append(missed_activity(ctx, item))
+        else:
+            activities.append(_detail(ctx, item))
     window = f"{a.window[0].isoformat()} to {a.window[1].isoformat()}"
     data: Json = {
         "resourceType": "CarePlan",
         "meta": ctx.meta("CarePlan"),
         "identifier": [
-            *ctx.identifier("plan"),
+            *ctx.identifier(ctx.identity.value("plan")),
             {"system": ctx.identity.series_system, "value": ctx.identity.series},
+            {"system": ctx.identity.digest_system, "value": ctx.identity.digest_value()},
         ],
         "instantiatesCanonical": [plan_definition_url(k)],
-        "status": "active",
+        "status": "completed" if a.scope == "window-closed" and not plan.open else "active",
         "intent": k.site.orders.care_plan_intent,
         "category": [
             {"coding": [system_coding(k, *US_CORE_ASSESS_PLAN)]},

@@ -86,8 +86,9 @@ class BuildContext:
     def subject(self) -> Json:
         return {"reference": self.plan.assessment.facts.patient_reference}
 
-    def identifier(self, *parts: str) -> list[Json]:
-        return [{"system": self.identity.item_system, "value": self.identity.value(*parts)}]
+    def identifier(self, value: str) -> list[Json]:
+        """The business identifier (an `Identity` value) in the project's item system."""
+        return [{"system": self.identity.item_system, "value": value}]
 
     def meta(self, resource_type: str) -> Json:
         return {"profile": [profile_url(self.knowledge, resource_type)]}

@@ -18,7 +18,7 @@ def _list(title: str, items: tuple[str, ...]) -> str:
 
 def render_narrative(explanation: Explanation, window: str) -> str:
     """The CarePlan.text.div: tier, reasons, schedule table (each item's status on the day of
-    the assessment), superseded rounds, unknowns, version."""
+    the assessment), missed items, unknowns, version."""
     e = explanation
     rows = []
     for r in e.schedule:
@@ -52,7 +52,7 @@ def render_narrative(explanation: Explanation, window: str) -> str:
         _list("Notices", e.notices),
         _list("Why", e.reasons),
         table,
-        _list("Owed but superseded by the next round", e.superseded),
+        _list("Missed (no longer owed)", e.missed),
         _list("Not recorded (unknown, not negative)", e.unknown_facts),
         _list("Input not used", e.findings),
         f"<p>Rule set {escape(e.ruleset)}; {escape(e.guideline)}. "

@@ -50,7 +50,7 @@ def build_risk_assessment(ctx: BuildContext, explanation: Explanation) -> Json:
     data: Json = {
         "resourceType": "RiskAssessment",
         "meta": ctx.meta("RiskAssessment"),
-        "identifier": ctx.identifier("risk"),
+        "identifier": ctx.identifier(ctx.identity.digest_value("risk")),
         "status": "preliminary" if a.preliminary else "final",
         "subject": ctx.subject,
         "occurrenceDateTime": instant(ctx.now),

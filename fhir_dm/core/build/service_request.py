@@ -47,11 +47,13 @@ def build_service_request(
     data: Json = {
         "resourceType": "ServiceRequest",
         "meta": ctx.meta("ServiceRequest"),
-        "identifier": ctx.identifier(item.round_id, item.test_id),
+        "identifier": ctx.identifier(
+            ctx.identity.item_value(item.round_id, item.test_id, item.due_start)
+        ),
         "basedOn": [{"reference": care_plan_url}],
         "requisition": {
             "system": ctx.identity.requisition_system,
-            "value": ctx.identity.value(item.round_id),
+            "value": ctx.identity.value(item.round_id, item.due_start.strftime("%Y%m%d")),
         },
         "status": orders.service_request_status,
         "intent": orders.service_request_intent,
