@@ -9,7 +9,7 @@ import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any, Literal
 from urllib.parse import urljoin, urlsplit
 
@@ -88,7 +88,7 @@ class PatientWrite:
         tier = f"tier {r.tier}" if r.tier else "no tier"
         if r.tier and r.plan.assessment.preliminary:
             tier += " (preliminary)"
-        parts = [f"{r.patient_reference}: {tier}", f"{len(r.service_requests)} service requests"]
+        parts = [f"{r.patient_reference}: {tier}", _counts(r)]
         if self.status == "unchanged":
             what = "plan is already active" if r.care_plan else "assessment is already recorded"
             parts.append(f"unchanged: the same {what}")
@@ -113,7 +113,20 @@ class PatientWrite:
                     f"{verb} {len(revision.updated_plans)} care plan(s) in place; {done}"
                     f" {len(revision.completed_requests)} service request(s) done elsewhere"
                 )
+            if revision and revision.plan_on_server:
+                verb = "would create" if self.preview else "created"
+                parts.append(
+                    f"kept {len(revision.kept_requests)} open service request(s);"
+                    f" {verb} {revision.created_requests}"
+                )
         return "; ".join(parts)
+
+
+def _counts(result: PatientResult) -> str:
+    """Orders and plan activities named apart, so the counts add up to the plan's items."""
+    plan = result.plan
+    orders = len(result.service_requests)
+    return f"{orders} service requests, {len(plan.items) - orders} other plan items"
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,12 +369,18 @@ class WriteBack:
         preview: bool,
     ) -> _Decision:
         revision = plan_revision(result, plans, requests)
-        if revision.unchanged or (
-            result.care_plan is None and not revision.revoke_entries and self._recorded(result)
+        no_iim = result.plan.assessment.scope == "no-iim"
+        if (
+            revision.unchanged
+            or (no_iim and not revision.entries)
+            or (result.care_plan is None and not revision.entries and self._recorded(result))
         ):
-            entries = self._collection_entries(result.entries)
+            # Only IIM patients' charts are written: no IIM and no plan of ours writes nothing.
+            entries = () if no_iim else self._collection_entries(result.entries)
             return _Decision(PatientWrite(result, "unchanged", preview, revision, entries), {})
-        bundle = write_back_bundle(result, revision)
+        if result.care_plan is None and not revision.entries and not no_iim:
+            revision = replace(revision, entries=tuple(result.entries[:1]))
+        bundle = write_back_bundle(result, revision, datetime.now(UTC))
         status: WriteStatus = "preview" if preview else "written"
         entries = self._collection_entries(bundle["entry"])
         return _Decision(PatientWrite(result, status, preview, revision, entries), bundle)

@@ -435,7 +435,9 @@ class CardBuilder:
             + (f", created {md(when)}" if when else "")
             + f"), from rule set {md(e.ruleset)}. No new plan is proposed.",
         ]
-        same = _has_identifier(plan, result.identity.item_system, result.identity.value("plan"))
+        # The plan is revised in place; its version marker says which assessment it shows.
+        identity = result.identity
+        same = _has_identifier(plan, identity.digest_system, identity.digest_value())
         if not same:
             lines += [
                 "",

@@ -243,7 +243,8 @@ def test_plan_on_file_replaces_the_suggestion(builder: CardBuilder, high: Patien
 
 def test_plan_on_file_of_a_changed_plan_says_so(builder: CardBuilder, high: PatientResult) -> None:
     plan = _stored_plan(high)
-    plan["identifier"][0]["value"] = "imacs-2023.other.digest.plan"  # same series, older digest
+    marker = next(i for i in plan["identifier"] if i["system"].endswith("/sid/plan-digest"))
+    marker["value"] = f"{high.identity.series}.olderdigest"  # same plan, an older assessment
     [issued] = _cards(builder, high, existing_plans=[plan])
     assert issued.card_type == CARD_PLAN_ON_FILE
     assert "**The record now gives a different result**" in (issued.card.detail or "")
