@@ -220,7 +220,12 @@ def render_summary(result: PatientResult) -> str:
         lines.append("  Why:")
         lines += [f"    - {r}" for r in e.reasons]
     if e.schedule:
-        lines.append(f"  Proposed ({len(result.service_requests)} service requests):")
+        orders = len(result.service_requests)
+        others = len(e.schedule) - orders
+        lines.append(
+            f"  Plan ({len(e.schedule)} items: {orders} service requests now,"
+            f" {others} plan activities: later rounds, 'consider' items, done or missed):"
+        )
         for row in e.attention_first():
             consider = f"CONSIDER ({row.condition}) " if row.consider else ""
             status = row.status.upper() if row.status == "overdue" else row.status

