@@ -230,9 +230,10 @@ def render_summary(result: PatientResult) -> str:
             consider = f"CONSIDER ({row.condition}) " if row.consider else ""
             status = row.status.upper() if row.status == "overdue" else row.status
             done = f" by {row.evidence}" if row.evidence else ""
+            note = f" ({row.note})" if row.note else ""
             lines.append(
                 f"    {row.round_label:<14} {row.due_start} to {row.due_end} {status}{done}"
-                f"  {consider}{row.test}"
+                f"  {consider}{row.test}{note}"
             )
     else:
         lines.append("  Proposed: nothing.")

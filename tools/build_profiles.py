@@ -546,8 +546,9 @@ def _other_actions(ctx: _Context) -> list[Json]:
             "any of: " + ", ".join(f.replace("_", " ") for f in red.facts),
             f"Whatever the tier and at any time: added to the '{_round_label(ctx, red.round)}' "
             "round when recorded by its end, otherwise a round of its own dated from the latest "
-            f"red flag, due within {_months(red.event_round.due_within_months)}; a test done "
-            f"within {_months(red.unless_done_within_months)} before it is left out."
+            f"red flag, due within {_months(red.event_round.due_within_months)}; a test answers "
+            "it only when done on or after the red flag, and a test open in another round is "
+            "not proposed twice. Also outside the guideline; juvenile-onset: a notice only."
             + (" Proposed as 'consider' (conditional). " if red.conditional else " ")
             + _evidence(red.evidence, red.source),
             _test_actions(ctx, "red-flags", _panel_tests(rs, red.add_panels)),
@@ -557,8 +558,9 @@ def _other_actions(ctx: _Context) -> list[Json]:
             "Flare after remission: re-screen",
             rs.derived.flare.label,
             f"{flare.message} Each test is left out when it was done within "
-            f"{_months(flare.unless_done_within_months)} before the flare. "
-            + _evidence(flare.evidence, flare.source),
+            f"{_months(flare.unless_done_within_months)} before the flare; every item is "
+            "'consider', and only when a high-risk antibody or a past cancer is recorded "
+            "(otherwise a review notice). " + _evidence(flare.evidence, flare.source),
             [_round_action(ctx, "flare", flare.round, anchor="the flare", panels=flare.add_panels)],
         ),
         _group(
@@ -575,6 +577,30 @@ def _other_actions(ctx: _Context) -> list[Json]:
             describe(ctx, lung.when),
             _evidence(lung.evidence, lung.source),
             [_round_action(ctx, "lung-surveillance", rnd) for rnd in lung.rounds],
+        ),
+        *(
+            [
+                _group(
+                    "lung-screening",
+                    lung.screening.label,
+                    "adult-onset IIM, except the excluded subtypes",
+                    f"Once, unless done within {_months(lung.screening.unless_done_within_months)}"
+                    " before the diagnosis. "
+                    + _evidence(lung.screening.evidence, lung.screening.source),
+                    [_round_action(ctx, "lung-screening", lung.screening.round)],
+                )
+            ]
+            if lung.screening is not None
+            else []
+        ),
+        _group(
+            "outside-guideline",
+            "Outside the guideline: national screening and clinical judgement",
+            "diagnosed too late after symptom onset, or an excluded subtype",
+            rs.outside_guideline.notice
+            + " "
+            + _evidence(rs.outside_guideline.evidence, rs.outside_guideline.source),
+            _test_actions(ctx, "outside-guideline", rs.outside_guideline.round.tests),
         ),
     ]
 

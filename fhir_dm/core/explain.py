@@ -35,6 +35,8 @@ class ScheduleRow:
     status: str = "upcoming"
     # For a done item: the record that shows it, e.g. "DiagnosticReport/7 (2026-05-02)".
     evidence: str = ""
+    # Said with the item: an alternative ("or PET-CT instead"), an age-dependent choice.
+    note: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +77,7 @@ def _row(plan: Plan, item: PlanItem, knowledge: Knowledge) -> ScheduleRow:
         not_imacs=item.labelled_not_imacs,
         status=plan.status(item),
         evidence=evidence_text(item),
+        note=item.note,
     )
 
 

@@ -29,7 +29,7 @@ from typing import Literal
 
 from fhir_dm.core.dates import add_months
 from fhir_dm.core.facts import UNKNOWN, Evidence
-from fhir_dm.core.rules import EVENT_ROUND_SCOPES, Assessment, Evaluator, FiredRule, Notice
+from fhir_dm.core.rules import PLAN_SCOPES, Assessment, Evaluator, FiredRule, Notice
 from fhir_dm.knowledge.models import Knowledge, Round
 
 
@@ -54,6 +54,8 @@ class PlanItem:
     lapse_note: str = ""
     # A test the plan can order (a ServiceRequest), not a plan activity such as an examination.
     orderable: bool = True
+    # Said with the item (an alternative such as "or PET-CT instead", an age-dependent choice).
+    note: str = ""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -198,7 +200,11 @@ class _Builder:
         self.items[key] = replace(
             existing,
             conditional=not firm,
-            condition_text="" if firm else existing.condition_text,
+            condition_text=""
+            if firm
+            else "; ".join(
+                dict.fromkeys(t for t in (existing.condition_text, condition_text) if t)
+            ),
             rules=existing.rules
             + tuple(r for r in (rule,) if r.id not in {x.id for x in existing.rules}),
             labelled_not_imacs=existing.labelled_not_imacs and not_imacs,
@@ -325,13 +331,15 @@ def _with_lapse(items: list[PlanItem], b: _Builder, window_end: date) -> list[Pl
             lapses_on, note = add_months(window_end, grace), "window closed"
         elif rule == "due-end-grace":
             lapses_on, note = add_months(item.due_end, grace), "its round has passed"
+        elif rule == "never":
+            lapses_on, note = None, ""
         orderable = b.rs.tests[item.test_id].kind == "order"
         out.append(replace(item, lapses_on=lapses_on, lapse_note=note, orderable=orderable))
     return out
 
 
 def _guideline_items(b: _Builder, a: Assessment, knowledge: Knowledge) -> None:
-    """The tier's rounds, the add-ons, antibody testing and lung surveillance."""
+    """The tier's rounds, the add-ons and antibody testing."""
     rs = knowledge.ruleset
     facts = a.facts
     assert a.tier is not None
@@ -391,35 +399,108 @@ def _guideline_items(b: _Builder, a: Assessment, knowledge: Knowledge) -> None:
         )
         b.add(testing.test, b.round_named(testing.round), rule)
 
+
+def _lung_items(b: _Builder, a: Assessment, knowledge: Knowledge) -> None:
+    """The lung programme (not IMACS, ACR/CHEST 2023), whatever the cancer scope: screening at
+    diagnosis for every adult IIM but the excluded subtypes; monitoring for ILD, anti-MDA5 or an
+    antisynthetase antibody (juvenile-onset too), anti-MDA5 with an earlier first PFT."""
+    rs = knowledge.ruleset
     lung = rs.lung_surveillance
-    result = evaluator(lung.when)
-    if result.value is True:
+    evaluator = Evaluator(a.facts, knowledge)
+    monitored = evaluator(lung.when)
+    if monitored.value is True:
         rule = FiredRule(
             "lung-surveillance",
             "surveillance",
             lung.label,
             lung.evidence,
             lung.source,
-            result.facts,
-            result.sources,
+            monitored.facts,
+            monitored.sources,
         )
-        b.series["lung"] = lung.rounds
-        for rnd in lung.rounds:
+        rounds = list(lung.rounds)
+        early = lung.early
+        if early is not None and evaluator(early.when).value is True:
+            rounds = [early.round if r.id == early.replaces else r for r in rounds]
+        b.series["lung"] = tuple(rounds)
+        for rnd in rounds:
             for test_id in rnd.tests:
                 b.add(test_id, rnd, rule, not_imacs=True)
+        return
+    screening = lung.screening
+    if screening is None or a.scope not in ("in-scope", "window-closed", "late-diagnosis"):
+        return
+    rule = FiredRule(
+        "lung-screening",
+        "surveillance",
+        screening.label,
+        screening.evidence,
+        screening.source,
+        ("adult-onset IIM",),
+        (a.facts.iim.reference,) if a.facts.iim else (),
+    )
+    since = add_months(b.anchor, -screening.unless_done_within_months)
+    for test_id in screening.round.tests:
+        if not _done_since(a.facts.screening_done, test_id, since):
+            b.add(test_id, screening.round, rule, not_imacs=True)
 
 
-def _red_flag_items(b: _Builder, a: Assessment, knowledge: Knowledge, closed: bool) -> None:
-    """Red flags: join the diagnosis round, or a round of their own dated from the event."""
+def _outside_guideline_items(b: _Builder, a: Assessment, knowledge: Knowledge) -> None:
+    """Outside the guideline: never a silent "nothing" (one "consider" item, with the notice)."""
+    net = knowledge.ruleset.outside_guideline
+    if a.scope not in net.scopes:
+        return
+    rule = FiredRule(
+        "outside-guideline",
+        "outside-guideline",
+        "Outside IMACS 2023: national screening and clinical judgement",
+        net.evidence,
+        net.source,
+        (a.scope_reason.strip(),),
+        (a.facts.iim.reference,) if a.facts.iim else (),
+    )
+    for test_id in net.round.tests:
+        b.add(test_id, net.round, rule, conditional=True, condition_text=net.notice)
+
+
+def _red_flags(a: Assessment, knowledge: Knowledge, anchor: date) -> tuple[list[str], date | None]:
+    """The red flags present and the latest dated one (never the date of a cancer found after
+    the myositis: that is cancer-associated myositis, not a red flag; §6 rev 3)."""
+    facts = a.facts
+    red = []
+    dates = []
+    for name in knowledge.ruleset.red_flags.facts:
+        fact = facts.feature(name)
+        if not fact.is_true():
+            continue
+        if name == "personal_history_cancer":
+            if fact.when is not None and fact.when > anchor:
+                continue
+            red.append(name)  # a past cancer counts from the diagnosis, not its own date
+            continue
+        red.append(name)
+        if fact.when is not None:
+            dates.append(fact.when)
+    return red, max(dates) if dates else None
+
+
+def _red_flag_items(
+    b: _Builder, a: Assessment, knowledge: Knowledge, closed: bool, open_tests: set[str]
+) -> None:
+    """Red flags: join the diagnosis round, or a round of their own dated from the event.
+
+    Whatever the tier, after the window and outside the guideline (juvenile-onset: the notice
+    only). A test answers a red flag only when done on or after its date; a test already open
+    in another round is not proposed twice (§6, §13)."""
     rs = knowledge.ruleset
     facts = a.facts
-    red = [f for f in rs.red_flags.facts if facts.feature(f).is_true()]
+    if a.scope == "juvenile":
+        return
+    red, latest = _red_flags(a, knowledge, b.anchor)
     if not red:
         return
     labels = tuple(f.replace("_", " ") for f in red)
     sources = tuple(s for f in red for s in facts.feature(f).sources)
-    dates = [d for f in red if (d := facts.feature(f).when) is not None]
-    latest = max(dates) if dates else None
     rule = FiredRule(
         "red-flags",
         "red-flag",
@@ -444,11 +525,11 @@ def _red_flag_items(b: _Builder, a: Assessment, knowledge: Knowledge, closed: bo
     event = rs.red_flags.event_round
     # Dated from the red flag, never before the diagnosis (an undated one: the diagnosis).
     b.anchors[event.id] = max(latest, b.anchor) if latest else b.anchor
-    since = add_months(b.anchors[event.id], -rs.red_flags.unless_done_within_months)
+    since = b.anchors[event.id]
     for panel in rs.red_flags.add_panels:
         for test_id in rs.panels[panel].tests:
-            if _done_since(facts.screening_done, test_id, since):
-                continue  # done recently enough
+            if _done_since(facts.screening_done, test_id, since) or test_id in open_tests:
+                continue  # answered (done on or after the red flag), or open elsewhere
             b.add(
                 test_id,
                 event,
@@ -458,7 +539,7 @@ def _red_flag_items(b: _Builder, a: Assessment, knowledge: Knowledge, closed: bo
             )
 
 
-def _flare_items(b: _Builder, a: Assessment, knowledge: Knowledge) -> None:
+def _flare_items(b: _Builder, a: Assessment, knowledge: Knowledge, open_tests: set[str]) -> None:
     """A flare after remission: a round dated from the flare, at any time (not IMACS)."""
     facts = a.facts
     flare = facts.feature("flare")
@@ -474,14 +555,46 @@ def _flare_items(b: _Builder, a: Assessment, knowledge: Knowledge) -> None:
         ("disease flare after remission" + (f" on {flare.when}" if flare.when else ""),),
         flare.sources,
     )
+    targeted = flare_rule.targeted_when
+    if targeted is not None and Evaluator(facts, knowledge)(targeted).value is not True:
+        return  # no high-risk antibody or past cancer: the review notice only (rules.py)
     when = flare.when or b.anchor
     b.anchors[flare_rule.round.id] = when
     since = add_months(when, -flare_rule.unless_done_within_months)
     for panel in flare_rule.add_panels:
         for test_id in knowledge.ruleset.panels[panel].tests:
-            if _done_since(facts.screening_done, test_id, since):
-                continue  # done recently enough
-            b.add(test_id, flare_rule.round, rule, not_imacs=True)
+            if _done_since(facts.screening_done, test_id, since) or test_id in open_tests:
+                continue  # done recently enough, or open in another round
+            b.add(
+                test_id,
+                flare_rule.round,
+                rule,
+                conditional=flare_rule.conditional,
+                condition_text="flare after remission (not IMACS)",
+                not_imacs=True,
+            )
+
+
+def _with_notes(items: list[PlanItem], a: Assessment, knowledge: Knowledge) -> list[PlanItem]:
+    """Alternatives (an add-on that may replace a test) and configured notes on items."""
+    rs = knowledge.ruleset
+    evaluator = Evaluator(a.facts, knowledge, tier=a.tier)
+    present = {i.test_id for i in items}
+    notes: dict[str, list[str]] = {}
+    for addon in rs.addons:
+        if addon.alternative_to and set(addon.tests) & present:
+            fired = any(r.id == addon.id for i in items for r in i.rules)
+            if fired:
+                for test_id in addon.alternative_to:
+                    notes.setdefault(test_id, []).append(addon.alternative_note)
+    for item_note in rs.item_notes:
+        if item_note.test in present and evaluator(item_note.when).value is True:
+            notes.setdefault(item_note.test, []).append(item_note.note)
+    if not notes:
+        return items
+    return [
+        replace(i, note="; ".join(notes[i.test_id])) if i.test_id in notes else i for i in items
+    ]
 
 
 def _oncology_items(items: list[PlanItem], a: Assessment, knowledge: Knowledge) -> list[PlanItem]:
@@ -510,7 +623,7 @@ def _oncology_items(items: list[PlanItem], a: Assessment, knowledge: Knowledge) 
 def build_plan(assessment: Assessment, knowledge: Knowledge) -> Plan:
     """Schedule every test the rules call for; pure function of the assessment."""
     a = assessment
-    if a.scope not in EVENT_ROUND_SCOPES or a.window is None:
+    if a.scope not in PLAN_SCOPES or a.window is None:
         return Plan(a, None, "")
     rs = knowledge.ruleset
     facts = a.facts
@@ -524,6 +637,7 @@ def build_plan(assessment: Assessment, knowledge: Knowledge) -> Plan:
     b = _Builder(a, knowledge, anchor)
     if a.scope == "in-scope" and a.tier is not None:
         _guideline_items(b, a, knowledge)
+    _lung_items(b, a, knowledge)
 
     used: set[tuple[str, str]] = set()
     evidence = facts.screening_evidence
@@ -547,15 +661,18 @@ def build_plan(assessment: Assessment, knowledge: Knowledge) -> Plan:
         )
         b.a = a
     b.items = {item.key: item for item in guideline}
-    _red_flag_items(b, a, knowledge, closed)
-    _flare_items(b, a, knowledge)
+    # Tests open in a round now (due or overdue, not done): not proposed a second time.
+    open_tests = {i.test_id for i in guideline if draft.status(i) in ("due", "overdue")}
+    _red_flag_items(b, a, knowledge, closed, open_tests)
+    _flare_items(b, a, knowledge, open_tests)
+    _outside_guideline_items(b, a, knowledge)
 
     fresh = [item for item in b.items.values() if item.lapses_on is None]
     lapsed = _with_lapse(fresh, b, window_end)
     b.items.update((item.key, item) for item in lapsed)
     items = _match_done(list(b.items.values()), evidence, used)
     items = _match_late(items, evidence, used, a.now)
-    keep = _oncology_items(items, a, knowledge)
+    keep = _with_notes(_oncology_items(items, a, knowledge), a, knowledge)
     order = list(rs.tests)
     keep.sort(key=lambda i: (i.due_start, i.round_id, order.index(i.test_id)))
     plan = Plan(a, anchor, anchor_source, tuple(keep), rs.plan_life.order_lead_months)

@@ -63,6 +63,9 @@ ScopeStatus = Literal[
 # Statuses whose patients still get rounds prompted by events (red flags, flare): the guideline
 # applies to them or did, and a red flag prompts screening whatever the timing.
 EVENT_ROUND_SCOPES = frozenset({"in-scope", "window-closed", "late-diagnosis"})
+# Scopes that get a plan of some kind (rule set 1.2.0): the guideline's, the safety net outside
+# it (late diagnosis, excluded subtypes such as IBM), the lung programme (juvenile-onset too).
+PLAN_SCOPES = EVENT_ROUND_SCOPES | {"excluded-subtype", "juvenile"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +159,10 @@ class Evaluator:
             return self._antibodies(p.antibody_negative, want=False)
         if p.onset_age_gt is not None:
             return self._age_over(p.onset_age_gt)
+        if p.onset_age_lt is not None:
+            over = self._age_over(p.onset_age_lt - 1e-9)
+            value = None if over.value is None else not over.value
+            return Evaluation(value, over.facts, over.sources)
         if p.sex_is is not None:
             sex = self.facts.sex
             if sex.value is UNKNOWN:
@@ -281,21 +288,22 @@ def _scope(
         return "deceased", scope.deceased_reason, None
     if iim is None:
         return "no-iim", scope.no_iim_reason, None
+    years = int(scope.window_years.value)
+    # The schedule runs from the diagnosis date; without one, from the evaluation date. Out of
+    # the guideline's scope, it still dates the lung programme and the safety net (1.2.0).
+    start = iim.diagnosed.earliest if iim.diagnosed else now
+    window = (start, add_months(start, 12 * years))
     if iim.subtype in scope.juvenile.subtypes:
-        return "juvenile", scope.juvenile.reason, None
+        return "juvenile", scope.juvenile.reason, window
     if facts.onset_age is not None and facts.onset_age[1] < scope.adult_onset_min_age.value:
         return (
             "juvenile",
             f"Onset before age {scope.adult_onset_min_age.value:.0f}. {scope.juvenile.reason}",
-            None,
+            window,
         )
     for excluded in scope.excluded_subtypes:
         if iim.subtype == excluded.subtype:
-            return "excluded-subtype", excluded.reason, None
-    years = int(scope.window_years.value)
-    # The schedule runs from the diagnosis date; without one, from the evaluation date.
-    start = iim.diagnosed.earliest if iim.diagnosed else now
-    window = (start, add_months(start, 12 * years))
+            return "excluded-subtype", excluded.reason, window
     delay = int(scope.max_diagnosis_delay_years.value)
     if (
         iim.onset is not None
@@ -424,6 +432,62 @@ def _notices(facts: PatientFacts, knowledge: Knowledge, now: date) -> list[Notic
     return out
 
 
+def red_flag_notice(facts: PatientFacts, knowledge: Knowledge, scope: str) -> Notice | None:
+    """A red flag is always shown, naming it and its date (rule set 1.2.0)."""
+    rs = knowledge.ruleset
+    red = [f for f in rs.red_flags.facts if facts.feature(f).is_true()]
+    if not red:
+        return None
+    dates = [d for f in red if (d := facts.feature(f).when) is not None]
+    since = f" (since {max(dates).isoformat()})" if dates else ""
+    flags = ", ".join(f.replace("_", " ") for f in red)
+    template = rs.red_flags.juvenile_notice if scope == "juvenile" else rs.red_flags.notice
+    return Notice(
+        "red-flags",
+        template.format(flags=flags, since=since),
+        rs.red_flags.evidence,
+        rs.red_flags.source,
+        tuple(s for f in red for s in facts.feature(f).sources),
+    )
+
+
+def _plan_notices(facts: PatientFacts, knowledge: Knowledge, scope: str) -> list[Notice]:
+    """Notices of rule set 1.2.0: red flags, the safety net, lung, conditional notices."""
+    rs = knowledge.ruleset
+    out: list[Notice] = []
+    evaluator = Evaluator(facts, knowledge)
+    if scope in rs.outside_guideline.scopes:
+        net = rs.outside_guideline
+        out.append(Notice("outside-guideline", net.notice, net.evidence, net.source))
+    red = red_flag_notice(facts, knowledge, scope)
+    if red is not None:
+        out.append(red)
+    flare = facts.feature("flare")
+    targeted = rs.flare.targeted_when
+    if flare.is_true() and targeted is not None and evaluator(targeted).value is not True:
+        out.append(
+            Notice(
+                "flare-review",
+                rs.flare.review_notice,
+                rs.flare.evidence,
+                rs.flare.source,
+                flare.sources,
+            )
+        )
+    lung = rs.lung_surveillance
+    monitored = evaluator(lung.when)
+    if monitored.value is True and lung.notice:
+        out.append(Notice("lung-hrct", lung.notice, lung.evidence, lung.source, monitored.sources))
+    early = lung.early
+    if early is not None and (hit := evaluator(early.when)).value is True:
+        out.append(Notice("lung-early", early.notice, early.evidence, early.source, hit.sources))
+    for cond in rs.conditional_notices:
+        hit = evaluator(cond.when)
+        if hit.value is True:
+            out.append(Notice(cond.id, cond.text, cond.evidence, cond.source, hit.sources))
+    return out
+
+
 def checkpoint_inhibitor_recent(facts: PatientFacts, knowledge: Knowledge, now: date) -> bool:
     """A checkpoint inhibitor active, or given within the configured months before `now`."""
     fact = facts.feature("checkpoint_inhibitor")
@@ -440,6 +504,8 @@ def assess_facts(facts: PatientFacts, knowledge: Knowledge, *, now: date) -> Ass
     rs = knowledge.ruleset
     scope, reason, window = _scope(facts, knowledge, now)
     notices = _notices(facts, knowledge, now) if scope in EVENT_ROUND_SCOPES else []
+    if scope in PLAN_SCOPES:
+        notices += _plan_notices(facts, knowledge, scope)
     fired, high, intermediate = _count(Evaluator(facts, knowledge), rs)
     tier: str | None = None
     preliminary = False

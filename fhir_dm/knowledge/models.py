@@ -188,6 +188,7 @@ class Predicate(_Frozen):
     antibody_positive: tuple[str, ...] | None = None
     antibody_negative: tuple[str, ...] | None = None
     onset_age_gt: float | None = None
+    onset_age_lt: float | None = None
     sex_is: tuple[Sex, ...] | None = None
     feature: tuple[str, ...] | None = None
     tier_in: tuple[TierId, ...] | None = None
@@ -348,7 +349,8 @@ class Panel(_Sourced):
 # of its series opens; at the window's end date (the work-up at diagnosis); at the window's end
 # + the grace (the last yearly round); or at its own due end + the grace (event rounds, the last
 # lung round). Unset: the next round of the series, else its due end + the grace.
-Lapse = Literal["next-round", "window-end", "window-end-grace", "due-end-grace"]
+# `never`: a "consider" item that stays open (the safety net outside the guideline).
+Lapse = Literal["next-round", "window-end", "window-end-grace", "due-end-grace", "never"]
 
 
 class Round(_Frozen):
@@ -383,6 +385,9 @@ class Addon(_Sourced):
     round: str
     when: Predicate
     conditional: bool = True
+    # When it fires, these tests' items say "or <this test> instead" (an alternative).
+    alternative_to: tuple[str, ...] = ()
+    alternative_note: str = ""
 
 
 class RedFlags(_Sourced):
@@ -392,9 +397,37 @@ class RedFlags(_Sourced):
     round: str
     # ... later ones get a round of their own, dated from the red flag.
     event_round: Round
-    unless_done_within_months: int = Field(ge=0)
     conditional: bool = True
     label: str
+    # Always shown: `{flags}`, `{since}` (" since <date>" of the latest, when dated).
+    notice: str
+    juvenile_notice: str
+
+
+class ItemNote(_Sourced):
+    """A note on one test's items when a predicate holds (e.g. an age-dependent alternative)."""
+
+    test: str
+    when: Predicate
+    note: str
+
+
+class ConditionalNotice(_Sourced):
+    id: str
+    when: Predicate
+    text: str
+
+
+class CohortRates(_Sourced):
+    text: str
+
+
+class OutsideGuideline(_Sourced):
+    """The safety net for patients outside the guideline: a notice and "consider" items."""
+
+    scopes: tuple[str, ...]
+    notice: str
+    round: Round
 
 
 class ActiveMalignancy(_Sourced):
@@ -432,12 +465,32 @@ class FlareRule(_Sourced):
     add_panels: tuple[str, ...]
     unless_done_within_months: int
     round: Round
+    conditional: bool = True
+    # The panels only when this holds (a high-risk antibody or a past cancer); else the notice.
+    targeted_when: Predicate | None = None
+    review_notice: str = ""
+
+
+class LungScreening(_Sourced):
+    label: str
+    round: Round
+    unless_done_within_months: int = Field(ge=0)
+
+
+class LungEarly(_Sourced):
+    when: Predicate
+    replaces: str
+    round: Round
+    notice: str
 
 
 class LungSurveillance(_Sourced):
     label: str
     when: Predicate
     rounds: tuple[Round, ...]
+    notice: str = ""
+    screening: LungScreening | None = None
+    early: LungEarly | None = None
 
 
 class AntibodyTesting(_Sourced):
@@ -481,6 +534,10 @@ class RuleSet(_Frozen):
     subtype_options: tuple[SubtypeOption, ...] = ()
     flare: FlareRule
     lung_surveillance: LungSurveillance
+    outside_guideline: OutsideGuideline
+    item_notes: tuple[ItemNote, ...] = ()
+    conditional_notices: tuple[ConditionalNotice, ...] = ()
+    cohort_rates: CohortRates | None = None
     antibody_testing: AntibodyTesting
     # A test done at most this many months before a round opens counts for it (§10).
     done_lookback_months: Valued
@@ -526,6 +583,26 @@ class RuleSet(_Frozen):
             check_predicate(f"addons.{i}.when", addon.when)
             check_tests(f"addons.{i}.tests", addon.tests)
         check_predicate("lung_surveillance.when", self.lung_surveillance.when)
+        lung = self.lung_surveillance
+        if lung.screening is not None:
+            check_tests("lung_surveillance.screening.round.tests", lung.screening.round.tests)
+        if lung.early is not None:
+            check_predicate("lung_surveillance.early.when", lung.early.when)
+            check_tests("lung_surveillance.early.round.tests", lung.early.round.tests)
+            if lung.early.replaces not in {r.id for r in lung.rounds}:
+                problems.append(
+                    f"lung_surveillance.early.replaces: unknown round '{lung.early.replaces}'"
+                )
+        for i, addon in enumerate(self.addons):
+            check_tests(f"addons.{i}.alternative_to", addon.alternative_to)
+        for i, item_note in enumerate(self.item_notes):
+            check_predicate(f"item_notes.{i}.when", item_note.when)
+            check_tests(f"item_notes.{i}.test", (item_note.test,))
+        for i, cond in enumerate(self.conditional_notices):
+            check_predicate(f"conditional_notices.{i}.when", cond.when)
+        check_tests("outside_guideline.round.tests", self.outside_guideline.round.tests)
+        if self.flare.targeted_when is not None:
+            check_predicate("flare.targeted_when", self.flare.targeted_when)
         for name, panel in self.panels.items():
             check_tests(f"panels.{name}.tests", panel.tests)
         for tier, schedule in self.schedules.items():

@@ -30,6 +30,8 @@ def item_note(item: PlanItem) -> list[Json]:
         )
     if item.conditional:
         notes.append({"text": f"Consider: {item.condition_text}"})
+    if item.note:
+        notes.append({"text": f"Note: {item.note}"})
     if item.labelled_not_imacs:
         notes.append({"text": "Not part of the IMACS 2023 cancer-screening guideline."})
     return notes
