@@ -112,9 +112,7 @@ class Timeline:
 
     def orders(self, status: str) -> dict[str, Json]:
         """Our orders with this status, by identifier value (`series.round.test.YYYYMMDD`)."""
-        return {
-            r["identifier"][0]["value"]: r for r in self.requests() if r["status"] == status
-        }
+        return {r["identifier"][0]["value"]: r for r in self.requests() if r["status"] == status}
 
     def record(self, *resources: Json) -> None:
         _store(self.hapi, *resources)
@@ -143,7 +141,9 @@ def test_three_years_of_one_high_risk_plan(app: Flask, hapi: FhirClient) -> None
         assert len(plans) == 1, [(x["id"], x["status"]) for x in plans]
         values = [r["identifier"][0]["value"] for r in t.requests()]
         assert len(values) == len(set(values)), "a (test, round) was ordered twice"
-        assert all(r["basedOn"] == [{"reference": f"CarePlan/{plans[0]['id']}"}] for r in t.requests())
+        assert all(
+            r["basedOn"] == [{"reference": f"CarePlan/{plans[0]['id']}"}] for r in t.requests()
+        )
         for value, request in t.orders("revoked").items():
             note = request["note"][-1]["text"]
             assert "missed:" in note, note  # only lapsed items are ever revoked here
@@ -154,24 +154,33 @@ def test_three_years_of_one_high_risk_plan(app: Flask, hapi: FhirClient) -> None
     assert "; written" in t.assess("2024-03-10")
     plan = check_invariants()
     active = t.orders("active")
-    assert _rounds(active) == {"diagnosis"}
+    assert _rounds(active) == {"diagnosis", "lung-baseline"}
     assert len(active) >= 10
     assert _activity_statuses(plan)["not-started"] > 0  # later rounds: activities, not orders
     first_version = plan["meta"]["versionId"]
 
     # The CT reported as a CT chest/abdomen/pelvis (LOINC 87869-4) and a CBC with differential
-    # (57021-8) on time; a mammogram as SNOMED 24623002 (a Procedure).
+    # (57021-8) on time; a mammogram as SNOMED 24623002 (a Procedure); the ILD screening
+    # (HRCT and PFTs) on time.
     t.record(
         _report(p, f"{t.pid}-ct", LOINC, "87869-4", "2024-04-02"),
         _report(p, f"{t.pid}-cbc", LOINC, "57021-8", "2024-03-20"),
         _procedure(p, f"{t.pid}-mg", "24623002", "2024-04-10"),
+        _procedure(p, f"{t.pid}-hrct", "16335031000119100", "2024-03-20"),
+        _report(p, f"{t.pid}-pft", LOINC, "58477-1", "2024-03-22"),
     )
     summary = t.assess("2024-04-20")
-    assert "completed 3 service request(s) done elsewhere" in summary, summary
+    assert "completed 5 service request(s) done elsewhere" in summary, summary
     plan = check_invariants()
     assert plan["meta"]["versionId"] != first_version  # revised in place
     completed = t.orders("completed")
-    assert {_round_test(v)[1] for v in completed} == {"ct-ncap", "cbc", "mammography"}
+    assert {_round_test(v)[1] for v in completed} == {
+        "ct-ncap",
+        "cbc",
+        "mammography",
+        "hrct-chest",
+        "pft-dlco",
+    }
 
     # Past the diagnosis window: the rest is overdue, its orders kept, nothing revoked.
     before = set(t.orders("active"))
@@ -248,7 +257,7 @@ def test_three_years_of_one_high_risk_plan(app: Flask, hapi: FhirClient) -> None
     plan = check_invariants()
     assert plan["status"] == "completed"
     statuses = _activity_statuses(plan)
-    assert statuses["completed"] >= 3 + 1 + 1 + len(year3)  # done items stay in the plan
+    assert statuses["completed"] >= 5 + 1 + 1 + len(year3)  # done items stay in the plan
     assert not t.orders("active")
 
     requests = t.requests()

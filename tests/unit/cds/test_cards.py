@@ -107,7 +107,7 @@ def test_detail_is_concise_tier_why_next_due_and_rule_set(
     assert 1 <= len(next_items) <= 3
     assert all(": due (" in line or ": overdue (" in line for line in next_items)
     assert "| When | Due | Status | Tests | Consider |" not in detail
-    assert "Rule set imacs-2023 1.1.0" in detail
+    assert f"Rule set {high.plan.assessment.ruleset}" in detail
     assert "proposal for a clinician" in detail
     assert "**Not recorded** (unknown, not negative)" in detail
     assert "anti-NXP2 antibody" in detail and " more" in detail

@@ -44,11 +44,30 @@ def _on_server(result: PatientResult) -> tuple[list[Json], list[Json]]:
     return [plan], requests
 
 
+def _lung_done(p: Json) -> list[Json]:
+    """HRCT and PFTs done a month before the diagnosis: no ILD screening round is planned."""
+    return [
+        {
+            "resourceType": "Procedure",
+            "id": f"lung-{code}",
+            "status": "completed",
+            "code": f.concept(system, code),
+            "subject": f.ref(p),
+            "performedDateTime": "2024-02-01",
+        }
+        for system, code in (
+            ("http://snomed.info/sct", "16335031000119100"),
+            (LOINC, "58477-1"),
+        )
+    ]
+
+
 def _high(engine: Engine, *extra: Any, now: date) -> PatientResult:
     """A high-risk woman (DM, anti-TIF1-gamma, 54 at onset); `extra` builds more resources."""
     p = f.patient("rev-1", birth_date="1970-01-01", gender="female")
     more = [make(p) for make in extra]
-    return run_one(engine, p, f.iim_condition(p), f.antibody(p, "tif1g"), *more, now=now)
+    base = [p, f.iim_condition(p), f.antibody(p, "tif1g"), *_lung_done(p)]
+    return run_one(engine, *base, *more, now=now)
 
 
 def _keys(requests: list[Json]) -> set[str]:

@@ -1,4 +1,4 @@
-"""Rule set 1.1.0 (clinical-logic rev 2): every changed rule, with pinned dates."""
+"""Rule set 1.1.0 (clinical-logic rev 2): every changed rule, with pinned dates (kept in 1.2.0)."""
 
 from __future__ import annotations
 
