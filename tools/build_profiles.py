@@ -415,6 +415,15 @@ def describe(ctx: _Context, p: Predicate) -> str:
         return "risk tier is one of: " + ", ".join(ctx.rs.tiers.level(t).label for t in p.tier_in)
     if p.site_flag is not None:
         return f"the site flag '{p.site_flag}' is set (config/site.yaml)"
+    if p.onset_age_lt is not None:
+        return f"age at IIM onset under {p.onset_age_lt:g}"
+    if p.sex_is is not None:
+        return "sex is one of: " + ", ".join(p.sex_is)
+    if p.regional_risk is not None:
+        return (
+            f"raised {p.regional_risk} cancer risk: the site's region, or the patient's country"
+            " of birth as config/site.yaml maps it"
+        )
     raise ValueError("empty predicate")
 
 

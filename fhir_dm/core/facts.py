@@ -162,6 +162,8 @@ class PatientFacts:
     screening_evidence: tuple[Evidence, ...] = ()
     # Names of the malignancies recorded as active (a plan says which cancer it defers to).
     active_cancers: tuple[str, ...] = ()
+    # Country of birth (`patient-birthPlace`), as given: sites map it to regional cancer risk.
+    birth_country: str | None = None
 
     def feature(self, name: str) -> Fact:
         return self.features.get(name, UNKNOWN_FACT)
@@ -1033,4 +1035,18 @@ def extract_facts(record: PatientRecord, knowledge: Knowledge, matcher: Matcher)
         active_cancers=tuple(dict.fromkeys(reader.active_cancer_names)),
         findings=reader.grouped_findings(),
         all_sources=tuple(sorted(reader.sources | {record.reference})),
+        birth_country=birth_country(patient),
     )
+
+
+BIRTH_PLACE = "http://hl7.org/fhir/StructureDefinition/patient-birthPlace"
+
+
+def birth_country(patient: Mapping[str, Any]) -> str | None:
+    """`Patient.extension[patient-birthPlace].valueAddress.country`, trimmed, if given."""
+    for ext in patient.get("extension") or []:
+        if isinstance(ext, Mapping) and ext.get("url") == BIRTH_PLACE:
+            country = (ext.get("valueAddress") or {}).get("country")
+            if isinstance(country, str) and country.strip():
+                return country.strip()
+    return None

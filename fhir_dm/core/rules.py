@@ -177,7 +177,21 @@ class Evaluator:
                 bool(getattr(self.knowledge.site.site, p.site_flag)),
                 (f"site setting {p.site_flag}",),
             )
+        if p.regional_risk is not None:
+            return self._regional(p.regional_risk)
         raise AssertionError("unreachable: predicates are validated at load time")
+
+    def _regional(self, kind: str) -> Evaluation:
+        """Raised regional risk: the site's flag, or the patient's country of birth mapped."""
+        site = self.knowledge.site
+        if getattr(site.site, f"{kind}_region"):
+            return Evaluation(True, (f"site setting {kind}_region",))
+        country = self.facts.birth_country
+        if country is not None and country.casefold() in site.regional_risk.countries(kind):
+            return Evaluation(
+                True, (f"born in {country} (raised {kind} risk)",), (self.facts.patient_reference,)
+            )
+        return Evaluation(False)
 
     def _subtype_label(self) -> str:
         assert self.facts.iim is not None

@@ -193,6 +193,8 @@ class Predicate(_Frozen):
     feature: tuple[str, ...] | None = None
     tier_in: tuple[TierId, ...] | None = None
     site_flag: Literal["npc_region"] | None = None
+    # Raised regional cancer risk for the site, or for the patient by country of birth (1.2.0).
+    regional_risk: Literal["npc", "gastric"] | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Predicate:
@@ -678,6 +680,9 @@ class RuleSet(_Frozen):
 
 class SiteFlags(_Frozen):
     npc_region: bool = False
+    # Raised gastric cancer risk region (e.g. Japan, Korea): upper GI endoscopy to consider at
+    # diagnosis for moderate and high risk, deviating from IMACS.
+    gastric_region: bool = False
     # Count clinically amyopathic DM as DM (high risk), deviating from IMACS (intermediate).
     cadm_as_dm: bool = False
 
@@ -699,10 +704,23 @@ class Orders(_Frozen):
     priority: Literal["routine", "urgent", "asap", "stat"] = "routine"
 
 
+class RegionalRisk(_Frozen):
+    """Patients at raised regional cancer risk whatever the site, by country of birth
+    (`patient-birthPlace` address country, compared case-insensitively; codes or names)."""
+
+    npc_birth_countries: tuple[str, ...] = ()
+    gastric_birth_countries: tuple[str, ...] = ()
+
+    def countries(self, kind: str) -> frozenset[str]:
+        given = self.npc_birth_countries if kind == "npc" else self.gastric_birth_countries
+        return frozenset(c.strip().casefold() for c in given)
+
+
 class Site(_Frozen):
     """config/site.yaml: how this installation reads data and what it writes."""
 
     site: SiteFlags = SiteFlags()
+    regional_risk: RegionalRisk = RegionalRisk()
     antibody_results: AntibodyResults = AntibodyResults()
     observations: ObservationSettings = ObservationSettings()
     orders: Orders = Orders()

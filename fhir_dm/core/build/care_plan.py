@@ -15,7 +15,7 @@ from fhir_dm.core.build.common import (
     system_coding,
 )
 from fhir_dm.core.build.narrative import render_narrative
-from fhir_dm.core.build.service_request import item_note
+from fhir_dm.core.build.service_request import CONSIDER_CODE, item_note
 from fhir_dm.core.explain import Explanation
 from fhir_dm.core.plan import PlanItem
 
@@ -30,14 +30,23 @@ DM_CATEGORY = ("dm-careplan-category", "dm-cancer-screening", "IIM cancer screen
 def _detail(ctx: BuildContext, item: PlanItem, status: str = "not-started") -> Json:
     k = ctx.knowledge
     test = k.ruleset.tests[item.test_id]
-    return {
-        "detail": {
-            "code": {"coding": [coding(k, test.code)], "text": test.display},
-            "status": status,
-            "scheduledPeriod": period(item.due_start, item.due_end),
-            "description": test.display + "".join(f" {n['text']}" for n in item_note(item)),
-        }
+    detail: Json = {
+        "code": {"coding": [coding(k, test.code)], "text": test.display},
+        "status": status,
+        "scheduledPeriod": period(item.due_start, item.due_end),
+        "description": test.display + "".join(f" {n['text']}" for n in item_note(item)),
     }
+    if item.conditional and status == "not-started":
+        # A "consider" item is an activity, never an order (§13): marked so for any EHR.
+        detail["statusReason"] = {
+            "coding": [
+                system_coding(
+                    k, "dm-screening", CONSIDER_CODE, "Consider (conditional recommendation)"
+                )
+            ],
+            "text": f"Consider: {item.condition_text}",
+        }
+    return {"detail": detail}
 
 
 def done_activity(ctx: BuildContext, item: PlanItem) -> Json:
