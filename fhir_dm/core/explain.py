@@ -139,6 +139,9 @@ def explain(plan: Plan, knowledge: Knowledge) -> Explanation:
             f"{item_rules.label}: {'; '.join(item_rules.facts)} "
             f"(rule {item_rules.id}; evidence {item_rules.evidence})"
         )
+    if a.tier is not None and rs.cohort_rates is not None:
+        # Cohort figures to support shared decisions, never a prediction for this patient.
+        reasons.append(rs.cohort_rates.text)
     iim = a.facts.iim
     onset = "unknown"
     if iim and iim.onset:
