@@ -788,8 +788,9 @@ class _Reader:
         Read by each test's code and the value sets of codes that show it done (`tests.<id>
         .done`, clinical-logic §10 rev 3; a partial match is marked with its note): completed
         ServiceRequests (not fhir-dm's own: those are proposals dated by their due window,
-        closed by write-back against the real evidence), final DiagnosticReports and Observations, completed Procedures, available
-        ImagingStudies (`procedureCode`). Undated records cannot be placed in a round: a finding.
+        closed by write-back against the real evidence), final DiagnosticReports and
+        Observations, completed Procedures, available ImagingStudies (`procedureCode`).
+        Undated records cannot be placed in a round: a finding.
         """
         term = self.k.terminology
         by_code = {

@@ -698,10 +698,13 @@ class Knowledge(_Frozen):
             seen = owner.setdefault(code_key, (test_id, partial))
             if seen == (test_id, partial):
                 return
-            how = "tests" if seen[0] != test_id else "a full and a partial match of one test"
+            code = f"{code_key[0]}|{code_key[1]}"
             problems.append(
-                f"{where}: code {code_key[0]}|{code_key[1]} shows two {how} done "
-                f"('{seen[0]}' and '{test_id}'): list it once"
+                f"{where}: code {code} shows two tests done ('{seen[0]}' and '{test_id}'):"
+                " list it once"
+                if seen[0] != test_id
+                else f"{where}: code {code} is both a full and a partial match of"
+                f" '{test_id}': list it once"
             )
 
         for test_id, test in self.ruleset.tests.items():
