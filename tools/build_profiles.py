@@ -369,6 +369,34 @@ def screening_tests_value_set(ctx: _Context) -> Json:
     )
 
 
+def done_value_set(ctx: _Context, test_id: str, test: Test) -> Json:
+    """The codes that show one test done: its own code and its `done` value sets."""
+    vsets = ctx.k.terminology.value_sets
+    codings = [(test.code.system, test.code.code, test.code.display)]
+    partial: list[str] = []
+    for done in test.done:
+        entries = [e for e in vsets[done.value_set].include if e.code is not None]
+        codings.extend((e.system, e.code, e.display) for e in entries if e.code is not None)
+        if done.partial and entries:
+            codes = ", ".join(str(e.code) for e in entries)
+            partial.append(f"{codes} count as done for part of the test ({done.note})")
+    description = (
+        f"Codes that show '{test.display}' done when a record carries one: a completed "
+        "ServiceRequest, final DiagnosticReport or Observation, completed Procedure or "
+        "available ImagingStudy. Site-local codes mapped in config/terminology are matched "
+        "too; they are not part of this value set."
+    )
+    if partial:
+        description += " Partial matches: " + "; ".join(partial) + "."
+    return _value_set(
+        ctx,
+        f"dm-done-{test_id}",
+        f"{test.display}: done",
+        description,
+        _includes(ctx, codings),
+    )
+
+
 def risk_tier_value_set(ctx: _Context) -> Json:
     return _value_set(
         ctx,
@@ -667,8 +695,12 @@ def activity_definition(ctx: _Context, test_id: str, test: Test) -> Json:
         else "Not orderable: the service lists it as a CarePlan activity detail."
     )
     sex = f" {_sex_text(test)}." if test.sex else ""
+    done = f" Done when a record carries a code of {ctx.url('ValueSet', f'dm-done-{test_id}')}."
     ad = ctx.header(
-        "ActivityDefinition", test_id, test.display, f"{test.display} ({test.category}). {how}{sex}"
+        "ActivityDefinition",
+        test_id,
+        test.display,
+        f"{test.display} ({test.category}). {how}{sex}{done}",
     )
     if orderable:
         ad["kind"] = "ServiceRequest"
@@ -1109,6 +1141,7 @@ def build_artifacts(
         subtypes_value_set(ctx),
         screening_tests_value_set(ctx),
         risk_tier_value_set(ctx),
+        *(done_value_set(ctx, test_id, test) for test_id, test in ctx.rs.tests.items()),
         plan_definition(ctx),
         *(activity_definition(ctx, test_id, test) for test_id, test in ctx.rs.tests.items()),
         risk_assessment_profile(ctx),

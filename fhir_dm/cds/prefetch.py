@@ -126,6 +126,15 @@ def _filter_codes(codes: CodeFilter, knowledge: Knowledge, where: str) -> list[s
         out.extend(
             f"{terminology.system_url(t.code.system)}|{t.code.code}" for t in rs.tests.values()
         )
+        # ... and every code that shows a test done (clinical-logic §10 rev 3), local ones too.
+        done = [d.value_set for t in rs.tests.values() for d in t.done]
+        for vs_id in done:
+            out.extend(
+                f"{terminology.system_url(e.system)}|{e.code}"
+                for e in terminology.value_sets[vs_id].include
+                if e.code is not None
+            )
+            out.extend(f"{m.system}|{m.code}" for m in terminology.mappings if m.value_set == vs_id)
     for token in out:
         if "," in token:
             raise KnowledgeError(f"cds.yaml: {where}: code '{token}' contains a comma")

@@ -48,8 +48,9 @@ class CodeFilter(_Frozen):
     """Codes appended to a search template as `&<param>=system|code,...`.
 
     `antibodies` takes every antibody value set of the rule set, `tests` every test code of
-    the rule set, `value_sets` names terminology value sets; site-local codes mapped onto a
-    chosen value set (terminology/local-codes.yaml) are added unless `local_mappings` is off.
+    the rule set and every code that shows a test done (`tests.<id>.done`), `value_sets` names
+    terminology value sets; site-local codes mapped onto a chosen value set
+    (terminology/local-codes.yaml) are added unless `local_mappings` is off.
     """
 
     param: Literal["code", "combo-code"] = "code"

@@ -124,12 +124,18 @@ class CkResult:
 
 @dataclass(frozen=True, slots=True)
 class Evidence:
-    """A record showing a screening test done: which test, the resource, its date and type."""
+    """A record showing a screening test done: which test, the resource, its date and type.
+
+    `partial`: the record answers only part of the test (configured per value set, `tests.<id>
+    .done`); it counts as done and `note` says what it leaves out.
+    """
 
     test_id: str
     reference: str
     when: date
     resource_type: str
+    partial: bool = False
+    note: str = ""
 
 
 class LabItem(NamedTuple):
@@ -781,15 +787,23 @@ class _Reader:
     def screening_evidence(self) -> tuple[Evidence, ...]:
         """Every record that shows a screening test done, oldest first (clinical-logic §10).
 
-        Read by the tests' codes: completed ServiceRequests (not fhir-dm's own: those are
-        proposals dated by their due window, closed by write-back against the real evidence),
-        final DiagnosticReports and Observations, completed Procedures, available
-        ImagingStudies (`procedureCode`). Undated records cannot be placed in a round: a finding.
+        Read by each test's code and the value sets of codes that show it done (`tests.<id>
+        .done`, clinical-logic §10 rev 3; a partial match is marked with its note): completed
+        ServiceRequests (not fhir-dm's own: those are proposals dated by their due window,
+        closed by write-back against the real evidence), final DiagnosticReports and
+        Observations, completed Procedures, available ImagingStudies (`procedureCode`).
+        Undated records cannot be placed in a round: a finding.
         """
-        tests = self.rs.tests
+        term = self.k.terminology
         by_code = {
-            (self.k.terminology.system_url(t.code.system), t.code.code): test_id
-            for test_id, t in tests.items()
+            (term.system_url(t.code.system), t.code.code): test_id
+            for test_id, t in self.rs.tests.items()
+        }
+        # Value set -> (test, partial, note); the loader made each code show one test one way.
+        by_value_set = {
+            done.value_set: (test_id, done.partial, done.note)
+            for test_id, t in self.rs.tests.items()
+            for done in t.done
         }
         ours = f"{self.rs.canonical_base}/sid/plan-item"
         found: dict[tuple[str, str], Evidence] = {}
@@ -806,21 +820,33 @@ class _Reader:
                 if resource_type == "ImagingStudy"
                 else [resource.get("code")]
             )
-            test_ids = {
-                by_code[key]
-                for concept in concepts
-                for coding in (concept or {}).get("coding") or []
-                if (key := (coding.get("system"), coding.get("code"))) in by_code
-            }
-            if not test_ids:
+            # Per test: a full match wins over a partial one (the note of the first partial).
+            shown: dict[str, tuple[bool, str]] = {}
+            for concept in concepts:
+                for coding in (concept or {}).get("coding") or []:
+                    system, code = coding.get("system"), coding.get("code")
+                    hits = [
+                        by_value_set[vs]
+                        for vs in sorted(self.m.code(system, code))
+                        if vs in by_value_set
+                    ]
+                    if (system, code) in by_code:
+                        hits.append((by_code[(system, code)], False, ""))
+                    for test_id, partial, note in hits:
+                        if not partial or test_id not in shown:
+                            shown[test_id] = (partial, note)
+            if not shown:
                 continue
             span = _done_date(resource)
             if span is None:
                 self.note("screening test record without a date: not counted as done", ref)
                 continue
             self.sources.add(ref)
-            for test_id in test_ids:
-                found.setdefault((test_id, ref), Evidence(test_id, ref, span.latest, resource_type))
+            for test_id, (partial, note) in shown.items():
+                found.setdefault(
+                    (test_id, ref),
+                    Evidence(test_id, ref, span.latest, resource_type, partial, note),
+                )
         return tuple(sorted(found.values(), key=lambda e: (e.when, e.test_id, e.reference)))
 
 

@@ -84,8 +84,9 @@ class Relevance:
     """Which input resources the rules can read, decided on the raw JSON before validation.
 
     Built once from the knowledge. READ_TYPES are kept whatever their code. An Observation or
-    DiagnosticReport is kept when its code (or a component's) is in a configured value set, a
-    local code mapping or the screening tests, or its text names a value set the way the facts
+    DiagnosticReport is kept when its code (or a component's) is in a configured value set (the
+    value sets of codes that show a screening test done among them), a local code mapping or
+    the screening tests' own codes, or its text names a value set the way the facts
     reader matches text, or names an antibody (an unrecognised one is reported); or when a
     result / panel member it references is kept or is not in the input; every result and member
     of a kept one is kept too. Anything of an unexpected shape is kept, so that validation

@@ -332,6 +332,24 @@ class CodeRef(_Frozen):
     source: str
 
 
+class DoneCodes(_Frozen):
+    """A terminology value set whose codes show a test done (clinical-logic §10 rev 3).
+
+    `partial`: the record answers only part of the test (a CT of chest, abdomen and pelvis for
+    a CT of neck, chest, abdomen and pelvis); it counts as done and `note` says what is missing.
+    """
+
+    value_set: str
+    partial: bool = False
+    note: str = ""
+
+    @model_validator(mode="after")
+    def _partial_says_why(self) -> DoneCodes:
+        if self.partial and not self.note.strip():
+            raise ValueError("a partial match needs a 'note' saying what it leaves out")
+        return self
+
+
 class Test(_Frozen):
     display: str
     kind: Literal["order", "activity"]
@@ -340,6 +358,8 @@ class Test(_Frozen):
     code: CodeRef
     # Overrides the rule set's `done_lookback_months` for this test (clinical-logic §10).
     done_lookback_months: int | None = Field(default=None, ge=0)
+    # Value sets of the codes that show the test done, besides `code` itself (§10 rev 3).
+    done: tuple[DoneCodes, ...] = ()
 
 
 class Panel(_Sourced):
@@ -769,4 +789,74 @@ class Knowledge(_Frozen):
                 bad.append(f"tests.{test_id}.code: {exc.errors()[0]['msg']}")
         if bad:
             raise ValueError("; ".join(bad))
+        problems = self._done_problems()
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
+
+    def _done_problems(self) -> list[str]:
+        """The done value sets exist, list codes (not prefixes), and each code shows one test
+        done one way: a record with a code of two tests, or of a test fully and partly, would
+        be read by guess."""
+        term = self.terminology
+        problems: list[str] = []
+        owner: dict[tuple[str, str], tuple[str, bool]] = {}
+        named: set[str] = set()
+
+        dotless = {term.system_url(a) for a in term.dotless_systems}
+
+        def key(system_url: str, code: str) -> tuple[str, str]:
+            code = code.strip().upper()
+            return system_url, code.replace(".", "") if system_url in dotless else code
+
+        def claim(where: str, code_key: tuple[str, str], test_id: str, partial: bool) -> None:
+            seen = owner.setdefault(code_key, (test_id, partial))
+            if seen == (test_id, partial):
+                return
+            code = f"{code_key[0]}|{code_key[1]}"
+            problems.append(
+                f"{where}: code {code} shows two tests done ('{seen[0]}' and '{test_id}'):"
+                " list it once"
+                if seen[0] != test_id
+                else f"{where}: code {code} is both a full and a partial match of"
+                f" '{test_id}': list it once"
+            )
+
+        for test_id, test in self.ruleset.tests.items():
+            claim(
+                f"tests.{test_id}.code",
+                key(term.system_url(test.code.system), test.code.code),
+                test_id,
+                False,
+            )
+        for test_id, test in self.ruleset.tests.items():
+            for i, done in enumerate(test.done):
+                where = f"tests.{test_id}.done.{i}"
+                vs = term.value_sets.get(done.value_set)
+                if vs is None:
+                    problems.append(f"{where}: unknown value set '{done.value_set}'")
+                    continue
+                if done.value_set in named:
+                    problems.append(f"{where}: value set '{done.value_set}' is named twice")
+                    continue
+                named.add(done.value_set)
+                for n, entry in enumerate(vs.include):
+                    if entry.code is None:
+                        problems.append(
+                            f"{where}: value set '{done.value_set}' include.{n} is a prefix;"
+                            " done codes are listed one by one"
+                        )
+                        continue
+                    code_key = key(term.system_url(entry.system), entry.code)
+                    claim(f"{where} ({done.value_set})", code_key, test_id, done.partial)
+                for mapping in term.mappings:
+                    if mapping.value_set == done.value_set:
+                        alias = term.system_aliases.get(mapping.system)
+                        system = term.system_url(alias) if alias else mapping.system
+                        claim(
+                            f"{where} (local code)",
+                            key(system, mapping.code),
+                            test_id,
+                            done.partial,
+                        )
+        return problems
