@@ -24,12 +24,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import date
+from datetime import date, timedelta
 from typing import Literal
 
 from fhir_dm.core.dates import add_months
 from fhir_dm.core.facts import UNKNOWN, Evidence
-from fhir_dm.core.rules import PLAN_SCOPES, Assessment, Evaluator, FiredRule, Notice
+from fhir_dm.core.rules import (
+    PLAN_SCOPES,
+    Assessment,
+    Evaluator,
+    FiredRule,
+    Notice,
+    feature_label,
+)
 from fhir_dm.knowledge.models import Knowledge, Round
 
 
@@ -305,6 +312,10 @@ def _match_late(
     return [out[item.key] for item in items]
 
 
+def _round_tests(b: _Builder, rnd: Round) -> set[str]:
+    return {t for panel in rnd.panels for t in b.rs.panels[panel].tests} | set(rnd.tests)
+
+
 def _with_lapse(items: list[PlanItem], b: _Builder, window_end: date) -> list[PlanItem]:
     """Date when each item stops being owed, by its round's `lapses` rule (§13)."""
     grace = b.rs.plan_life.overdue_grace_months
@@ -315,13 +326,20 @@ def _with_lapse(items: list[PlanItem], b: _Builder, window_end: date) -> list[Pl
         lapses_on: date | None = None
         note = ""
         if rule == "next-round":
+            # The next round of the series that repeats this test supersedes it (never before
+            # the item's own window has ended).
             series = next((s for s in b.series.values() if rnd in s), ())
             later = sorted(
-                (r for r in series if r.offset_months > rnd.offset_months),
+                (
+                    r
+                    for r in series
+                    if r.offset_months > rnd.offset_months and item.test_id in _round_tests(b, r)
+                ),
                 key=lambda r: r.offset_months,
             )
             if later:
-                lapses_on = b.window_for(later[0])[0]
+                opens = b.window_for(later[0])[0]
+                lapses_on = max(opens, item.due_end + timedelta(days=1))
                 note = f"superseded by the {later[0].label} round"
             else:
                 rule = "due-end-grace"
@@ -499,7 +517,7 @@ def _red_flag_items(
     red, latest = _red_flags(a, knowledge, b.anchor)
     if not red:
         return
-    labels = tuple(f.replace("_", " ") for f in red)
+    labels = tuple(feature_label(knowledge, f) for f in red)
     sources = tuple(s for f in red for s in facts.feature(f).sources)
     rule = FiredRule(
         "red-flags",

@@ -446,6 +446,12 @@ def _notices(facts: PatientFacts, knowledge: Knowledge, now: date) -> list[Notic
     return out
 
 
+def feature_label(knowledge: Knowledge, name: str) -> str:
+    """A feature as outputs name it ("unexplained weight loss"), derived ones by their name."""
+    labels = {f.id: f.label for f in knowledge.ruleset.features}
+    return labels.get(name, name.replace("_", " "))
+
+
 def red_flag_notice(facts: PatientFacts, knowledge: Knowledge, scope: str) -> Notice | None:
     """A red flag is always shown, naming it and its date (rule set 1.2.0)."""
     rs = knowledge.ruleset
@@ -454,7 +460,7 @@ def red_flag_notice(facts: PatientFacts, knowledge: Knowledge, scope: str) -> No
         return None
     dates = [d for f in red if (d := facts.feature(f).when) is not None]
     since = f" (since {max(dates).isoformat()})" if dates else ""
-    flags = ", ".join(f.replace("_", " ") for f in red)
+    flags = ", ".join(feature_label(knowledge, f) for f in red)
     template = rs.red_flags.juvenile_notice if scope == "juvenile" else rs.red_flags.notice
     return Notice(
         "red-flags",

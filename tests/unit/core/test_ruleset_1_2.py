@@ -53,7 +53,7 @@ def _items(result: PatientResult, round_id: str) -> dict[str, Any]:
 
 
 def _orders(result: PatientResult) -> set[str]:
-    return {r["identifier"][0]["value"].rsplit(".", 3)[1] for r in result.service_requests}
+    return {r["identifier"][0]["value"].rsplit(".", 3)[2] for r in result.service_requests}
 
 
 # -- Red flags never vanish (review row 4) ---------------------------------------------------
@@ -246,7 +246,9 @@ def test_pet_ct_single_investigation_shows_the_ct_as_ct_or_pet_ct(engine: Engine
     assert "may replace the CT-based imaging" in items["pet-ct"].condition_text
     assert "misses some cancers" in items["pet-ct"].condition_text
     assert items["pet-ct"].conditional and not items["ct-ncap"].conditional
-    ct_order = next(r for r in result.service_requests if r["code"]["coding"][0]["code"] == "89283-6")
+    ct_order = next(
+        r for r in result.service_requests if r["code"]["coding"][0]["code"] == "89283-6"
+    )
     assert any("or 18F-FDG PET-CT instead" in n["text"] for n in ct_order["note"])
 
 
@@ -321,7 +323,8 @@ def test_window_closed_wording_and_cohort_rates(engine: Engine) -> None:
     p = f.patient("closed-1", birth_date="1970-01-01")
     result = run_one(engine, p, f.iim_condition(p, onset="2019-01-10"), now=date(2026, 6, 1))
     assert result.plan.assessment.scope == "window-closed"
-    assert "continue age- and sex-appropriate national screening" in result.plan.assessment.scope_reason
+    reason = result.plan.assessment.scope_reason
+    assert "continue age- and sex-appropriate national screening" in reason
     q = f.patient("rates-1", birth_date="1970-01-01")
     stratified = run_one(engine, q, f.iim_condition(q), now=date(2024, 3, 10))
     assert any("high 20.6%, moderate 6.7%" in r for r in stratified.explanation.reasons)
