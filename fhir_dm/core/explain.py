@@ -95,7 +95,7 @@ def _missed_line(item: PlanItem, knowledge: Knowledge) -> str:
     kind = "consider item " if item.conditional else ""
     return (
         f"{item.round_label}: {kind}{test} (due {item.due_start.isoformat()} to "
-        f"{item.due_end.isoformat()}) was not done; missed: {item.lapse_note}"
+        f"{item.due_end.isoformat()}) was not done; {item.lapse_note}"
     )
 
 

@@ -56,7 +56,8 @@ class PlanItem:
     # Done this long before the window opens still counts (clinical-logic §10, per test).
     lookback_months: int = 3
     done: Evidence | None = None
-    # The day an undone firm item stops being owed ("missed" from then), and why (§13).
+    # The day an undone item stops being owed ("missed" from then), and why, as said
+    # ("missed: superseded by the 24 months round"; §13).
     lapses_on: date | None = None
     lapse_note: str = ""
     # A test the plan can order (a ServiceRequest), not a plan activity such as an examination.
@@ -340,15 +341,15 @@ def _with_lapse(items: list[PlanItem], b: _Builder, window_end: date) -> list[Pl
             if later:
                 opens = b.window_for(later[0])[0]
                 lapses_on = max(opens, item.due_end + timedelta(days=1))
-                note = f"superseded by the {later[0].label} round"
+                note = f"missed: superseded by the {later[0].label} round"
             else:
                 rule = "due-end-grace"
         if rule == "window-end":
-            lapses_on, note = window_end, "window closed"
+            lapses_on, note = window_end, "missed: window closed"
         elif rule == "window-end-grace":
-            lapses_on, note = add_months(window_end, grace), "window closed"
+            lapses_on, note = add_months(window_end, grace), "missed: window closed"
         elif rule == "due-end-grace":
-            lapses_on, note = add_months(item.due_end, grace), "its round has passed"
+            lapses_on, note = add_months(item.due_end, grace), "missed: its round has passed"
         elif rule == "never":
             lapses_on, note = None, ""
         orderable = b.rs.tests[item.test_id].kind == "order"
@@ -615,6 +616,34 @@ def _with_notes(items: list[PlanItem], a: Assessment, knowledge: Knowledge) -> l
     ]
 
 
+IMACS_ROUND_KINDS = frozenset({"schedule", "addon"})
+
+
+def _cancer_associated(
+    items: list[PlanItem], a: Assessment, knowledge: Knowledge, anchor: date
+) -> list[PlanItem]:
+    """A cancer recorded after the myositis diagnosis (active or in remission) ends the IMACS
+    occult-cancer rounds: they answered their question (§6 rev 3). Rounds after it are not
+    planned; undone items of earlier ones end on its date (said, never silently dropped); done
+    items stay. Lung surveillance and antibody testing are unaffected."""
+    dates = [
+        when
+        for name in ("active_malignancy", "personal_history_cancer")
+        if (fact := a.facts.feature(name)).is_true() and (when := fact.when) is not None
+    ]
+    found = min((d for d in dates if d > anchor), default=None)
+    if found is None:
+        return items
+    note = knowledge.ruleset.plan_life.ended_by_cancer.format(date=found.isoformat())
+    out = []
+    for item in items:
+        if not any(r.kind in IMACS_ROUND_KINDS for r in item.rules) or item.done is not None:
+            out.append(item)
+        elif item.due_start <= found:
+            out.append(replace(item, lapses_on=found, lapse_note=note))
+    return out
+
+
 def _oncology_items(items: list[PlanItem], a: Assessment, knowledge: Knowledge) -> list[PlanItem]:
     """With a known cancer (or a checkpoint inhibitor) cancer screening becomes "consider"."""
     rs = knowledge.ruleset
@@ -690,6 +719,7 @@ def build_plan(assessment: Assessment, knowledge: Knowledge) -> Plan:
     b.items.update((item.key, item) for item in lapsed)
     items = _match_done(list(b.items.values()), evidence, used)
     items = _match_late(items, evidence, used, a.now)
+    items = _cancer_associated(items, a, knowledge, anchor)
     keep = _with_notes(_oncology_items(items, a, knowledge), a, knowledge)
     order = list(rs.tests)
     keep.sort(key=lambda i: (i.due_start, i.round_id, order.index(i.test_id)))

@@ -191,7 +191,7 @@ def _revoke_reason(result: PatientResult, item: PlanItem | None, *, legacy: bool
     if legacy and result.care_plan is not None:
         why = "re-issued under the plan revised in place (an earlier identifier format)"
     elif item is not None and plan.status(item) == "missed":
-        why = f"missed: {item.lapse_note}"
+        why = item.lapse_note
     elif item is not None and item.conditional:
         why = f'now a "consider" item ({item.condition_text}): shown in the plan, not ordered'
     elif item is not None and item.done is None:

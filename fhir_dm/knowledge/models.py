@@ -394,6 +394,8 @@ class PlanLife(_Sourced):
     order_lead_months: int = Field(ge=0, le=3)
     # The one notice that replaces the work-up items at diagnosis once they lapse; `{tests}`.
     workup_not_recorded: str
+    # Why undone IMACS items end when a cancer is found after the diagnosis; `{date}`.
+    ended_by_cancer: str
 
 
 class Schedule(_Sourced):

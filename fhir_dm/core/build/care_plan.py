@@ -64,7 +64,7 @@ def done_activity(ctx: BuildContext, item: PlanItem) -> Json:
 def missed_activity(ctx: BuildContext, item: PlanItem) -> Json:
     """The activity of an item that lapsed undone: kept in the history, with why (§13)."""
     activity = _detail(ctx, item, "cancelled")
-    activity["detail"]["statusReason"] = {"text": f"missed: {item.lapse_note}"}
+    activity["detail"]["statusReason"] = {"text": item.lapse_note}
     return activity
 
 

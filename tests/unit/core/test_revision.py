@@ -154,7 +154,7 @@ def test_a_done_order_is_completed_never_revoked(engine: Engine) -> None:
     assert later.plan.status(item) == "done-late"
 
 
-def test_a_cancer_recorded_revokes_open_orders_as_consider_and_orders_nothing_new(
+def test_a_cancer_found_after_the_diagnosis_ends_the_rounds_and_orders_nothing_new(
     engine: Engine,
 ) -> None:
     plans, requests = _on_server(_high(engine, now=date(2024, 3, 10)))
@@ -168,8 +168,23 @@ def test_a_cancer_recorded_revokes_open_orders_as_consider_and_orders_nothing_ne
     assert not [e for e in created if e["resource"]["resourceType"] == "ServiceRequest"]
     screening = [e for e in revision.entries if e["resource"].get("status") == "revoked"]
     assert screening
-    assert all('now a "consider" item' in e["resource"]["note"][-1]["text"] for e in screening)
+    # Cancer-associated myositis (§6 rev 3): the occult-cancer rounds answered their question.
+    for entry in screening:
+        assert "ended: a cancer was found (2024-03-20)" in entry["resource"]["note"][-1]["text"]
     assert revision.updated_plans == ("CarePlan/cp1",)
+    assert not any(i.round_id.startswith("year-") for i in later.plan.items)
+
+
+def test_a_cancer_known_at_diagnosis_makes_screening_consider_items(engine: Engine) -> None:
+    def cancer(p: Json) -> Json:
+        return f.condition(p, f.concept("http://snomed.info/sct", "254637007"), onset="2024-02-01")
+
+    result = _high(engine, cancer, now=date(2024, 3, 10))
+    screening = [
+        i for i in result.plan.items if i.round_id == "diagnosis" and i.test_id == "ct-ncap"
+    ]
+    assert screening and all(i.conditional for i in screening)
+    assert not any(r["code"]["coding"][0]["code"] == "89283-6" for r in result.service_requests)
 
 
 def test_other_series_is_not_touched(engine: Engine) -> None:
