@@ -458,9 +458,16 @@ def _lung_items(b: _Builder, a: Assessment, knowledge: Knowledge) -> None:
         ("adult-onset IIM",),
         (a.facts.iim.reference,) if a.facts.iim else (),
     )
+    # Done in the months before the diagnosis: not screened again. Done since: the round's own
+    # item, shown done (its order completed), not dropped.
     since = add_months(b.anchor, -screening.unless_done_within_months)
     for test_id in screening.round.tests:
-        if not _done_since(a.facts.screening_done, test_id, since):
+        before = [
+            e
+            for e in a.facts.screening_evidence
+            if e.test_id == test_id and since <= e.when < b.anchor
+        ]
+        if not before:
             b.add(test_id, screening.round, rule, not_imacs=True)
 
 
