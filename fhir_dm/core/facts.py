@@ -245,6 +245,9 @@ class _Reader:
         self.possible_malignancy = _word_pattern(
             knowledge.terminology.possible_malignancy_words, starts=True
         )
+        self.not_malignancy = _word_pattern(
+            knowledge.terminology.possible_malignancy_except_words, starts=True
+        )
         # Conditions that may be a cancer but are not coded as one (clinical-logic §12 rev 3).
         self.possible_malignancy_refs: list[str] = []
         self.cancers: list[CancerRecord] = []
@@ -277,7 +280,8 @@ class _Reader:
             value_sets = self.m.concept(cond.get("code")).value_sets
             if not value_sets:
                 coded = bool((cond.get("code") or {}).get("coding"))
-                if self.possible_malignancy.search(_concept_text(cond.get("code"))):
+                text = _concept_text(cond.get("code"))
+                if self.possible_malignancy.search(text) and not self.not_malignancy.search(text):
                     # Never read as a cancer (no guess), never silent either: a headline notice.
                     self.possible_malignancy_refs.append(ref)
                 else:

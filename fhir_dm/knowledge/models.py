@@ -169,6 +169,8 @@ class Terminology(_Frozen):
     dotless_systems: tuple[str, ...] = ()
     # Word starts that mark an unrecognised Condition as a possible malignancy (reported only).
     possible_malignancy_words: tuple[str, ...] = ()
+    # Word starts that, in the same text, mean it is not a possible cancer ("benign").
+    possible_malignancy_except_words: tuple[str, ...] = ()
     # Words that mark an Observation name as an antibody result (unrecognised ones are reported).
     antibody_name_words: tuple[str, ...] = ()
     # Value sets an optional terminology server may widen (server.yaml); unused without one.

@@ -357,3 +357,30 @@ def test_unrecognised_sex_value_is_reported(engine: Engine) -> None:
     facts = facts_of(engine, p, f.iim_condition(p))
     assert facts.sex.value == "female"
     assert any("birth sex (US Core) value not recognised (X)" in x for x in facts.findings)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Benign tumour of the parotid",
+        "Family history of breast cancer",
+        "Screening for colon cancer",
+    ],
+)
+def test_text_that_says_it_is_no_cancer_of_the_patient_is_not_a_possible_one(
+    engine: Engine, text: str
+) -> None:
+    p = f.patient(birth_date=MIDDLE_AGED)
+    cond = f.condition(p, {"text": text})
+    facts = facts_of(engine, p, f.iim_condition(p), cond)
+    assert not facts.feature("possible_malignancy").is_true()
+    assert any(cond["id"] in x and "not recognised" in x for x in facts.findings)
+
+
+def test_a_coded_cancer_screening_encounter_is_not_a_possible_cancer(engine: Engine) -> None:
+    p = f.patient(birth_date=MIDDLE_AGED)
+    display = "Encounter for screening mammogram for malignant neoplasm of breast"
+    cond = f.condition(p, f.concept(f.ICD10CM, "Z12.31", display))
+    facts = facts_of(engine, p, f.iim_condition(p), cond)
+    assert not facts.feature("possible_malignancy").is_true()
+    assert not facts.feature("active_malignancy").is_true()
