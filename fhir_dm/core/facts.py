@@ -21,10 +21,10 @@ from fhir_dm.core.inputs import PatientRecord, Resource, normalise_reference
 from fhir_dm.core.results import Grade, ResultGrader, normalise_unit, parse_bounds
 from fhir_dm.core.terminology import Matcher, normalise_name
 from fhir_dm.knowledge.models import (
-    ClinicalSexSources,
     Knowledge,
     Refractory,
     ResultStrings,
+    SexCode,
     SexExtension,
 )
 
@@ -1089,7 +1089,7 @@ def _deceased(patient: Mapping[str, Any], reference: str) -> Fact:
 def _sex_values(
     patient: Mapping[str, Any],
     ext_def: SexExtension,
-    sources: ClinicalSexSources,
+    codes: Sequence[SexCode],
     systems: Mapping[str, str],
 ) -> tuple[set[str], list[str]]:
     """The sexes one kind of extension gives (female, male, undetermined, unknown), and the
@@ -1126,7 +1126,7 @@ def _sex_values(
             match = next(
                 (
                     k.sex
-                    for k in sources.codes
+                    for k in codes
                     if k.code == code
                     and (system is None or k.system is None or systems.get(k.system) == system)
                 ),
@@ -1159,9 +1159,9 @@ def clinical_sex(
     gender = patient.get("gender")
     said: list[tuple[str, str]] = []  # (label, female/male) for every record that gives one
     decided: tuple[str, str] | None = None  # (sex or "undetermined", label)
-    for ext_def in sources.extensions if sources else ():
-        assert sources is not None
-        sexes, unknown_codes = _sex_values(patient, ext_def, sources, knowledge.terminology.systems)
+    extensions, codes = (sources.extensions, sources.codes) if sources else ((), ())
+    for ext_def in extensions:
+        sexes, unknown_codes = _sex_values(patient, ext_def, codes, knowledge.terminology.systems)
         if unknown_codes and reader is not None:
             reader.note(
                 f"Patient: {ext_def.label} value not recognised ({', '.join(unknown_codes)})"
