@@ -475,7 +475,8 @@ def _activity_url(ctx: _Context, test_id: str) -> str:
 
 def _sex_text(test: Test) -> str:
     return (
-        f"Patient sex is {test.sex}; proposed as 'consider' when sex is not recorded"
+        f"Sex for clinical use is {test.sex}; proposed as 'consider' when sex is not recorded "
+        "or the records of sex disagree"
         if test.sex
         else ""
     )

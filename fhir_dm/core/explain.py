@@ -112,6 +112,11 @@ def explain(plan: Plan, knowledge: Knowledge) -> Explanation:
         headline = f"{tier_label} of IIM-associated cancer; the screening window has closed"
     else:
         headline = f"Not stratified: {a.scope_reason}"
+    # Notices that must be read before the plan come first, in the headline too (§12 rev 3).
+    first = [n.headline for n in a.notices if n.headline]
+    if first:
+        headline = ". ".join([*first, headline])
+    notices = sorted(a.notices, key=lambda n: not n.headline)
     reasons = []
     for f in a.factors:
         label = FACTOR_CLASS_LABELS.get(f.kind, f.kind)
@@ -151,7 +156,7 @@ def explain(plan: Plan, knowledge: Knowledge) -> Explanation:
         tier_label=tier_label,
         preliminary=a.preliminary,
         reasons=tuple(reasons),
-        notices=tuple(n.text for n in a.notices),
+        notices=tuple(n.text for n in notices),
         unknown_facts=a.unknown_facts,
         findings=a.facts.findings,
         schedule=tuple(_row(plan, item, knowledge) for item in plan.items),

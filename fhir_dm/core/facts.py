@@ -14,13 +14,19 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from functools import lru_cache
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, Literal, NamedTuple
 
 from fhir_dm.core.dates import DateSpan, add_months, age_span, parse_fhir_date
 from fhir_dm.core.inputs import PatientRecord, Resource, normalise_reference
 from fhir_dm.core.results import Grade, ResultGrader, normalise_unit, parse_bounds
 from fhir_dm.core.terminology import Matcher, normalise_name
-from fhir_dm.knowledge.models import Knowledge, Refractory, ResultStrings
+from fhir_dm.knowledge.models import (
+    Knowledge,
+    Refractory,
+    ResultStrings,
+    SexCode,
+    SexExtension,
+)
 
 
 class _Unknown:
@@ -138,6 +144,24 @@ class Evidence:
     note: str = ""
 
 
+CancerOrder = Literal["before", "after", "unknown"]
+
+
+@dataclass(frozen=True, slots=True)
+class CancerRecord:
+    """One recorded cancer and whether it came before or after the myositis began.
+
+    The wording of the notices depends on the order (clinical-logic §6 rev 3): a cancer found
+    before the myositis may recur, one found after it is the myositis's own cancer.
+    """
+
+    name: str
+    reference: str
+    active: bool
+    order: CancerOrder
+    when: date | None = None
+
+
 class LabItem(NamedTuple):
     """One result to read: an Observation or a component, how outputs cite it, and its date."""
 
@@ -170,6 +194,10 @@ class PatientFacts:
     active_cancers: tuple[str, ...] = ()
     # Country of birth (`patient-birthPlace`), as given: sites map it to regional cancer risk.
     birth_country: str | None = None
+    # Every recorded cancer (active, past, history-of), with its order to the myositis.
+    cancers: tuple[CancerRecord, ...] = ()
+    # Why the sex for clinical use is uncertain (records disagree, or "specified"); "" if not.
+    sex_uncertain: str = ""
 
     def feature(self, name: str) -> Fact:
         return self.features.get(name, UNKNOWN_FACT)
@@ -225,6 +253,12 @@ class _Reader:
         self.possible_malignancy = _word_pattern(
             knowledge.terminology.possible_malignancy_words, starts=True
         )
+        self.not_malignancy = _word_pattern(
+            knowledge.terminology.possible_malignancy_except_words, starts=True
+        )
+        # Conditions that may be a cancer but are not coded as one (clinical-logic §12 rev 3).
+        self.possible_malignancy_refs: list[str] = []
+        self.cancers: list[CancerRecord] = []
 
     def note(self, message: str, ref: str | None = None) -> None:
         """Record input the rules could not use; one finding per message, refs grouped."""
@@ -254,9 +288,10 @@ class _Reader:
             value_sets = self.m.concept(cond.get("code")).value_sets
             if not value_sets:
                 coded = bool((cond.get("code") or {}).get("coding"))
-                if self.possible_malignancy.search(_concept_text(cond.get("code"))):
-                    # Never read as a cancer (no guess), never silent either.
-                    self.note("possible malignancy, not recognised: check", ref)
+                text = _concept_text(cond.get("code"))
+                if self.possible_malignancy.search(text) and not self.not_malignancy.search(text):
+                    # Never read as a cancer (no guess), never silent either: a headline notice.
+                    self.possible_malignancy_refs.append(ref)
                 else:
                     self.note(
                         "condition code not recognised"
@@ -396,34 +431,68 @@ class _Reader:
         return features
 
     def cancer_facts(
-        self, conditions: Sequence[tuple[str, Resource, frozenset[str]]]
+        self,
+        conditions: Sequence[tuple[str, Resource, frozenset[str]]],
+        iim: IimDiagnosis | None,
     ) -> dict[str, Fact]:
+        """Active, past and family cancers; possible and implied ones.
+
+        A cancer found after the myositis began is the myositis's own cancer, not a red flag
+        for an occult one (clinical-logic §6 rev 3), so it is not a `personal_history_cancer`.
+        """
         active: list[str] = []
         history: list[str] = []
         family: list[str] = []
+        implied: list[str] = []
         dates: dict[str, list[date]] = {"active": [], "history": [], "family": []}
         self.cancer_names = []
+        start = _myositis_start(iim)
+        possible_sets = set(self.rs.possible_malignancy.value_sets)
         for ref, cond, value_sets in conditions:
             status = _status_code(cond.get("clinicalStatus"))
             day = _condition_date(cond)
+            onset = _onset_span(cond)
+            recorded = parse_fhir_date(cond.get("recordedDate"))
+            name = _concept_name(cond.get("code"))
             if "malignancy" in value_sets:
-                kind = "history" if status in INACTIVE_CLINICAL else "active"
-                (history if kind == "history" else active).append(ref)
-                if kind == "history":
-                    self.cancer_names.append(_concept_name(cond.get("code")))
+                is_active = status not in INACTIVE_CLINICAL
+                # An active cancer was recorded when found; a past one may be entered long after.
+                diagnosed = onset or (recorded if is_active else None)
+                order = _order(diagnosed, recorded, start)
+                self.cancers.append(
+                    CancerRecord(
+                        name, ref, is_active, order, diagnosed.latest if diagnosed else None
+                    )
+                )
+                if is_active:
+                    active.append(ref)
+                    self.active_cancer_names.append(f"{name}, {ref}")
+                    if day:
+                        dates["active"].append(day)
                 else:
-                    self.active_cancer_names.append(f"{_concept_name(cond.get('code'))}, {ref}")
-                if day:
-                    dates[kind].append(day)
+                    self.cancer_names.append(name)
+                    if order != "after":
+                        history.append(ref)
+                        if day:
+                            dates["history"].append(day)
+            elif possible_sets & value_sets:
+                self.possible_malignancy_refs.append(ref)
             if "history-of-cancer" in value_sets:
-                history.append(ref)
-                self.cancer_names.append(_concept_name(cond.get("code")))
-                if day:
-                    dates["history"].append(day)
+                order = _order(onset, recorded, start)
+                self.cancers.append(
+                    CancerRecord(name, ref, False, order, onset.latest if onset else None)
+                )
+                self.cancer_names.append(name)
+                if order != "after":
+                    history.append(ref)
+                    if day:
+                        dates["history"].append(day)
             if "family-history-cancer" in value_sets:
                 family.append(ref)
                 if day:
                     dates["family"].append(day)
+            if self.rs.cancer_implied.value_set in value_sets:
+                implied.append(ref)
         for ref, fmh in self.of_type("FamilyMemberHistory"):
             if fmh.get("status") == "entered-in-error":
                 continue
@@ -435,7 +504,9 @@ class _Reader:
                 span = parse_fhir_date(fmh.get("date"))
                 if span:
                     dates["family"].append(span.latest)
-        self.sources.update(active + history + family)
+        possible = list(dict.fromkeys(self.possible_malignancy_refs))
+        self.sources.update(active + history + family + implied + possible)
+        self.sources.update(c.reference for c in self.cancers)
 
         def fact(refs: list[str], kind: str) -> Fact:
             # Dated by the most recent record: a red flag's round runs from the latest event.
@@ -446,6 +517,8 @@ class _Reader:
             "active_malignancy": fact(active, "active"),
             "personal_history_cancer": fact(history, "history"),
             "family_history_cancer": fact(family, "family"),
+            "cancer_implied": Fact(True, tuple(implied)) if implied else UNKNOWN_FACT,
+            "possible_malignancy": Fact(True, tuple(possible)) if possible else UNKNOWN_FACT,
         }
 
     # --- observations ---
@@ -899,6 +972,41 @@ def _condition_date(cond: Mapping[str, Any]) -> date | None:
     return span.latest if span else None
 
 
+def _onset_span(cond: Mapping[str, Any]) -> DateSpan | None:
+    return parse_fhir_date(cond.get("onsetDateTime")) or parse_fhir_date(
+        (cond.get("onsetPeriod") or {}).get("start")
+    )
+
+
+def _myositis_start(iim: IimDiagnosis | None) -> DateSpan | None:
+    """When the myositis began: symptom onset, else the diagnosis date."""
+    if iim is None:
+        return None
+    return iim.onset or iim.diagnosed
+
+
+def _order(
+    diagnosed: DateSpan | None, known_by: DateSpan | None, start: DateSpan | None
+) -> CancerOrder:
+    """Whether a cancer came before or after the myositis began; unknown when dates overlap.
+
+    A cancer found on the day the myositis began counts as after (found with it, not before
+    it). `known_by` (a recordedDate) only bounds a cancer from above: recorded before the
+    myositis began, it came before.
+    """
+    if start is None:
+        return "unknown"
+    if diagnosed is not None:
+        if diagnosed.latest < start.earliest:
+            return "before"
+        if diagnosed.earliest >= start.latest:
+            return "after"
+        return "unknown"
+    if known_by is not None and known_by.latest < start.earliest:
+        return "before"
+    return "unknown"
+
+
 def _concept_text(concept: Mapping[str, Any] | None) -> str:
     concept = concept or {}
     texts = [concept.get("text") or ""] + [
@@ -1006,12 +1114,115 @@ def _deceased(patient: Mapping[str, Any], reference: str) -> Fact:
     return UNKNOWN_FACT
 
 
+def _sex_values(
+    patient: Mapping[str, Any],
+    ext_def: SexExtension,
+    codes: Sequence[SexCode],
+    systems: Mapping[str, str],
+) -> tuple[set[str], list[str]]:
+    """The sexes one kind of extension gives (female, male, undetermined, unknown), and the
+    codes it carries that the configuration does not know."""
+    found = [e for e in patient.get("extension") or [] if e.get("url") == ext_def.url]
+    if ext_def.value_in is not None:
+        # Gender Harmony: several, each with a period; the current ones, else the latest.
+        current = [e for e in found if not _sub(e, "period", "valuePeriod").get("end")]
+        if current:
+            found = current
+        elif found:
+            found = [max(found, key=lambda e: str(_sub(e, "period", "valuePeriod").get("end")))]
+        holders = [
+            sub
+            for e in found
+            for sub in e.get("extension") or []
+            if sub.get("url") == ext_def.value_in
+        ]
+    else:
+        holders = found
+    sexes: set[str] = set()
+    unknown_codes: list[str] = []
+    for holder in holders:
+        codings: list[tuple[str | None, str]] = []
+        if isinstance(holder.get("valueCode"), str):
+            codings.append((None, holder["valueCode"]))
+        if isinstance(holder.get("valueCoding"), dict):
+            codings.append(
+                (holder["valueCoding"].get("system"), holder["valueCoding"].get("code", ""))
+            )
+        for c in (holder.get("valueCodeableConcept") or {}).get("coding") or []:
+            codings.append((c.get("system"), c.get("code", "")))
+        for system, code in codings:
+            match = next(
+                (
+                    k.sex
+                    for k in codes
+                    if k.code == code
+                    and (system is None or k.system is None or systems.get(k.system) == system)
+                ),
+                None,
+            )
+            if match is None:
+                unknown_codes.append(code)
+            else:
+                sexes.add(match)
+    return sexes, unknown_codes
+
+
+def _sub(ext: Mapping[str, Any], url: str, key: str) -> Mapping[str, Any]:
+    for sub in ext.get("extension") or []:
+        if sub.get("url") == url and isinstance(sub.get(key), dict):
+            return dict(sub[key])
+    return {}
+
+
+def clinical_sex(
+    patient: Mapping[str, Any], reference: str, knowledge: Knowledge, reader: _Reader | None = None
+) -> tuple[Fact, str]:
+    """Sex for clinical use, and why it is uncertain ("" when it is not).
+
+    The first configured extension that gives female or male (or "specified") decides, else
+    `Patient.gender` (clinical-logic §2 rev 3). When the records that give a sex disagree,
+    gender included, the reason names them: every sex-specific test then becomes "consider".
+    """
+    sources = knowledge.terminology.clinical_sex
+    gender = patient.get("gender")
+    said: list[tuple[str, str]] = []  # (label, female/male) for every record that gives one
+    decided: tuple[str, str] | None = None  # (sex or "undetermined", label)
+    extensions, codes = (sources.extensions, sources.codes) if sources else ((), ())
+    for ext_def in extensions:
+        sexes, unknown_codes = _sex_values(patient, ext_def, codes, knowledge.terminology.systems)
+        if unknown_codes and reader is not None:
+            reader.note(
+                f"Patient: {ext_def.label} value not recognised ({', '.join(unknown_codes)})"
+            )
+        binary = sexes & {"female", "male"}
+        said += [(ext_def.label, sex) for sex in sorted(binary)]
+        if decided is None:
+            if "undetermined" in sexes or len(binary) > 1:
+                decided = ("undetermined", ext_def.label)
+            elif binary:
+                decided = (next(iter(binary)), ext_def.label)
+    if gender in ("female", "male"):
+        said.append(("administrative gender", str(gender)))
+        if decided is None:
+            decided = (str(gender), "administrative gender")
+    if decided is None:
+        return UNKNOWN_FACT, ""
+    sex, label = decided
+    if sex == "undetermined":
+        reason = f"{label} says a plain female or male reading does not apply"
+        if said:
+            reason += " (" + ", ".join(f"{lbl} {value}" for lbl, value in said) + ")"
+        return Fact(UNKNOWN, (reference,), note=label), reason
+    disagree = len({value for _, value in said}) > 1
+    reason = ", ".join(f"{lbl} {value}" for lbl, value in said) if disagree else ""
+    return Fact(sex, (reference,), note=label), reason
+
+
 def extract_facts(record: PatientRecord, knowledge: Knowledge, matcher: Matcher) -> PatientFacts:
     """Read every fact the rules need from one patient's resources."""
     reader = _Reader(record, knowledge, matcher)
     patient = record.patient
-    gender = patient.get("gender")
-    sex = Fact(gender, (record.reference,)) if gender in ("female", "male") else UNKNOWN_FACT
+    sex, sex_uncertain = clinical_sex(patient, record.reference, knowledge, reader)
     birth = parse_fhir_date(patient.get("birthDate"))
     if birth is None:
         reader.note("Patient: birth date missing; age-dependent rules are unknown")
@@ -1024,7 +1235,7 @@ def extract_facts(record: PatientRecord, knowledge: Knowledge, matcher: Matcher)
 
     observations = reader.usable_observations()
     features = reader.condition_features(conditions)
-    features.update(reader.cancer_facts(conditions))
+    features.update(reader.cancer_facts(conditions, iim))
     features["current_smoking"] = reader.smoking(observations, conditions)
     ck = reader.creatine_kinase(observations)
     treated, since = reader.immunosuppression()
@@ -1059,6 +1270,8 @@ def extract_facts(record: PatientRecord, knowledge: Knowledge, matcher: Matcher)
         screening_done=latest_done(evidence),
         screening_evidence=evidence,
         active_cancers=tuple(dict.fromkeys(reader.active_cancer_names)),
+        cancers=tuple(reader.cancers),
+        sex_uncertain=sex_uncertain,
         findings=reader.grouped_findings(),
         all_sources=tuple(sorted(reader.sources | {record.reference})),
         birth_country=birth_country(patient),

@@ -179,7 +179,14 @@ class _Builder:
         test = self.rs.tests[test_id]
         sex = self.a.facts.sex.value
         if test.sex is not None:
-            if sex is UNKNOWN:
+            uncertain = self.a.facts.sex_uncertain
+            if uncertain:
+                # The records disagree on sex (clinical-logic §2 rev 3): every sex-specific
+                # test is "consider", whichever sex it is for, and says why.
+                conditional = True
+                why = self.rs.clinical_sex.consider_text.format(test_sex=test.sex, reason=uncertain)
+                condition_text = f"{condition_text}; {why}" if condition_text else why
+            elif sex is UNKNOWN:
                 conditional = True
                 condition_text = (
                     condition_text or f"if appropriate ({test.sex}-specific test; sex not recorded)"
@@ -633,12 +640,10 @@ def _cancer_associated(
     occult-cancer rounds: they answered their question (§6 rev 3). Rounds after it are not
     planned; undone items of earlier ones end on its date (said, never silently dropped); done
     items stay. Lung surveillance and antibody testing are unaffected."""
-    dates = [
-        when
-        for name in ("active_malignancy", "personal_history_cancer")
-        if (fact := a.facts.feature(name)).is_true() and (when := fact.when) is not None
-    ]
-    found = min((d for d in dates if d > anchor), default=None)
+    found = min(
+        (c.when for c in a.facts.cancers if c.when is not None and c.when > anchor),
+        default=None,
+    )
     if found is None:
         return items
     note = knowledge.ruleset.plan_life.ended_by_cancer.format(date=found.isoformat())
@@ -652,11 +657,19 @@ def _cancer_associated(
 
 
 def _oncology_items(items: list[PlanItem], a: Assessment, knowledge: Knowledge) -> list[PlanItem]:
-    """With a known cancer (or a checkpoint inhibitor) cancer screening becomes "consider"."""
+    """With a known, implied or possible cancer (or a checkpoint inhibitor) cancer screening
+    becomes "consider"."""
     rs = knowledge.ruleset
+    notices = {n.id for n in a.notices}
     texts = []
+    if "possible-malignancy" in notices:
+        texts.append(rs.possible_malignancy.consider_text)
     if a.facts.feature("active_malignancy").is_true():
         texts.append(rs.active_malignancy.consider_text)
+    elif "cancer-associated" in notices:
+        texts.append(rs.cancer_associated.consider_text)
+    if "cancer-implied" in notices:
+        texts.append(rs.cancer_implied.consider_text)
     if any(n.id == "checkpoint-inhibitor" for n in a.notices):
         texts.append(rs.checkpoint_inhibitor.consider_text)
     if not texts:

@@ -12,7 +12,7 @@ from datetime import date
 from typing import Literal
 
 from fhir_dm.core.dates import add_months
-from fhir_dm.core.facts import UNKNOWN, PatientFacts
+from fhir_dm.core.facts import UNKNOWN, CancerRecord, PatientFacts
 from fhir_dm.knowledge.models import Knowledge, Predicate, RuleSet
 
 Tri = bool | None  # None = unknown
@@ -49,6 +49,9 @@ class Notice:
     evidence: str
     source: str
     sources: tuple[str, ...] = ()
+    # A notice that must be read before the plan: said first, in the headline (e.g. a possible
+    # cancer the rules could not read).
+    headline: str = ""
 
 
 ScopeStatus = Literal[
@@ -377,6 +380,19 @@ def _notices(facts: PatientFacts, knowledge: Knowledge, now: date) -> list[Notic
     """What a clinician must read with the plan, each with its evidence and sources."""
     rs = knowledge.ruleset
     out = []
+    possible = facts.feature("possible_malignancy")
+    if possible.is_true():
+        rule_pm = rs.possible_malignancy
+        out.append(
+            Notice(
+                "possible-malignancy",
+                rule_pm.message.format(conditions=", ".join(possible.sources)),
+                rule_pm.evidence,
+                rule_pm.source,
+                possible.sources,
+                headline=rule_pm.headline,
+            )
+        )
     active = facts.feature("active_malignancy")
     if active.is_true():
         rule = rs.active_malignancy
@@ -390,17 +406,28 @@ def _notices(facts: PatientFacts, knowledge: Knowledge, now: date) -> list[Notic
                 active.sources,
             )
         )
-    past = facts.feature("personal_history_cancer")
-    if past.is_true():
-        rule_p = rs.prior_malignancy
-        names = ", ".join(facts.past_cancers) or "cancer named in the record"
+    out += _cancer_order_notices(facts, knowledge)
+    implied = facts.feature("cancer_implied")
+    if implied.is_true() and not facts.cancers:
+        rule_i = rs.cancer_implied
         out.append(
             Notice(
-                "prior-malignancy",
-                rule_p.message.format(cancer=names),
-                rule_p.evidence,
-                rule_p.source,
-                past.sources,
+                "cancer-implied",
+                rule_i.message.format(conditions=", ".join(implied.sources)),
+                rule_i.evidence,
+                rule_i.source,
+                implied.sources,
+            )
+        )
+    if facts.sex_uncertain:
+        rule_s = rs.clinical_sex
+        out.append(
+            Notice(
+                "sex-for-clinical-use",
+                rule_s.message.format(reason=facts.sex_uncertain),
+                rule_s.evidence,
+                rule_s.source,
+                facts.sex.sources,
             )
         )
     if checkpoint_inhibitor_recent(facts, knowledge, now):
@@ -505,6 +532,56 @@ def _plan_notices(facts: PatientFacts, knowledge: Knowledge, scope: str) -> list
         hit = evaluator(cond.when)
         if hit.value is True:
             out.append(Notice(cond.id, cond.text, cond.evidence, cond.source, hit.sources))
+    return out
+
+
+def _cancer_order_notices(facts: PatientFacts, knowledge: Knowledge) -> list[Notice]:
+    """Cancer-associated myositis, or a past cancer that may recur, by which came first
+    (clinical-logic §6 rev 3): "recurrence" is said only of a cancer found before the myositis."""
+    rs = knowledge.ruleset
+
+    def names(cancers: list[CancerRecord]) -> str:
+        return ", ".join(dict.fromkeys(c.name for c in cancers))
+
+    def refs(cancers: list[CancerRecord]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(c.reference for c in cancers))
+
+    out = []
+    after = [c for c in facts.cancers if c.order == "after"]
+    if after:
+        rule_a = rs.cancer_associated
+        out.append(
+            Notice(
+                "cancer-associated",
+                rule_a.message.format(cancer=names(after)),
+                rule_a.evidence,
+                rule_a.source,
+                refs(after),
+            )
+        )
+    rule_p = rs.prior_malignancy
+    before = [c for c in facts.cancers if not c.active and c.order == "before"]
+    if before:
+        out.append(
+            Notice(
+                "prior-malignancy",
+                rule_p.message.format(cancer=names(before)),
+                rule_p.evidence,
+                rule_p.source,
+                refs(before),
+            )
+        )
+    unplaced = [c for c in facts.cancers if not c.active and c.order == "unknown"]
+    if unplaced:
+        out.append(
+            Notice(
+                "prior-malignancy-order-unknown",
+                rule_p.order_unknown_message.format(cancer=names(unplaced)),
+                rule_p.evidence,
+                rule_p.source,
+                refs(unplaced),
+            )
+        )
     return out
 
 

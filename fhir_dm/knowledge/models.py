@@ -121,6 +121,38 @@ class ResultStrings(_Frozen):
         return self
 
 
+class SexCode(_Frozen):
+    """A code a sex extension may carry, and the sex it gives for clinical use.
+
+    `undetermined`: the record says a plain female/male reading does not apply ("specified");
+    `unknown`: nothing recorded, the next source is read.
+    """
+
+    system: str | None = None  # alias; a bare `valueCode` matches on the code alone
+    code: str
+    sex: Literal["female", "male", "undetermined", "unknown"]
+    display: str
+    source: str
+    confidence: Confidence
+
+
+class SexExtension(_Frozen):
+    """A Patient extension that records sex, read in the order listed (first one that tells)."""
+
+    url: str
+    label: str
+    # Complex extensions carry the value in a sub-extension (Gender Harmony: `value`).
+    value_in: str | None = None
+    source: str
+
+
+class ClinicalSexSources(_Frozen):
+    """Where sex for clinical use is read from, before `Patient.gender` (clinical-logic §2)."""
+
+    extensions: tuple[SexExtension, ...]
+    codes: tuple[SexCode, ...]
+
+
 class Terminology(_Frozen):
     """Everything in config/terminology/, merged."""
 
@@ -137,10 +169,14 @@ class Terminology(_Frozen):
     dotless_systems: tuple[str, ...] = ()
     # Word starts that mark an unrecognised Condition as a possible malignancy (reported only).
     possible_malignancy_words: tuple[str, ...] = ()
+    # Word starts that, in the same text, mean it is not a possible cancer ("benign").
+    possible_malignancy_except_words: tuple[str, ...] = ()
     # Words that mark an Observation name as an antibody result (unrecognised ones are reported).
     antibody_name_words: tuple[str, ...] = ()
     # Value sets an optional terminology server may widen (server.yaml); unused without one.
     server_checks: dict[str, ServerCheck] = {}
+    # Sex for clinical use: the Patient extensions read before `gender` (patient.yaml).
+    clinical_sex: ClinicalSexSources | None = None
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Terminology:
@@ -151,6 +187,18 @@ class Terminology(_Frozen):
                     raise ValueError(f"{where}: unknown system alias '{entry.system}'")
                 if entry.source not in self.sources:
                     raise ValueError(f"{where}: unknown source key '{entry.source}'")
+        if self.clinical_sex is not None:
+            for i, ext in enumerate(self.clinical_sex.extensions):
+                if ext.source not in self.sources:
+                    raise ValueError(
+                        f"clinical_sex.extensions.{i}: unknown source key '{ext.source}'"
+                    )
+            for i, sex_code in enumerate(self.clinical_sex.codes):
+                where = f"clinical_sex.codes.{i}"
+                if sex_code.system is not None and sex_code.system not in self.systems:
+                    raise ValueError(f"{where}: unknown system alias '{sex_code.system}'")
+                if sex_code.source not in self.sources:
+                    raise ValueError(f"{where}: unknown source key '{sex_code.source}'")
         for uri, alias in self.system_aliases.items():
             if alias not in self.systems:
                 raise ValueError(f"system_aliases.{uri}: unknown system alias '{alias}'")
@@ -462,8 +510,50 @@ class ActiveMalignancy(_Sourced):
 
 
 class PriorMalignancy(_Sourced):
-    # `{cancer}` is replaced by the names of the recorded cancers.
+    # `{cancer}` is replaced by the names of the cancers diagnosed before the myositis began.
     message: str
+    # Past cancers whose date does not place them before or after the myositis.
+    order_unknown_message: str
+
+
+class CancerAssociated(_Sourced):
+    """A cancer found after the myositis began (clinical-logic §6 rev 3): never "recurrence"."""
+
+    # `{cancer}` is replaced by the names of those cancers.
+    message: str
+    # Cancer-screening items become "consider" with this text (when no cancer is active).
+    consider_text: str
+
+
+class CancerImplied(_Sourced):
+    """A code that says the myositis is due to a neoplasm (ICD-10 M36.0) with no cancer recorded."""
+
+    value_set: str
+    # `{conditions}` is replaced by the Conditions that carry the code.
+    message: str
+    consider_text: str
+
+
+class PossibleMalignancy(_Sourced):
+    """A Condition that names a cancer the rules cannot read as one (clinical-logic §12 rev 3)."""
+
+    # Value sets read as "possible malignancy" (e.g. neoplasms of uncertain behaviour); a
+    # Condition no value set knows whose text names a cancer counts too.
+    value_sets: tuple[str, ...] = ()
+    # Said first in every output, before the tier.
+    headline: str
+    # `{conditions}` is replaced by the Conditions concerned.
+    message: str
+    consider_text: str
+
+
+class ClinicalSexRule(_Sourced):
+    """Sex-specific tests when the sex for clinical use is uncertain (clinical-logic §2 rev 3)."""
+
+    # `{reason}` says which records disagree (or that the record says "specified").
+    message: str
+    # Condition text of every sex-specific test; `{test_sex}` and `{reason}` are filled in.
+    consider_text: str
 
 
 class CheckpointInhibitor(_Sourced):
@@ -554,6 +644,10 @@ class RuleSet(_Frozen):
     red_flags: RedFlags
     active_malignancy: ActiveMalignancy
     prior_malignancy: PriorMalignancy
+    cancer_associated: CancerAssociated
+    cancer_implied: CancerImplied
+    possible_malignancy: PossibleMalignancy
+    clinical_sex: ClinicalSexRule
     checkpoint_inhibitor: CheckpointInhibitor
     subtype_options: tuple[SubtypeOption, ...] = ()
     flare: FlareRule
@@ -765,6 +859,8 @@ class Knowledge(_Frozen):
             *(f"antibodies.{c.id}:{c.value_set}" for c in rs.antibodies),
             *(f"features.{c.id}:{c.value_set}" for c in rs.features),
             f"derived.creatine_kinase:{rs.derived.creatine_kinase.value_set}",
+            f"cancer_implied.value_set:{rs.cancer_implied.value_set}",
+            *(f"possible_malignancy.value_sets:{vs}" for vs in rs.possible_malignancy.value_sets),
             *(
                 f"site.antibody_results.recognised_not_used:{vs}"
                 for vs in self.site.antibody_results.recognised_not_used
