@@ -242,7 +242,7 @@ def test_a_real_work_up_completes_the_items_and_nothing_is_ordered_again(engine:
     ordered = {
         r["code"]["coding"][0]["code"]
         for r in result.service_requests
-        if r["identifier"][0]["value"].split(".")[-2] == "diagnosis"
+        if r["identifier"][0]["value"].split(".")[-3] == "diagnosis"
     }
     assert "24325-3" in ordered  # liver function tests: not in the record, still proposed
     for test_id in done:
