@@ -102,19 +102,30 @@ def _dm(id: str, **patient: Any) -> list[Json]:
     return [p, f.iim_condition(p, id=f"{id}-dm")]
 
 
-def test_a_corrected_onset_date_leaves_one_active_plan(
+def test_a_corrected_onset_date_revises_the_one_plan_and_re_dates_its_orders(
     client: FlaskClient, fhir_server: FakeFhirServer
 ) -> None:
     p, dm = _dm("onset-1")
     fhir_server.put(p, dm)
     _diagnostics(client.post(_patient_op("onset-1")))
+    (plan_before,) = fhir_server.all("CarePlan")
+    first = {r["id"] for r in fhir_server.all("ServiceRequest")}
     fhir_server.store["Condition"][dm["id"]]["onsetDateTime"] = "2023-11-01"
     text = _diagnostics(client.post(_patient_op("onset-1")))
-    assert "revoked 1 care plan(s)" in text
-    assert _status(fhir_server, "CarePlan", "onset-1") == {"active": 1, "revoked": 1}
+    # The rounds move: each order is one test of one round with its due start, so the old
+    # orders are revoked with the reason and re-dated ones created; the plan is revised.
+    assert f"revoked 0 care plan(s) and {len(first)} service request(s)" in text
+    assert "updated 1 care plan(s) in place" in text
+    assert _status(fhir_server, "CarePlan", "onset-1") == {"active": 1}
+    (active_plan,) = fhir_server.all("CarePlan")
+    assert active_plan["id"] == plan_before["id"]
     requests = _status(fhir_server, "ServiceRequest", "onset-1")
-    assert requests["revoked"] > 0 and requests["active"] > 0
-    active_plan = next(p for p in fhir_server.all("CarePlan") if p["status"] == "active")
+    assert requests == {"revoked": len(first), "active": len(first)}
+    for r in fhir_server.all("ServiceRequest"):
+        if r["id"] in first:
+            assert r["status"] == "revoked" and "no longer proposed" in r["note"][-1]["text"]
+        else:
+            assert r["identifier"][0]["value"].endswith(".20231101")
     active_refs = {
         f"ServiceRequest/{r['id']}"
         for r in fhir_server.all("ServiceRequest")
@@ -302,17 +313,31 @@ def test_a_conflict_that_persists_is_409_and_writes_nothing(
     assert fhir_server.all("CarePlan") == []
 
 
-def test_a_plan_that_comes_back_after_revocation_is_active_again(
+def test_orders_that_come_back_after_revocation_are_active_again(
     client: FlaskClient, fhir_server: FakeFhirServer
 ) -> None:
     p, dm = _dm("back-1")
     fhir_server.put(p, dm)
     _diagnostics(client.post(_patient_op("back-1")))
+    first = {r["identifier"][0]["value"] for r in fhir_server.all("ServiceRequest")}
     fhir_server.store["Condition"][dm["id"]]["onsetDateTime"] = "2023-11-01"
     _diagnostics(client.post(_patient_op("back-1")))
     fhir_server.store["Condition"][dm["id"]]["onsetDateTime"] = dm["onsetDateTime"]
-    assert "revoked 1 care plan(s)" in _diagnostics(client.post(_patient_op("back-1")))
-    assert _status(fhir_server, "CarePlan", "back-1") == {"active": 1, "revoked": 2}
+    text = _diagnostics(client.post(_patient_op("back-1")))
+    assert f"revoked 0 care plan(s) and {len(first)} service request(s)" in text
+    # The revoked copies are not matched: the orders are created again, active.
+    assert f"created {len(first)}" in text
+    assert _status(fhir_server, "CarePlan", "back-1") == {"active": 1}
+    assert _status(fhir_server, "ServiceRequest", "back-1") == {
+        "active": len(first),
+        "revoked": 2 * len(first),
+    }
+    active = [r for r in fhir_server.all("ServiceRequest") if r["status"] == "active"]
+    assert {r["identifier"][0]["value"] for r in active} == first
+    (plan,) = fhir_server.all("CarePlan")
+    assert {a["reference"]["reference"] for a in plan["activity"] if "reference" in a} == {
+        f"ServiceRequest/{r['id']}" for r in active
+    }
 
 
 def test_a_duplicate_of_the_current_plan_is_revoked(
@@ -321,12 +346,20 @@ def test_a_duplicate_of_the_current_plan_is_revoked(
     fhir_server.put(*_dm("dup-1"))
     _diagnostics(client.post(_patient_op("dup-1")))
     (plan,) = fhir_server.all("CarePlan")
+    requests = len(fhir_server.all("ServiceRequest"))
     fhir_server.store["CarePlan"]["careplan-dup"] = {**plan, "id": "careplan-dup"}
     text = _diagnostics(client.post(_patient_op("dup-1")))
     assert "revoked 1 care plan(s)" in text
     assert _status(fhir_server, "CarePlan", "dup-1") == {"active": 1, "revoked": 1}
+    assert fhir_server.store["CarePlan"]["careplan-dup"]["status"] == "revoked"
+    assert fhir_server.store["CarePlan"][plan["id"]]["status"] == "active"
+    # Only the duplicate is written: no plan or order is created again.
     (last,) = fhir_server.transactions[-1:]
-    assert {e["request"]["method"] for e in last["entry"]} == {"PUT"}
+    writes = {(e["request"]["method"], e["request"]["url"]) for e in last["entry"]}
+    assert ("PUT", "CarePlan/careplan-dup") in writes
+    assert not {w for w in writes if w[0] == "POST" and w[1] in ("CarePlan", "ServiceRequest")}
+    assert len(fhir_server.all("ServiceRequest")) == requests
+    assert _status(fhir_server, "RiskAssessment", "dup-1").total() == 1
 
 
 def test_a_legacy_plan_of_an_older_series_format_is_revised(
