@@ -34,6 +34,71 @@ def test_a_result_without_plan_is_written_once(
     assert transaction_calls(rsps) == 1
 
 
+def test_a_patient_without_iim_has_nothing_written(
+    client: FlaskClient, fhir_server: FakeFhirServer, rsps: responses.RequestsMock
+) -> None:
+    fhir_server.put(f.patient("no-iim-1", birth_date="1994-01-01"))
+    url = "/Patient/no-iim-1/$dm-cancer-screening?now=2024-04-15"
+    for _ in range(2):
+        body = client.post(url).get_json()
+        diagnostics = body["entry"][0]["resource"]["issue"][0]["diagnostics"]
+        assert "no tier" in diagnostics
+        assert "unchanged: no IIM diagnosis, nothing is written" in diagnostics
+        assert [e["resource"]["resourceType"] for e in body["entry"]] == ["OperationOutcome"]
+    assert transaction_calls(rsps) == 0
+    assert fhir_server.all("RiskAssessment") == []
+
+
+def test_a_closed_window_writes_the_completed_plan_once_and_no_order(
+    client: FlaskClient, fhir_server: FakeFhirServer, rsps: responses.RequestsMock
+) -> None:
+    p = f.patient("closed-1", birth_date="1994-01-01")
+    fhir_server.put(p, f.iim_condition(p, id="closed-1-dm", onset="2020-01-15"))
+    url = "/Patient/closed-1/$dm-cancer-screening?now=2026-06-01"
+    first = client.post(url).get_json()["entry"][0]["resource"]["issue"][0]["diagnostics"]
+    assert first.endswith("; written") and "0 service requests" in first
+    (plan,) = fhir_server.all("CarePlan")
+    assert plan["status"] == "completed"  # the missed work-up is kept as its history
+    assert {a["detail"]["status"] for a in plan["activity"]} == {"cancelled"}
+    assert fhir_server.all("ServiceRequest") == []
+    second = client.post(url).get_json()["entry"][0]["resource"]["issue"][0]["diagnostics"]
+    assert "unchanged: the same plan is already completed" in second
+    assert transaction_calls(rsps) == 1
+    # A flare after the window: the same plan is active again, with the flare round ordered.
+    flare = f.condition(p, f.concept(f.LOCAL_PROBLEMS, "DM-FLARE"), onset="2026-05-20")
+    fhir_server.put(flare)
+    third = client.post(url).get_json()["entry"][0]["resource"]["issue"][0]["diagnostics"]
+    assert "updated 1 care plan(s) in place" in third
+    (reopened,) = fhir_server.all("CarePlan")
+    assert reopened["id"] == plan["id"] and reopened["status"] == "active"
+    orders = fhir_server.all("ServiceRequest")
+    assert orders and all(".flare." in r["identifier"][0]["value"] for r in orders)
+
+
+def test_the_plan_completes_in_place_when_its_window_closes(
+    client: FlaskClient, fhir_server: FakeFhirServer, rsps: responses.RequestsMock
+) -> None:
+    p = f.patient("closing-1", birth_date="1994-01-01")
+    fhir_server.put(p, f.iim_condition(p, id="closing-1-dm"))  # diagnosed 2024-03-01
+    url = "/Patient/closing-1/$dm-cancer-screening?now="
+    client.post(url + "2024-04-15")
+    (plan,) = fhir_server.all("CarePlan")
+    orders = {r["id"] for r in fhir_server.all("ServiceRequest")}
+    assert plan["status"] == "active" and orders
+    # The window's end date (2027-03-01) passed with the work-up undone: it lapsed.
+    text = client.post(url + "2027-03-02").get_json()["entry"][0]["resource"]["issue"][0]
+    assert f"revoked 0 care plan(s) and {len(orders)} service request(s)" in text["diagnostics"]
+    (closed,) = fhir_server.all("CarePlan")
+    assert closed["id"] == plan["id"] and closed["status"] == "completed"
+    for r in fhir_server.all("ServiceRequest"):
+        assert r["status"] == "revoked" and "missed: window closed" in r["note"][-1]["text"]
+    # Later re-assessments find the completed plan: nothing is written again.
+    again = client.post(url + "2027-06-01").get_json()["entry"][0]["resource"]["issue"][0]
+    assert "unchanged: the same plan is already completed" in again["diagnostics"]
+    assert transaction_calls(rsps) == 2
+    assert len(fhir_server.all("CarePlan")) == 1
+
+
 def test_a_failure_stops_the_bundle_and_re_posting_is_safe(
     client: FlaskClient, fhir_server: FakeFhirServer, rsps: responses.RequestsMock
 ) -> None:
