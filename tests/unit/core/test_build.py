@@ -17,7 +17,7 @@ SEED_NOW = date(2015, 10, 25)
 
 
 def _varied_patients() -> list[list[dict[str, object]]]:
-    seed = f.seed_case()  # assessed in 2024: window closed, RiskAssessment only
+    seed = f.seed_case()  # assessed in 2024: window closed, a completed plan, no order
     p2 = f.patient(gender=None, birth_date="1990-01-01")
     p3 = f.patient(birth_date="2012-01-01")
     p4 = f.patient(birth_date="1970-01-01", gender="female")
