@@ -25,6 +25,7 @@ from fhir_dm.core.inputs import (
 from fhir_dm.core.revision import (
     OPEN_PLAN_STATUSES,
     OPEN_REQUEST_STATUSES,
+    REVISABLE_PLAN_STATUSES,
     Revision,
     is_family_plan,
     plan_revision,
@@ -90,8 +91,13 @@ class PatientWrite:
             tier += " (preliminary)"
         parts = [f"{r.patient_reference}: {tier}", _counts(r)]
         if self.status == "unchanged":
-            what = "plan is already active" if r.care_plan else "assessment is already recorded"
-            parts.append(f"unchanged: the same {what}")
+            if r.care_plan is not None:  # active, or completed once its window has closed
+                what = f"the same plan is already {r.care_plan['status']}"
+            elif r.plan.assessment.scope == "no-iim":
+                what = "no IIM diagnosis, nothing is written (only IIM patients' charts are)"
+            else:
+                what = "the same assessment is already recorded"
+            parts.append(f"unchanged: {what}")
             if self.preview:
                 parts.append("preview: nothing would be written")
         else:
@@ -287,13 +293,14 @@ class WriteBack:
             {
                 "subject": f"Patient/{patient_id}",
                 "identifier": f"{result.identity.series_system}|",
-                "status": ",".join(sorted(OPEN_PLAN_STATUSES)),
+                # A completed plan too: the patient's plan is revised after its window closed.
+                "status": ",".join(sorted(REVISABLE_PLAN_STATUSES)),
             },
         )
         open_refs = [
             f"CarePlan/{p['id']}"
             for p in plans
-            if p.get("status") in OPEN_PLAN_STATUSES and is_family_plan(p, result.identity)
+            if p.get("status") in REVISABLE_PLAN_STATUSES and is_family_plan(p, result.identity)
         ]
         requests: list[Json] = []
         if open_refs:

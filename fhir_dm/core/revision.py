@@ -46,6 +46,9 @@ OPEN_PLAN_STATUSES = frozenset(OPEN_STATUSES)
 OPEN_REQUEST_STATUSES = frozenset(OPEN_STATUSES)
 REVOKED = "revoked"
 COMPLETED = "completed"
+# The patient's plan is revised whether open or completed (its window closed): one CarePlan for
+# the whole window, never a second one for a re-assessment after it closed (§13).
+REVISABLE_PLAN_STATUSES = OPEN_PLAN_STATUSES | {COMPLETED}
 # The parts of our CarePlan that a revision rewrites; anything else a server or a clinician
 # added (extensions, notes, meta) is kept.
 REVISED_PLAN_FIELDS = (
@@ -241,26 +244,28 @@ def plan_revision(
     existing_plans: Sequence[Mapping[str, Any]],
     existing_requests: Iterable[Mapping[str, Any]],
 ) -> Revision:
-    """Compare the new result with the patient's open plans of this family on the server."""
+    """Compare the new result with the patient's plans of this family on the server (the open
+    ones, and the patient's own plan once completed: it is revised, never duplicated)."""
     identity = result.identity
     plan = result.plan
     subject = result.patient_reference
-    open_plans = sorted(
+    family = sorted(
         (
             p
             for p in existing_plans
-            if p.get("status") in OPEN_PLAN_STATUSES
+            if p.get("status") in REVISABLE_PLAN_STATUSES
             and p.get("id")
             and _subject(p) == subject
             and is_family_plan(p, identity)
         ),
-        key=lambda p: str(p["id"]),
+        key=lambda p: (p.get("status") not in OPEN_PLAN_STATUSES, str(p["id"])),
     )
+    open_plans = [p for p in family if p.get("status") in OPEN_PLAN_STATUSES]
     plan_value = identity.value("plan")
     current = next(
         (
             p
-            for p in open_plans
+            for p in family
             if result.care_plan is not None
             and _has_identifier(p, identity.series_system, identity.series)
             and _has_identifier(p, identity.item_system, plan_value)
@@ -268,7 +273,7 @@ def plan_revision(
         None,
     )
     others = [p for p in open_plans if p is not current]
-    plan_refs = {f"CarePlan/{p['id']}" for p in open_plans}
+    plan_refs = {f"CarePlan/{p['id']}" for p in [*open_plans, *([current] if current else [])]}
     current_ref = f"CarePlan/{current['id']}" if current is not None else None
     new_plan_ref = current_ref or identity.full_url(plan_value)
 

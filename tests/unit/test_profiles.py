@@ -199,11 +199,22 @@ def test_project_codings_emitted_exist_in_the_code_systems(
                 == concepts[coding["code"]]["display"]
             )
             seen.add((cs["id"], coding["code"]))
-    # the variety above reaches every project code system, 'consider' included (override
-    # reasons appear only on CDS Hooks cards: checked below)
+    # the variety above reaches every project code system (override reasons appear only on
+    # CDS Hooks cards: checked below)
     emitted = {cs["id"] for cs in code_systems.values()} - {"dm-cds-override-reason"}
     assert {cs for cs, _ in seen} == emitted
-    assert ("dm-screening", "consider") in seen
+    # "consider" items are CarePlan activities, never orders (clinical-logic §13): the variety
+    # has some, and no ServiceRequest carries the 'consider' flag.
+    assert ("dm-screening", "consider") not in seen
+    considered = [
+        a["detail"]
+        for r in generated
+        if r["resourceType"] == "CarePlan"
+        for a in r["activity"]
+        if "detail" in a and "Consider: " in a["detail"]["description"]
+    ]
+    assert considered
+    assert not any("asNeededCodeableConcept" in r for r in generated)
 
 
 def test_every_dm_screening_code_in_config_is_in_the_code_system(knowledge: Knowledge) -> None:

@@ -17,7 +17,7 @@ SEED_NOW = date(2015, 10, 25)
 
 
 def _varied_patients() -> list[list[dict[str, object]]]:
-    seed = f.seed_case()  # assessed in 2024: window closed, RiskAssessment only
+    seed = f.seed_case()  # assessed in 2024: window closed, a completed plan, no order
     p2 = f.patient(gender=None, birth_date="1990-01-01")
     p3 = f.patient(birth_date="2012-01-01")
     p4 = f.patient(birth_date="1970-01-01", gender="female")
@@ -32,7 +32,18 @@ def _varied_patients() -> list[list[dict[str, object]]]:
 def test_engine_can_validate_every_resource_it_builds(knowledge: Knowledge) -> None:
     strict = Engine(knowledge, validate_output=True)
     result = run_one(strict, *f.seed_case(), now=SEED_NOW)
-    assert len(result.service_requests) > 30
+    ordered = [i for i in result.plan.items if result.plan.orders_now(i)]
+    assert len(result.service_requests) == len(ordered) >= 10
+    # Later rounds and "consider" items are CarePlan activities, validated with the plan.
+    assert result.care_plan is not None
+    details = [a["detail"] for a in result.care_plan["activity"] if "detail" in a]
+    assert len(details) == len(result.plan.items) - len(ordered) > 20
+    # After the window: missed (cancelled, with the reason) activities of a completed plan.
+    later = run_one(strict, *f.seed_case(), now=date(2019, 6, 1))
+    assert later.care_plan is not None and later.care_plan["status"] == "completed"
+    missed = [a["detail"] for a in later.care_plan["activity"] if "detail" in a]
+    assert {d["status"] for d in missed} == {"cancelled"}
+    assert all(d["statusReason"]["text"].startswith("missed: ") for d in missed)
 
 
 def test_every_generated_resource_validates_and_round_trips(engine: Engine) -> None:

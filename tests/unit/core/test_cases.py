@@ -18,14 +18,23 @@ def test_seed_case_report_tif1g(engine: Engine) -> None:
     result = run_one(engine, *f.seed_case(), now=date(2015, 10, 25))
     a = result.plan.assessment
     assert (result.tier, a.preliminary) == ("high", False)
-    cxr = [r for r in result.service_requests if r["code"]["coding"][0]["code"] == "36643-5"]
-    assert len(cxr) == 4
-    assert [r["occurrencePeriod"]["start"] for r in cxr] == [
+    cxr = [i.due_start.isoformat() for i in result.plan.items if i.test_id == "chest-xray"]
+    assert cxr == [
         "2015-10-20",  # rounds run from the diagnosis date (recordedDate), not symptom onset
         "2016-10-20",
         "2017-10-20",
         "2018-10-20",
     ]
+    # Only the round open now is ordered; the yearly radiographs are plan activities (§13).
+    ordered = [r for r in result.service_requests if r["code"]["coding"][0]["code"] == "36643-5"]
+    assert [r["occurrencePeriod"]["start"] for r in ordered] == ["2015-10-20"]
+    assert result.care_plan is not None
+    scheduled = [
+        a["detail"]["scheduledPeriod"]["start"]
+        for a in result.care_plan["activity"]
+        if "detail" in a and a["detail"]["code"]["coding"][0]["code"] == "36643-5"
+    ]
+    assert scheduled == cxr[1:]
     enhanced = set(planned_tests(result, "diagnosis"))
     assert {"ct-ncap", "psa", "fobt"} <= enhanced
     assert not enhanced & FEMALE_ONLY

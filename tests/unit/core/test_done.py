@@ -70,7 +70,7 @@ def ordered(result: PatientResult, round_id: str = "diagnosis") -> list[str]:
     return [
         r["code"]["coding"][0]["code"]
         for r in result.service_requests
-        if r["identifier"][0]["value"].split(".")[-2] == round_id
+        if r["identifier"][0]["value"].split(".")[-3] == round_id
     ]
 
 
@@ -175,7 +175,10 @@ def test_status_and_overdue_first(engine: Engine) -> None:
     rs = high_risk()
     result = run_one(engine, *rs, report(rs[0], CT, "2024-03-20"), now=date(2024, 7, 1))
     statuses = {result.plan.status(i) for i in result.plan.items}
-    assert statuses == {"done", "overdue", "upcoming"}
+    assert statuses == {"done", "overdue", "due", "upcoming"}
+    # Past the diagnosis round's window only its "consider" items read due: never overdue (§13).
+    due = [i for i in result.plan.items if result.plan.status(i) == "due"]
+    assert due and all(i.conditional and i.round_id == "diagnosis" for i in due)
     rows = result.explanation.attention_first()
     order = [r.status for r in rows]
     assert order == sorted(order, key=["overdue", "due", "upcoming", "done"].index)
@@ -192,11 +195,16 @@ def test_due_now(engine: Engine) -> None:
     assert result.plan.status(item(result, "year-1", "cbc")) == "upcoming"
 
 
-def test_an_overdue_item_done_late_is_done(engine: Engine) -> None:
+def test_an_overdue_item_done_late_is_done_late(engine: Engine) -> None:
     rs = high_risk()
     result = run_one(engine, *rs, report(rs[0], CT, "2024-07-10"), now=date(2024, 8, 1))
     ct = item(result, "diagnosis", "ct-ncap")
-    assert ct.done is not None and result.plan.status(ct) == "done"
+    assert ct.done is not None and result.plan.status(ct) == "done-late"
+    assert "89283-6" not in ordered(result)  # done: not ordered again
+    assert result.care_plan is not None
+    [activity] = [a for a in result.care_plan["activity"] if "outcomeReference" in a]
+    assert activity["detail"]["status"] == "completed"
+    assert activity["detail"]["statusReason"] == {"text": "done late"}
 
 
 def test_a_late_record_belongs_to_the_next_round_when_it_fits_there(engine: Engine) -> None:
@@ -207,26 +215,50 @@ def test_a_late_record_belongs_to_the_next_round_when_it_fits_there(engine: Engi
     assert item(result, "year-1", "cbc").done is not None  # within its lookback
 
 
-def test_a_superseded_round_is_said_not_dropped_silently(engine: Engine) -> None:
+def test_an_undone_yearly_round_is_overdue_until_the_next_round_opens(engine: Engine) -> None:
     result = run_one(engine, *high_risk(), now=date(2025, 7, 1))
-    assert {i.round_id for i in result.plan.superseded} == {"year-1"}
-    assert not any(i.round_id == "year-1" for i in result.plan.items)
-    lines = result.explanation.superseded
+    cbc = item(result, "year-1", "cbc")
+    assert result.plan.status(cbc) == "overdue" and result.plan.missed() == ()
+    assert "58410-2" in ordered(result, "year-1")  # still owed, still ordered
+    assert result.explanation.missed == ()
+
+
+def test_a_missed_round_is_kept_and_said_not_dropped_silently(engine: Engine) -> None:
+    # The 24-month round opens on 2026-03-01: the undone 12-month round lapses then (§13).
+    result = run_one(engine, *high_risk(), now=date(2026, 3, 2))
+    missed = result.plan.missed()
+    assert {i.round_id for i in missed} == {"year-1"}
+    cbc = item(result, "year-1", "cbc")  # kept in the plan's history
+    assert result.plan.status(cbc) == "missed" and not result.plan.orders_now(cbc)
+    assert ordered(result, "year-1") == []
+    assert "58410-2" in ordered(result, "year-2")
+    lines = result.explanation.missed
     assert any(
         line.startswith("12 months: Complete blood count (due 2025-03-01 to 2025-06-01)")
-        and line.endswith("superseded by the next round")
+        and line.endswith("missed: superseded by the 24 months round")
         for line in lines
     )
     assert result.care_plan is not None
-    assert "Owed but superseded by the next round" in result.care_plan["text"]["div"]
+    cancelled = [
+        a["detail"]
+        for a in result.care_plan["activity"]
+        if "detail" in a and a["detail"]["status"] == "cancelled"
+    ]
+    assert len(cancelled) == len(missed)
+    assert {d["statusReason"]["text"] for d in cancelled} == {
+        "missed: superseded by the 24 months round"
+    }
+    assert "Missed (no longer owed)" in result.care_plan["text"]["div"]
 
 
 def test_a_done_past_round_stays_as_done(engine: Engine) -> None:
     rs = high_risk()
     cbc = f.observation(rs[0], CBC, effective="2025-03-20", valueString="normal")
-    result = run_one(engine, *rs, cbc, now=date(2025, 7, 1))
-    assert item(result, "year-1", "cbc").done is not None
-    assert "cbc" not in {i.test_id for i in result.plan.superseded}
+    for now in (date(2025, 7, 1), date(2026, 3, 2)):
+        result = run_one(engine, *rs, cbc, now=now)
+        year1 = item(result, "year-1", "cbc")
+        assert year1.done is not None and result.plan.status(year1) == "done"
+        assert year1 not in result.plan.missed()
 
 
 def test_done_state_is_not_part_of_the_digest(engine: Engine) -> None:
@@ -260,14 +292,15 @@ def test_the_cli_summary_and_the_card_show_status_overdue_first(engine: Engine) 
     from fhir_dm.cli import render_summary
 
     rs = high_risk()
-    result = run_one(engine, *rs, report(rs[0], CT, "2024-03-20"), now=date(2025, 7, 1))
+    result = run_one(engine, *rs, report(rs[0], CT, "2024-03-20"), now=date(2026, 3, 2))
     summary = render_summary(result)
     lines = [line for line in summary.splitlines() if line.startswith("    ") and " to " in line]
     assert "OVERDUE" in lines[0]
     assert "done by DiagnosticReport/ct-1 (2024-03-20)" in summary
-    assert "Not done, superseded: 12 months: Complete blood count" in summary
+    assert "Not done, missed: 12 months: Complete blood count" in summary
     detail = render_detail(result.explanation, max_findings=0, orders=None)
     table = [line for line in detail.splitlines() if line.startswith("| ")][1:]
     assert "**overdue**" in table[0]
     assert any("done" in row and "(by DiagnosticReport/ct-1 (2024-03-20))" in row for row in table)
-    assert "superseded by the next round" in detail
+    assert "**Missed (no longer owed)**" in detail
+    assert "missed: superseded by the 24 months round" in detail

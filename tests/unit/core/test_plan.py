@@ -37,17 +37,19 @@ def test_high_tier_rounds_and_due_windows(engine: Engine) -> None:
 
 
 def test_one_service_request_per_test_per_round_with_shared_requisition(engine: Engine) -> None:
-    result = run_one(engine, *high_risk())
+    # A month before the 12-month round opens: the (overdue) diagnosis round and it are ordered.
+    result = run_one(engine, *high_risk(), now=date(2025, 2, 5))
     keys = [
         (r["requisition"]["value"], r["code"]["coding"][0]["code"]) for r in result.service_requests
     ]
     assert len(keys) == len(set(keys))
-    year1 = {
-        r["requisition"]["value"]
-        for r in result.service_requests
-        if r["requisition"]["value"].endswith("year-1")
-    }
-    assert len(year1) == 1
+    by_round: dict[str, set[str]] = {}
+    for r in result.service_requests:
+        round_id = r["identifier"][0]["value"].split(".")[-3]
+        by_round.setdefault(round_id, set()).add(r["requisition"]["value"])
+    assert set(by_round) == {"diagnosis", "year-1"}
+    assert all(len(values) == 1 for values in by_round.values())
+    assert by_round["year-1"].pop().endswith(".year-1.20250301")
 
 
 def test_moderate_has_no_repeat_rounds(engine: Engine) -> None:
@@ -90,13 +92,24 @@ def test_unknown_sex_makes_sex_specific_tests_conditional(engine: Engine) -> Non
     assert "sex" in result.plan.assessment.unknown_facts
 
 
-def test_pet_ct_and_gi_endoscopy_are_consider_items_for_high(engine: Engine) -> None:
+def test_pet_ct_and_gi_endoscopy_are_consider_activities_for_high(engine: Engine) -> None:
     result = run_one(engine, *high_risk())
     items = {i.test_id: i for i in result.plan.items if i.round_id == "diagnosis"}
     for test_id in ("pet-ct", "upper-gi-endoscopy", "colonoscopy"):
         assert items[test_id].conditional
-    pet = next(r for r in result.service_requests if r["code"]["coding"][0]["code"] == "443271005")
-    assert pet["asNeededCodeableConcept"]["coding"][0]["code"] == "consider"
+        assert not result.plan.orders_now(items[test_id])
+    # "Consider" items are CarePlan activities, never orders (clinical-logic §13).
+    codes = {r["code"]["coding"][0]["code"] for r in result.service_requests}
+    assert "443271005" not in codes and "89283-6" in codes
+    assert result.care_plan is not None
+    [pet] = [
+        a["detail"]
+        for a in result.care_plan["activity"]
+        if "detail" in a and a["detail"]["code"]["coding"][0]["code"] == "443271005"
+    ]
+    assert pet["status"] == "not-started"
+    assert pet["scheduledPeriod"] == {"start": "2024-03-01", "end": "2024-06-01"}
+    assert "Consider: " in pet["description"]
 
 
 def test_pet_ct_tif1g_single_investigation_rule(engine: Engine) -> None:
@@ -227,11 +240,20 @@ def test_flare_derived_from_ck_series(engine: Engine) -> None:
     assert result.plan.assessment.facts.feature("flare").value is True
 
 
-def test_past_rounds_dropped_but_first_round_kept_overdue(engine: Engine) -> None:
+def test_past_rounds_stay_overdue_until_they_lapse_then_are_kept_as_missed(engine: Engine) -> None:
+    every_round = ["diagnosis", "year-1", "year-2", "year-3"]
     result = run_one(engine, *high_risk(), now=date(2025, 8, 1))
-    assert [r[0] for r in result.plan.rounds()] == ["diagnosis", "year-2", "year-3"]
+    assert [r[0] for r in result.plan.rounds()] == every_round
     first = next(i for i in result.plan.items if i.round_id == "diagnosis")
-    assert result.plan.overdue(first)
+    year1 = next(i for i in result.plan.items if i.key == ("year-1", "cbc"))
+    assert result.plan.overdue(first) and result.plan.overdue(year1)
+    # The 24-month round opens: the 12-month round lapses; the work-up at diagnosis stays owed.
+    later = run_one(engine, *high_risk(), now=date(2026, 3, 2))
+    assert [r[0] for r in later.plan.rounds()] == every_round  # nothing dropped
+    first = next(i for i in later.plan.items if i.round_id == "diagnosis")
+    year1 = next(i for i in later.plan.items if i.key == ("year-1", "cbc"))
+    assert later.plan.overdue(first)
+    assert later.plan.status(year1) == "missed" and not later.plan.overdue(year1)
 
 
 def test_plan_is_the_same_on_another_day(engine: Engine) -> None:
@@ -241,8 +263,34 @@ def test_plan_is_the_same_on_another_day(engine: Engine) -> None:
     assert a.identity == b.identity
 
 
-@pytest.mark.parametrize("now", [date(2024, 4, 1), date(2026, 2, 1)])
-def test_four_chest_radiographs_only_when_assessed_early(engine: Engine, now: date) -> None:
+@pytest.mark.parametrize(
+    ("now", "ordered", "later"),
+    [
+        # At diagnosis: one radiograph ordered; the yearly ones are plan activities.
+        (date(2024, 4, 1), {"diagnosis"}, {"year-1", "year-2", "year-3"}),
+        # A month before the 24-month round: the undone diagnosis and 12-month ones are still
+        # owed (overdue), the 24-month one is ordered ahead (the lead time), year 3 waits.
+        (date(2026, 2, 1), {"diagnosis", "year-1", "year-2"}, {"year-3"}),
+        # Once the 24-month round is open the 12-month one has lapsed (missed, not ordered).
+        (date(2026, 3, 2), {"diagnosis", "year-2"}, {"year-3"}),
+    ],
+)
+def test_chest_radiographs_are_ordered_only_for_open_rounds(
+    engine: Engine, now: date, ordered: set[str], later: set[str]
+) -> None:
     result = run_one(engine, *high_risk(), now=now)
     cxr = [r for r in result.service_requests if r["code"]["coding"][0]["code"] == "36643-5"]
-    assert len(cxr) == (4 if now.year == 2024 else 3)
+    assert {r["identifier"][0]["value"].split(".")[-3] for r in cxr} == ordered
+    assert len(cxr) == len(ordered)
+    assert result.care_plan is not None
+    waiting = [
+        a["detail"]
+        for a in result.care_plan["activity"]
+        if "detail" in a
+        and a["detail"]["code"]["coding"][0]["code"] == "36643-5"
+        and a["detail"]["status"] == "not-started"
+    ]
+    starts = {
+        i.due_start.isoformat(): i.round_id for i in result.plan.items if i.test_id == "chest-xray"
+    }
+    assert {starts[d["scheduledPeriod"]["start"]] for d in waiting} == later

@@ -163,7 +163,8 @@ def test_juvenile_by_onset_age(engine: Engine) -> None:
 
 
 def test_window_closes_once_nothing_is_left_due(engine: Engine) -> None:
-    """Diagnosis + 3 years passed and the work-up at diagnosis was done: window closed."""
+    """Diagnosis + 3 years passed and the work-up at diagnosis was done: window closed; the
+    plan stays, completed, with what was done (clinical-logic §13)."""
     p = f.patient(birth_date=YOUNG)
     negatives = [
         f.antibody(p, ab, "negative", effective="2019-01-10") for ab in ALL_CANCER_ANTIBODIES
@@ -181,25 +182,39 @@ def test_window_closes_once_nothing_is_left_due(engine: Engine) -> None:
     a = result.plan.assessment
     assert a.scope == "window-closed"
     assert "2019-01-01" in a.scope_reason
-    assert result.service_requests == () and result.care_plan is None
+    assert result.service_requests == ()
+    assert result.care_plan is not None and result.care_plan["status"] == "completed"
+    done = {i.test_id for i in result.plan.items if i.done is not None}
+    assert set(basic) <= done  # the done items stay in the plan
+    outcomes = [a for a in result.care_plan["activity"] if "outcomeReference" in a]
+    assert len(outcomes) == len(done)
+    assert all(a["detail"]["status"] == "completed" for a in outcomes)
 
 
-def test_undone_work_up_stays_owed_after_the_window(engine: Engine) -> None:
-    """The work-up at diagnosis was never done: it stays, overdue; the window is not closed."""
+def test_undone_work_up_lapses_into_one_notice_after_the_window(engine: Engine) -> None:
+    """The work-up at diagnosis was never done: overdue (and ordered) until the window's end
+    date, then missed, with one notice to confirm it was done and no order (§13)."""
     p = f.patient(birth_date=YOUNG)
     negatives = [
         f.antibody(p, ab, "negative", effective="2019-01-10") for ab in ALL_CANCER_ANTIBODIES
     ]
-    result = run_one(
-        engine,
-        p,
-        f.iim_condition(p, code="445187004", onset="2019-01-01"),
-        *negatives,
-        now=date(2024, 4, 15),
-    )
-    assert result.plan.assessment.scope == "in-scope"
-    assert {i.round_id for i in result.plan.items} == {"diagnosis"}
-    assert all(result.plan.overdue(i) for i in result.plan.items)
+    resources = [p, f.iim_condition(p, code="445187004", onset="2019-01-01"), *negatives]
+    before = run_one(engine, *resources, now=date(2021, 12, 1))
+    assert before.plan.assessment.scope == "in-scope"
+    assert {i.round_id for i in before.plan.items} == {"diagnosis"}
+    assert all(before.plan.overdue(i) for i in before.plan.items)
+    assert before.service_requests
+    assert not any(n.id == "workup-not-recorded" for n in before.plan.assessment.notices)
+
+    result = run_one(engine, *resources, now=date(2024, 4, 15))
+    a = result.plan.assessment
+    assert a.scope == "window-closed"
+    assert {i.round_id for i in result.plan.items} == {"diagnosis"}  # kept as history
+    assert all(result.plan.status(i) == "missed" for i in result.plan.items)
+    assert result.service_requests == ()
+    [notice] = [n for n in a.notices if n.id == "workup-not-recorded"]
+    assert notice.text.startswith("No record of the work-up at diagnosis (")
+    assert notice.text.endswith("): confirm it was done.")
 
 
 def test_diagnosed_long_after_onset(engine: Engine) -> None:

@@ -267,11 +267,14 @@ def _closed_window_patient(knowledge: Knowledge) -> tuple[dict[str, Any], list[d
     return p, resources
 
 
-def test_window_closed_without_red_flags_has_no_plan(engine: Engine) -> None:
+def test_window_closed_without_red_flags_keeps_a_completed_plan(engine: Engine) -> None:
     _, resources = _closed_window_patient(engine.knowledge)
     result = run_one(engine, *resources, now=date(2024, 4, 15))
     assert result.plan.assessment.scope == "window-closed"
-    assert result.care_plan is None
+    assert rounds(result) == {"diagnosis": "2019-01-01"}  # the history stays (§13)
+    assert all(i.done is not None for i in result.plan.items)
+    assert result.service_requests == ()
+    assert result.care_plan is not None and result.care_plan["status"] == "completed"
 
 
 def test_red_flag_after_the_window_gets_a_round_dated_from_it(engine: Engine) -> None:
@@ -280,13 +283,17 @@ def test_red_flag_after_the_window_gets_a_round_dated_from_it(engine: Engine) ->
     ct = f.done_request(p, engine.knowledge, "ct-ncap", "2023-06-01")  # within 12 months
     result = run_one(engine, *resources, weight_loss, ct, now=date(2024, 4, 15))
     assert result.plan.assessment.scope == "window-closed"
-    assert rounds(result) == {"red-flag": "2024-02-10"}
-    items = result.plan.items
+    # The done work-up stays as history; the red flag opens its own round.
+    assert rounds(result) == {"diagnosis": "2019-01-01", "red-flag": "2024-02-10"}
+    assert all(i.done is not None for i in result.plan.items if i.round_id == "diagnosis")
+    items = [i for i in result.plan.items if i.round_id == "red-flag"]
     assert {i.due_end for i in items} == {date(2024, 3, 10)}  # due within a month
     assert all(i.conditional for i in items)
-    assert "ct-ncap" not in planned_tests(result)  # done in the last 12 months
-    assert {"mammography", "fobt"} <= set(planned_tests(result))
+    assert "ct-ncap" not in planned_tests(result, "red-flag")  # done in the last 12 months
+    assert {"mammography", "fobt"} <= set(planned_tests(result, "red-flag"))
     assert "weight loss" in items[0].condition_text
+    # Open "consider" items keep the plan active (it completes when nothing is open).
+    assert result.care_plan is not None and result.care_plan["status"] == "active"
 
 
 def test_red_flag_mid_course_gets_its_own_round(engine: Engine) -> None:
@@ -312,8 +319,14 @@ def test_flare_after_the_window_gets_a_round_dated_from_the_flare(engine: Engine
     p, resources = _closed_window_patient(engine.knowledge)
     flare = f.condition(p, f.concept(f.LOCAL_PROBLEMS, "DM-FLARE"), onset="2024-03-01")
     result = run_one(engine, *resources, flare, now=date(2024, 4, 15))
-    assert rounds(result) == {"flare": "2024-03-01"}
-    assert all(i.labelled_not_imacs for i in result.plan.items)
+    assert rounds(result) == {"diagnosis": "2019-01-01", "flare": "2024-03-01"}
+    assert all(i.done is not None for i in result.plan.items if i.round_id == "diagnosis")
+    flare_items = [i for i in result.plan.items if i.round_id == "flare"]
+    assert flare_items and all(i.labelled_not_imacs for i in flare_items)
+    assert all(i.done is None and not i.conditional for i in flare_items)
+    # The flare round is open: its firm tests are ordered although the window has closed.
+    ordered = {r["identifier"][0]["value"].split(".")[-3] for r in result.service_requests}
+    assert ordered == {"flare"}
     assert any("flare" in n for n in result.explanation.notices)
 
 

@@ -61,12 +61,16 @@ def test_bundle_preview_is_the_default_and_reads_no_server(
     body = _ok(_post(client, f"{OP}?now=2015-10-25", f.bundle(*f.seed_case())))
     (diagnostics,) = _diagnostics(body)
     assert diagnostics.startswith("Patient/seed-case: tier high; ")
-    assert diagnostics.endswith("service requests; preview")
+    assert diagnostics.endswith(" other plan items; preview")
     types = _types(body)
     assert types[:2] == ["RiskAssessment", "CarePlan"]
     assert types[-1] == "Provenance"
     assert set(types[2:-1]) == {"ServiceRequest"}
-    assert f"; {types.count('ServiceRequest')} service requests;" in diagnostics
+    # Orders and the plan's other activities (later rounds, "consider" items) add up.
+    orders = types.count("ServiceRequest")
+    activities = len(body["entry"][2]["resource"]["activity"])
+    assert f"; {orders} service requests, {activities - orders} other plan items;" in diagnostics
+    assert 0 < orders < activities
     assert all(e["fullUrl"].startswith("urn:uuid:") for e in body["entry"][1:-1])
     assert body["entry"][-1]["fullUrl"].startswith(f"{BASE}/Provenance/")
     assert all("request" not in e for e in body["entry"])
@@ -210,34 +214,51 @@ def test_patient_operation_preview_returns_what_would_be_written(
     assert fhir_server.all("CarePlan") == []
 
 
-def test_changed_plan_revokes_the_old_one_and_leaves_completed_work(
+def test_changed_plan_is_revised_in_place_keeping_open_and_completed_orders(
     client: FlaskClient, fhir_server: FakeFhirServer, rsps: responses.RequestsMock
 ) -> None:
     _load_patient(fhir_server, "rev-1")
     _ok(_post(client, f"{_patient_op('rev-1')}?now={NOW}"))
     (old_plan,) = fhir_server.all("CarePlan")
     requests_before = fhir_server.all("ServiceRequest")
-    done = requests_before[0]
+    # The antibody panel was run (its order completed) and found TIF1-gamma: tier high.
+    done = next(
+        r for r in requests_before if ".myositis-antibodies." in r["identifier"][0]["value"]
+    )
     done["status"] = "completed"
-    fhir_server.put(f.antibody(f.patient("rev-1"), "tif1g", id="rev-1-tif1g"))
+    p = f.patient("rev-1")
+    fhir_server.put(
+        *(
+            f.antibody(p, ab, "positive" if ab == "tif1g" else "negative", id=f"rev-1-{ab}")
+            for ab in f.ANTIBODY_LOINC
+        )
+    )
+    open_before = [r for r in requests_before if r["id"] != done["id"]]
 
     preview = _ok(_post(client, f"{_patient_op('rev-1')}?now={NOW}&preview=true"))
-    assert "would revoke 1 care plan(s)" in _diagnostics(preview)[0]
-    revoked_preview = [e for e in preview["entry"][1:] if e["resource"].get("status") == "revoked"]
-    assert revoked_preview[0]["fullUrl"] == f"{BASE}/CarePlan/{old_plan['id']}"
+    (text,) = _diagnostics(preview)
+    assert "tier high" in text and "would update 1 care plan(s) in place" in text
+    assert f"kept {len(open_before)} open service request(s); would create 0" in text
+    assert "revoke" not in text
+    revised = [e for e in preview["entry"][1:] if e["resource"]["resourceType"] == "CarePlan"]
+    assert [e["fullUrl"] for e in revised] == [f"{BASE}/CarePlan/{old_plan['id']}"]
     assert transaction_calls(rsps) == 1
 
     body = _ok(_post(client, f"{_patient_op('rev-1')}?now={NOW}"))
     assert transaction_calls(rsps) == 2
-    assert "; written; revoked 1 care plan(s) and " in _diagnostics(body)[0]
-    assert fhir_server.store["CarePlan"][old_plan["id"]]["status"] == "revoked"
+    assert "; written; updated 1 care plan(s) in place; " in _diagnostics(body)[0]
+    # One plan, revised in place (a new version), still active.
+    (plan,) = fhir_server.all("CarePlan")
+    assert plan["id"] == old_plan["id"] and plan["status"] == "active"
+    assert plan["meta"]["versionId"] == "2"
+    # The completed order is left alone; the open ones still proposed are kept untouched.
     assert fhir_server.store["ServiceRequest"][done["id"]]["status"] == "completed"
-    old_open = [r for r in requests_before if r["id"] != done["id"]]
-    assert all(
-        fhir_server.store["ServiceRequest"][r["id"]]["status"] == "revoked" for r in old_open
-    )
-    active = [p for p in fhir_server.all("CarePlan") if p["status"] == "active"]
-    assert len(active) == 1 and active[0]["id"] != old_plan["id"]
+    for r in open_before:
+        stored = fhir_server.store["ServiceRequest"][r["id"]]
+        assert stored["status"] == "active" and stored["meta"]["versionId"] == "1"
+    assert len(fhir_server.all("ServiceRequest")) == len(requests_before)
+    refs = {a["reference"]["reference"] for a in plan["activity"] if "reference" in a}
+    assert refs == {f"ServiceRequest/{r['id']}" for r in open_before}
 
 
 def test_patient_operation_accepts_parameters_without_bundle(

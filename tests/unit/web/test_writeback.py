@@ -34,6 +34,71 @@ def test_a_result_without_plan_is_written_once(
     assert transaction_calls(rsps) == 1
 
 
+def test_a_patient_without_iim_has_nothing_written(
+    client: FlaskClient, fhir_server: FakeFhirServer, rsps: responses.RequestsMock
+) -> None:
+    fhir_server.put(f.patient("no-iim-1", birth_date="1994-01-01"))
+    url = "/Patient/no-iim-1/$dm-cancer-screening?now=2024-04-15"
+    for _ in range(2):
+        body = client.post(url).get_json()
+        diagnostics = body["entry"][0]["resource"]["issue"][0]["diagnostics"]
+        assert "no tier" in diagnostics
+        assert "unchanged: no IIM diagnosis, nothing is written" in diagnostics
+        assert [e["resource"]["resourceType"] for e in body["entry"]] == ["OperationOutcome"]
+    assert transaction_calls(rsps) == 0
+    assert fhir_server.all("RiskAssessment") == []
+
+
+def test_a_closed_window_writes_the_completed_plan_once_and_no_order(
+    client: FlaskClient, fhir_server: FakeFhirServer, rsps: responses.RequestsMock
+) -> None:
+    p = f.patient("closed-1", birth_date="1994-01-01")
+    fhir_server.put(p, f.iim_condition(p, id="closed-1-dm", onset="2020-01-15"))
+    url = "/Patient/closed-1/$dm-cancer-screening?now=2026-06-01"
+    first = client.post(url).get_json()["entry"][0]["resource"]["issue"][0]["diagnostics"]
+    assert first.endswith("; written") and "0 service requests" in first
+    (plan,) = fhir_server.all("CarePlan")
+    assert plan["status"] == "completed"  # the missed work-up is kept as its history
+    assert {a["detail"]["status"] for a in plan["activity"]} == {"cancelled"}
+    assert fhir_server.all("ServiceRequest") == []
+    second = client.post(url).get_json()["entry"][0]["resource"]["issue"][0]["diagnostics"]
+    assert "unchanged: the same plan is already completed" in second
+    assert transaction_calls(rsps) == 1
+    # A flare after the window: the same plan is active again, with the flare round ordered.
+    flare = f.condition(p, f.concept(f.LOCAL_PROBLEMS, "DM-FLARE"), onset="2026-05-20")
+    fhir_server.put(flare)
+    third = client.post(url).get_json()["entry"][0]["resource"]["issue"][0]["diagnostics"]
+    assert "updated 1 care plan(s) in place" in third
+    (reopened,) = fhir_server.all("CarePlan")
+    assert reopened["id"] == plan["id"] and reopened["status"] == "active"
+    orders = fhir_server.all("ServiceRequest")
+    assert orders and all(".flare." in r["identifier"][0]["value"] for r in orders)
+
+
+def test_the_plan_completes_in_place_when_its_window_closes(
+    client: FlaskClient, fhir_server: FakeFhirServer, rsps: responses.RequestsMock
+) -> None:
+    p = f.patient("closing-1", birth_date="1994-01-01")
+    fhir_server.put(p, f.iim_condition(p, id="closing-1-dm"))  # diagnosed 2024-03-01
+    url = "/Patient/closing-1/$dm-cancer-screening?now="
+    client.post(url + "2024-04-15")
+    (plan,) = fhir_server.all("CarePlan")
+    orders = {r["id"] for r in fhir_server.all("ServiceRequest")}
+    assert plan["status"] == "active" and orders
+    # The window's end date (2027-03-01) passed with the work-up undone: it lapsed.
+    text = client.post(url + "2027-03-02").get_json()["entry"][0]["resource"]["issue"][0]
+    assert f"revoked 0 care plan(s) and {len(orders)} service request(s)" in text["diagnostics"]
+    (closed,) = fhir_server.all("CarePlan")
+    assert closed["id"] == plan["id"] and closed["status"] == "completed"
+    for r in fhir_server.all("ServiceRequest"):
+        assert r["status"] == "revoked" and "missed: window closed" in r["note"][-1]["text"]
+    # Later re-assessments find the completed plan: nothing is written again.
+    again = client.post(url + "2027-06-01").get_json()["entry"][0]["resource"]["issue"][0]
+    assert "unchanged: the same plan is already completed" in again["diagnostics"]
+    assert transaction_calls(rsps) == 2
+    assert len(fhir_server.all("CarePlan")) == 1
+
+
 def test_a_failure_stops_the_bundle_and_re_posting_is_safe(
     client: FlaskClient, fhir_server: FakeFhirServer, rsps: responses.RequestsMock
 ) -> None:
@@ -102,19 +167,30 @@ def _dm(id: str, **patient: Any) -> list[Json]:
     return [p, f.iim_condition(p, id=f"{id}-dm")]
 
 
-def test_a_corrected_onset_date_leaves_one_active_plan(
+def test_a_corrected_onset_date_revises_the_one_plan_and_re_dates_its_orders(
     client: FlaskClient, fhir_server: FakeFhirServer
 ) -> None:
     p, dm = _dm("onset-1")
     fhir_server.put(p, dm)
     _diagnostics(client.post(_patient_op("onset-1")))
+    (plan_before,) = fhir_server.all("CarePlan")
+    first = {r["id"] for r in fhir_server.all("ServiceRequest")}
     fhir_server.store["Condition"][dm["id"]]["onsetDateTime"] = "2023-11-01"
     text = _diagnostics(client.post(_patient_op("onset-1")))
-    assert "revoked 1 care plan(s)" in text
-    assert _status(fhir_server, "CarePlan", "onset-1") == {"active": 1, "revoked": 1}
+    # The rounds move: each order is one test of one round with its due start, so the old
+    # orders are revoked with the reason and re-dated ones created; the plan is revised.
+    assert f"revoked 0 care plan(s) and {len(first)} service request(s)" in text
+    assert "updated 1 care plan(s) in place" in text
+    assert _status(fhir_server, "CarePlan", "onset-1") == {"active": 1}
+    (active_plan,) = fhir_server.all("CarePlan")
+    assert active_plan["id"] == plan_before["id"]
     requests = _status(fhir_server, "ServiceRequest", "onset-1")
-    assert requests["revoked"] > 0 and requests["active"] > 0
-    active_plan = next(p for p in fhir_server.all("CarePlan") if p["status"] == "active")
+    assert requests == {"revoked": len(first), "active": len(first)}
+    for r in fhir_server.all("ServiceRequest"):
+        if r["id"] in first:
+            assert r["status"] == "revoked" and "no longer proposed" in r["note"][-1]["text"]
+        else:
+            assert r["identifier"][0]["value"].endswith(".20231101")
     active_refs = {
         f"ServiceRequest/{r['id']}"
         for r in fhir_server.all("ServiceRequest")
@@ -302,17 +378,31 @@ def test_a_conflict_that_persists_is_409_and_writes_nothing(
     assert fhir_server.all("CarePlan") == []
 
 
-def test_a_plan_that_comes_back_after_revocation_is_active_again(
+def test_orders_that_come_back_after_revocation_are_active_again(
     client: FlaskClient, fhir_server: FakeFhirServer
 ) -> None:
     p, dm = _dm("back-1")
     fhir_server.put(p, dm)
     _diagnostics(client.post(_patient_op("back-1")))
+    first = {r["identifier"][0]["value"] for r in fhir_server.all("ServiceRequest")}
     fhir_server.store["Condition"][dm["id"]]["onsetDateTime"] = "2023-11-01"
     _diagnostics(client.post(_patient_op("back-1")))
     fhir_server.store["Condition"][dm["id"]]["onsetDateTime"] = dm["onsetDateTime"]
-    assert "revoked 1 care plan(s)" in _diagnostics(client.post(_patient_op("back-1")))
-    assert _status(fhir_server, "CarePlan", "back-1") == {"active": 1, "revoked": 2}
+    text = _diagnostics(client.post(_patient_op("back-1")))
+    assert f"revoked 0 care plan(s) and {len(first)} service request(s)" in text
+    # The revoked copies are not matched: the orders are created again, active.
+    assert f"created {len(first)}" in text
+    assert _status(fhir_server, "CarePlan", "back-1") == {"active": 1}
+    assert _status(fhir_server, "ServiceRequest", "back-1") == {
+        "active": len(first),
+        "revoked": 2 * len(first),
+    }
+    active = [r for r in fhir_server.all("ServiceRequest") if r["status"] == "active"]
+    assert {r["identifier"][0]["value"] for r in active} == first
+    (plan,) = fhir_server.all("CarePlan")
+    assert {a["reference"]["reference"] for a in plan["activity"] if "reference" in a} == {
+        f"ServiceRequest/{r['id']}" for r in active
+    }
 
 
 def test_a_duplicate_of_the_current_plan_is_revoked(
@@ -321,12 +411,20 @@ def test_a_duplicate_of_the_current_plan_is_revoked(
     fhir_server.put(*_dm("dup-1"))
     _diagnostics(client.post(_patient_op("dup-1")))
     (plan,) = fhir_server.all("CarePlan")
+    requests = len(fhir_server.all("ServiceRequest"))
     fhir_server.store["CarePlan"]["careplan-dup"] = {**plan, "id": "careplan-dup"}
     text = _diagnostics(client.post(_patient_op("dup-1")))
     assert "revoked 1 care plan(s)" in text
     assert _status(fhir_server, "CarePlan", "dup-1") == {"active": 1, "revoked": 1}
+    assert fhir_server.store["CarePlan"]["careplan-dup"]["status"] == "revoked"
+    assert fhir_server.store["CarePlan"][plan["id"]]["status"] == "active"
+    # Only the duplicate is written: no plan or order is created again.
     (last,) = fhir_server.transactions[-1:]
-    assert {e["request"]["method"] for e in last["entry"]} == {"PUT"}
+    writes = {(e["request"]["method"], e["request"]["url"]) for e in last["entry"]}
+    assert ("PUT", "CarePlan/careplan-dup") in writes
+    assert not {w for w in writes if w[0] == "POST" and w[1] in ("CarePlan", "ServiceRequest")}
+    assert len(fhir_server.all("ServiceRequest")) == requests
+    assert _status(fhir_server, "RiskAssessment", "dup-1").total() == 1
 
 
 def test_a_legacy_plan_of_an_older_series_format_is_revised(

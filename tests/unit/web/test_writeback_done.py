@@ -57,7 +57,11 @@ def test_a_ct_done_elsewhere_closes_our_request_and_updates_the_plan_in_place(
     assert "updated 1 care plan(s) in place; completed 1 service request(s)" in summary
     assert transaction_calls(rsps) == 2
     last = fhir_server.transactions[-1]
-    assert {e["request"]["method"] for e in last["entry"]} == {"PUT"}  # nothing created
+    # Nothing created: the plan and the order are PUT; the only POST is the RiskAssessment's
+    # conditional create, which matches the one on the server (the same digest).
+    posts = [e["request"]["url"] for e in last["entry"] if e["request"]["method"] == "POST"]
+    assert posts == ["RiskAssessment"]
+    assert len(fhir_server.all("RiskAssessment")) == 1
 
     (closed,) = _ct_requests(fhir_server)
     assert closed["id"] == ct["id"] and closed["status"] == "completed"
@@ -94,20 +98,38 @@ def test_a_cancer_found_revokes_the_open_orders_and_says_why(
         )
     )
     summary = _run(client, "onc-w1")
-    assert "revoked 1 care plan(s)" in summary
-    assert fhir_server.store["CarePlan"][old_plan["id"]]["status"] == "revoked"
+    assert "revoked 0 care plan(s) and " in summary
+    assert "updated 1 care plan(s) in place" in summary and "created 0" in summary
+    # The one plan is revised in place; the screening orders are revoked with the reason.
+    (plan,) = fhir_server.all("CarePlan")
+    assert plan["id"] == old_plan["id"] and plan["status"] == "active"
     store = fhir_server.store["ServiceRequest"]
-    assert all(store[i]["status"] == "revoked" for i in old_requests)
-    active = [c for c in fhir_server.all("CarePlan") if c["status"] == "active"]
-    assert len(active) == 1
-    div = active[0]["text"]["div"]
+    assert set(store) == old_requests  # nothing new ordered
+    revoked = [store[i] for i in old_requests if store[i]["status"] == "revoked"]
+    assert revoked and f"and {len(revoked)} service request(s)" in summary
+    for r in revoked:
+        note = r["note"][-1]["text"]
+        assert 'now a "consider" item (management with oncology' in note
+    (ct,) = _ct_requests(fhir_server)
+    assert ct["status"] == "revoked"
+    # What is not cancer screening (the antibody panel) stays ordered, untouched.
+    kept = [store[i] for i in old_requests if store[i]["status"] != "revoked"]
+    assert [r["identifier"][0]["value"].split(".")[-2] for r in kept] == ["myositis-antibodies"]
+    assert kept[0]["meta"]["versionId"] == "1"
+    div = plan["text"]["div"]
     assert "management with oncology" in div
     assert "Malignant tumor of lung (disorder), Condition/onc-w1-ca" in div
-    (new_ct,) = [r for r in _ct_requests(fhir_server) if r["id"] not in old_requests]
-    assert new_ct["asNeededCodeableConcept"]["text"].startswith("management with oncology")
+    # The CT is now a "consider" activity of the plan, not an order.
+    [ct_activity] = [
+        a["detail"]
+        for a in plan["activity"]
+        if "detail" in a and a["detail"]["code"]["coding"][0]["code"] == CT_CODE
+    ]
+    assert ct_activity["status"] == "not-started"
+    assert "Consider: management with oncology" in ct_activity["description"]
 
 
-def test_a_withdrawn_record_leaves_the_updated_plan_alone(
+def test_a_withdrawn_record_orders_the_test_again(
     client: FlaskClient, fhir_server: FakeFhirServer, rsps: responses.RequestsMock
 ) -> None:
     p = _load(fhir_server, "done-w2")
@@ -116,12 +138,20 @@ def test_a_withdrawn_record_leaves_the_updated_plan_alone(
     fhir_server.put(report)
     _run(client, "done-w2")
     assert transaction_calls(rsps) == 2
+    (done,) = _ct_requests(fhir_server)
+    assert done["status"] == "completed"
     fhir_server.put(dict(report, status="entered-in-error"))
     summary = _run(client, "done-w2")
-    # No in-place update can re-create the request: nothing dangling is written.
-    assert "unchanged" in summary and transaction_calls(rsps) == 2
+    # The CT is owed again: ordered anew (the completed order is left as it is), and the
+    # plan revised in place points at the new order; nothing dangling is written.
+    assert "updated 1 care plan(s) in place" in summary and "created 1" in summary
+    assert transaction_calls(rsps) == 3
+    completed, again = sorted(_ct_requests(fhir_server), key=lambda r: r["id"] != done["id"])
+    assert completed["id"] == done["id"] and completed["status"] == "completed"
+    assert again["status"] == "active"
     (plan,) = fhir_server.all("CarePlan")
-    assert all(
-        not str(a.get("reference", {}).get("reference", "")).startswith("urn:")
-        for a in plan["activity"]
-    )
+    refs = [str(a.get("reference", {}).get("reference", "")) for a in plan["activity"]]
+    assert not any(r.startswith("urn:") for r in refs)
+    assert f"ServiceRequest/{again['id']}" in refs
+    assert not any("outcomeReference" in a for a in plan["activity"])
+    assert "unchanged" in _run(client, "done-w2") and transaction_calls(rsps) == 3
