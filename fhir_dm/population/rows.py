@@ -13,7 +13,7 @@ item (its own measure), or neither ("consider" items, the antibody panel, not-IM
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from datetime import date
 from typing import Any
 
@@ -94,11 +94,12 @@ class PatientRow:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> PatientRow:
-        known = {f.name for f in fields(ItemRow)}
-        items = tuple(
-            ItemRow(**{k: v for k, v in i.items() if k in known}) for i in data.get("items") or ()
-        )
-        return cls(**{**data, "items": items})
+        """A row as `to_json` wrote it. A row written before items said what they count for
+        (no `scope`) raises KeyError: a resumed run then assesses the patient again rather
+        than measure it wrongly."""
+        if "scope" not in data:
+            raise KeyError("scope")
+        return cls(**{**data, "items": tuple(ItemRow(**i) for i in data.get("items") or ())})
 
 
 def _reference(value: Any) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import threading
 from datetime import date
 from pathlib import Path
@@ -187,11 +188,24 @@ def test_patient_row_carries_tier_items_and_responsible(knowledge: Knowledge) ->
     assert PatientRow.from_json(row.to_json()) == row
 
 
-def test_an_old_state_line_with_a_superseded_flag_still_loads() -> None:
-    row = _row("Patient/1", "high", _item("diagnosis", "cbc", "2024-06-01", "missed"))
-    data = row.to_json()
-    data["items"][0]["superseded"] = True
-    assert PatientRow.from_json(data) == row
+def test_a_state_line_from_before_rev_3_is_assessed_again(tmp_path: Path) -> None:
+    """A row without `scope` (its items do not say what they count for) is not measured."""
+    old = _row("Patient/1", "high", _item("diagnosis", "cbc", "2024-06-01", "overdue"))
+    data = old.to_json()
+    del data["scope"], data["plan_open"]
+    for item in data["items"]:
+        item["superseded"] = False
+    with pytest.raises(KeyError):
+        PatientRow.from_json(data)
+    state = StateFile(tmp_path, "r0")
+    state.append(Done("1", "written", old))
+    state.path.write_text(
+        state.path.read_text(encoding="utf-8")
+        + json.dumps({"patient_id": "2", "status": "written", "row": data})
+        + "\n",
+        encoding="utf-8",
+    )
+    assert set(StateFile(tmp_path, "r0").load()) == {"1"}
 
 
 def test_diagnosed_2020_nothing_recorded_assessed_2026_lapses_into_one_notice(
