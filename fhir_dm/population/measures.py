@@ -212,18 +212,20 @@ def units(
         overdue = any(i.imacs_screening and i.status == "overdue" for i in row.items)
         return [Unit(row, "", ("", ""), row.plan_open, row.plan_open and overdue)]
     last = min(end or now, now)
-    groups: dict[str, list[ItemRow]] = {}
+    groups: dict[tuple[str, ...], list[ItemRow]] = {}
     for item in row.items:
         if not _measured(item, measure, tests):
             continue
-        label = {
-            "patient": "",
-            "round": item.round_label,
-            "item": f"{item.round_label}: {item.test}",
+        key = {
+            "patient": (),
+            "round": (item.round_id,),
+            "item": (item.round_id, item.test_id),
         }[measure.unit]
-        groups.setdefault(label, []).append(item)
+        groups.setdefault(key, []).append(item)
     out = []
-    for label, items in groups.items():
+    for key, items in groups.items():
+        first = items[0]
+        label = {0: "", 1: first.round_label, 2: f"{first.round_label}: {first.test}"}[len(key)]
         counted = [i for i in items if start <= i.due_end_date <= last]
         due = min(i.due_start for i in items)
         out.append(
