@@ -30,7 +30,8 @@ class WorklistConfig(_Frozen):
 
 
 class MeasureConfig(_Frozen):
-    """One §11 measure: which patients (tiers), which rounds and panels, and how it counts."""
+    """One §11 measure: which patients (tiers), which items (firm IMACS cancer screening, or
+    lung surveillance; of which rounds and panels), what a unit is, and how it counts."""
 
     id: str
     title: str
@@ -38,6 +39,10 @@ class MeasureConfig(_Frozen):
     tiers: tuple[str, ...]
     rounds: tuple[str, ...] = ()
     panels: tuple[str, ...] = ()
+    # What is counted: a patient (all its measured items of the period), each round, each item.
+    unit: Literal["patient", "round", "item"] = "patient"
+    # Which items: firm IMACS cancer-screening items, or lung-surveillance items (not IMACS).
+    items: Literal["imacs-screening", "lung"] = "imacs-screening"
     evidence: str
     source: str
 
@@ -72,6 +77,7 @@ class PopulationConfig(_Frozen):
         rs = knowledge.ruleset
         tiers = {level.id for level in rs.tiers.levels}
         rounds = {r.id for schedule in rs.schedules.values() for r in schedule.rounds}
+        rounds |= {r.id for r in rs.lung_surveillance.rounds}
         problems = []
         for m in self.measures:
             where = f"measures.{m.id}"

@@ -1,20 +1,25 @@
 """The §11 measures: FHIR `Measure` definitions (for profiles/) and `MeasureReport` evaluation.
 
-Evaluation is pure: it reads `PatientRow`s assessed on the period's last day and counts.
-For a completion measure, a patient is in the initial population when in scope with a tier
-the measure names; in the denominator when one of its rounds closed inside the period
-(due window ended between the period start and end, both included, and before the
-evaluation date; a period ending before the evaluation date reads the same rows' windows and
-done dates); in the numerator when every firm item of those rounds (of the measure's panels)
-was done by the end of its window. A superseded round counts as not done. For the overdue
-measure, the denominator is the initial population and the numerator the patients with any
-item overdue.
+Evaluation is pure: it reads `PatientRow`s assessed on the period's last day and counts units
+(`units`), per clinical-logic §11 rev 3:
+- completion measures count only firm IMACS cancer-screening items ("consider", lung and
+  not-IMACS items never count), or, for the lung measure, only firm lung items. The initial
+  population: patients the guideline applies to (in scope, or their window closed: done and
+  missed items stay in the plan) with a tier the measure names, one unit per patient, per round
+  or per item that has such items. A unit is in the denominator when the due window of those
+  items ended inside the period (its last day between the period's start and end, both
+  included, and not after the evaluation date); in the numerator when every one of them was
+  done within its window or the lookback before it (done late and missed are not on time).
+- the overdue measure: denominator = those patients whose plan is open (the CarePlan is
+  active) at the period end; numerator = those with at least one firm IMACS cancer-screening
+  item overdue then (after the lapse rules of §13: a lapsed item is missed, not overdue).
+Subject lists are in a stable order: patient id, then the unit's due date.
 Stratifiers: tier, `Patient.managingOrganization`, `Patient.generalPractitioner`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from typing import Any
@@ -78,19 +83,48 @@ def _criteria(language: str, expression: str) -> Json:
 def _population_texts(knowledge: Knowledge, measure: MeasureConfig) -> dict[str, str]:
     labels = {lvl.id: lvl.label for lvl in knowledge.ruleset.tiers.levels}
     tiers = ", ".join(labels[t] for t in measure.tiers)
-    initial = f"In-scope adult IIM patients with a screening plan, tier: {tiers}"
+    patients = (
+        "adult IIM patients the guideline applies to (in scope, or their window closed),"
+        f" tier: {tiers}"
+    )
     if measure.kind == "overdue":
         return {
-            "initial-population": initial,
-            "denominator": "The initial population",
-            "numerator": "Patients with at least one screening item overdue at the period end",
+            "initial-population": f"{patients[0].upper()}{patients[1:]}, with a screening plan",
+            "denominator": "Those whose plan is open (active) at the period end",
+            "numerator": "Those with at least one firm IMACS cancer-screening item overdue at the"
+            " period end (lapsed items are missed, not overdue); 'consider', lung and not-IMACS"
+            " items never count",
         }
-    panels = ", ".join(knowledge.ruleset.panels[p].label for p in measure.panels) or "all tests"
-    rounds = ", ".join(measure.rounds)
+    if measure.items == "lung":
+        what = "firm lung-surveillance items (not IMACS)"
+    else:
+        what = (
+            "firm IMACS cancer-screening items ('consider', lung and not-IMACS items never count)"
+        )
+    panels = ", ".join(knowledge.ruleset.panels[p].label for p in measure.panels)
+    if panels:
+        what += f" of: {panels}"
+    rounds = f"round(s) {', '.join(measure.rounds)}" if measure.rounds else "any round"
+    on_time = "done within its due window or the lookback before it (done late or missed is not)"
+    if measure.unit == "patient":
+        return {
+            "initial-population": f"{patients[0].upper()}{patients[1:]}, with {what} in"
+            f" {rounds} of their plan",
+            "denominator": f"Those whose due window ({rounds}) ended inside the period",
+            "numerator": f"Those with every such item {on_time}",
+        }
+    if measure.unit == "round":
+        return {
+            "initial-population": f"Each round ({rounds}) with {what} in the plan of {patients};"
+            " each round is a unit, its subject the patient",
+            "denominator": "Rounds whose due window ended inside the period",
+            "numerator": f"Rounds with every such item {on_time}",
+        }
     return {
-        "initial-population": initial,
-        "denominator": f"Patients whose round ({rounds}) due window closed during the period",
-        "numerator": f"Every firm item ({panels}) of those rounds done by the end of its window",
+        "initial-population": f"Each of the {what} ({rounds}) in the plan of {patients}; each"
+        " item is a unit, its subject the patient",
+        "denominator": "Items whose due window ended inside the period",
+        "numerator": f"Items {on_time.replace('its', 'their')}",
     }
 
 
@@ -131,44 +165,79 @@ def measure_resource(knowledge: Knowledge, measure: MeasureConfig, header: Json)
 
 
 @dataclass(frozen=True, slots=True)
-class Membership:
-    """Which populations one patient is in, for one measure."""
+class Unit:
+    """One counted unit of a measure: a patient, or one of its rounds or items, in the
+    initial population; whether it is in the denominator and the numerator."""
 
-    initial: bool
+    row: PatientRow
+    label: str  # "" for a patient; the round, or "round: test", otherwise
+    order: tuple[str, str]  # within the patient: due date, then label
     denominator: bool
     numerator: bool
 
+    @property
+    def subject(self) -> str:
+        return self.row.patient
 
-def _closed_in(item: ItemRow, start: date, end: date, now: date) -> bool:
-    return start <= item.due_end_date <= end and item.due_end_date < now
+
+def _measured(item: ItemRow, measure: MeasureConfig, tests: set[str] | None) -> bool:
+    kind = item.imacs_screening if measure.items == "imacs-screening" else item.lung and item.firm
+    return (
+        kind
+        and (not measure.rounds or item.round_id in measure.rounds)
+        and (tests is None or item.test_id in tests)
+    )
 
 
-def membership(
+def units(
     row: PatientRow,
     measure: MeasureConfig,
     tests: set[str] | None,
     start: date,
     end: date | None = None,
-) -> Membership:
-    """`end` (default: the evaluation date) may precede the evaluation date: a completion
-    measure over a past period then reads the windows and done dates the rows already carry."""
+) -> list[Unit]:
+    """The units one patient brings to one measure (clinical-logic §11 rev 3).
+
+    A due window "ended inside the period" when its last day is in [start, end] and not after
+    the evaluation date. `end` (default: the evaluation date) may precede the evaluation date:
+    a completion measure over a past period then reads the windows and done dates the rows
+    already carry (a status on the evaluation date is not a past one: not for `overdue`).
+    """
     now = date.fromisoformat(row.now)
-    initial = row.in_scope and row.tier in measure.tiers and bool(row.items)
-    if not initial:
-        return Membership(False, False, False)
+    if not row.guideline or row.tier not in measure.tiers:
+        return []
     if measure.kind == "overdue":
-        return Membership(True, True, any(i.status == "overdue" for i in row.items))
-    counted = [
-        i
-        for i in row.items
-        if i.round_id in measure.rounds
-        and not i.conditional
-        and (tests is None or i.test_id in tests)
-        and _closed_in(i, start, end or now, now)
-    ]
-    if not counted:
-        return Membership(True, False, False)
-    return Membership(True, True, all(i.done_on_time() for i in counted))
+        if not row.items:
+            return []
+        overdue = any(i.imacs_screening and i.status == "overdue" for i in row.items)
+        return [Unit(row, "", ("", ""), row.plan_open, row.plan_open and overdue)]
+    last = min(end or now, now)
+    groups: dict[tuple[str, ...], list[ItemRow]] = {}
+    for item in row.items:
+        if not _measured(item, measure, tests):
+            continue
+        key = {
+            "patient": (),
+            "round": (item.round_id,),
+            "item": (item.round_id, item.test_id),
+        }[measure.unit]
+        groups.setdefault(key, []).append(item)
+    out = []
+    for key, items in groups.items():
+        first = items[0]
+        label = {0: "", 1: first.round_label, 2: f"{first.round_label}: {first.test}"}[len(key)]
+        counted = [i for i in items if start <= i.due_end_date <= last]
+        due = min(i.due_start for i in items)
+        out.append(
+            Unit(
+                row,
+                label,
+                (due, label),
+                bool(counted),
+                bool(counted) and all(i.done_on_time() for i in counted),
+            )
+        )
+    return sorted(out, key=lambda u: u.order)
 
 
 def _pop(code: str, count: int, subjects: str | None = None) -> Json:
@@ -185,15 +254,20 @@ def _pop(code: str, count: int, subjects: str | None = None) -> Json:
     return pop
 
 
-def _score(members: Sequence[Membership]) -> Json | None:
+def _score(members: Sequence[Unit]) -> Json | None:
     den = sum(m.denominator for m in members)
     if den == 0:
         return None
     return {"value": round(sum(m.numerator for m in members) / den, 4)}
 
 
-def _subject_list(list_id: str, patients: Iterable[str], title: str) -> Json:
-    entries = [{"item": {"reference": p}} for p in patients]
+def _subject_list(list_id: str, chosen: Sequence[Unit], title: str) -> Json:
+    entries: list[Json] = []
+    for unit in chosen:
+        entry: Json = {"item": {"reference": unit.subject}}
+        if unit.label:
+            entry["flag"] = {"text": unit.label}
+        entries.append(entry)
     resource: Json = {
         "resourceType": "List",
         "id": list_id,
@@ -220,16 +294,18 @@ def measure_report(
     """The MeasureReport (summary or subject-list) of one measure over the patients' rows."""
     start, end = period
     tests = _panel_tests(knowledge, measure)
-    members = [(row, membership(row, measure, tests, start, end)) for row in rows]
+    # Subjects in a stable order: patient id, then the unit's due date within the patient.
+    members = sorted(
+        (u for row in rows for u in units(row, measure, tests, start, end)),
+        key=lambda u: (u.subject, u.order),
+    )
     contained: list[Json] = []
     populations: list[Json] = []
     for code in POPULATIONS:
         chosen = [
-            row.patient
-            for row, m in members
-            if {"initial-population": m.initial, "denominator": m.denominator}.get(
-                code, m.numerator
-            )
+            m
+            for m in members
+            if {"initial-population": True, "denominator": m.denominator}.get(code, m.numerator)
         ]
         list_id = None
         if subject_list:
@@ -237,22 +313,21 @@ def measure_report(
             contained.append(_subject_list(list_id, chosen, f"{measure.title}: {code}"))
         populations.append(_pop(code, len(chosen), list_id))
     group: Json = {"population": populations}
-    score = _score([m for _, m in members])
+    score = _score(members)
     if score is not None:
         group["measureScore"] = score
     stratifiers = []
     for key, _, _, value_of in STRATIFIERS:
-        strata: dict[str, list[Membership]] = {}
-        for row, m in members:
-            if m.initial:
-                strata.setdefault(value_of(row), []).append(m)
+        strata: dict[str, list[Unit]] = {}
+        for m in members:
+            strata.setdefault(value_of(m.row), []).append(m)
         stratum_list = []
         for value in sorted(strata):
             ms = strata[value]
             stratum: Json = {
                 "value": {"text": value},
                 "population": [
-                    _pop("initial-population", sum(m.initial for m in ms)),
+                    _pop("initial-population", len(ms)),
                     _pop("denominator", sum(m.denominator for m in ms)),
                     _pop("numerator", sum(m.numerator for m in ms)),
                 ],

@@ -295,7 +295,9 @@ def test_the_clinic_page_lists_the_overdue_patient_first_and_draws_the_measures(
     assert patients[0] == f"Patient/{overdue}"  # overdue first
     assert rows[0].get_attribute("data-status") == "overdue"
     assert f"Patient/{soon}" in patients and f"Patient/{elsewhere}" not in patients
-    assert rows[-1].get_attribute("data-status") == "due soon"
+    sections = [r.get_attribute("data-status") for r in rows]
+    assert sections == sorted(sections, key=("overdue", "due soon", "consider").index)
+    assert "due soon" in sections  # the soon-due patient, before the "consider" section
     days = [
         int(r.find_element(By.CSS_SELECTOR, "td.days").text)
         for r in rows
@@ -305,7 +307,7 @@ def test_the_clinic_page_lists_the_overdue_patient_first_and_draws_the_measures(
 
     # One chart per measure, with bars; the overdue measure is 1 of 2 in this organisation.
     charts = browser.find_elements(By.CSS_SELECTOR, "#measures svg.measure-chart")
-    assert len(charts) == 4
+    assert len(charts) == 5
     assert browser.find_elements(By.CSS_SELECTOR, "#measures rect.bar")
     bar = browser.find_element(By.CSS_SELECTOR, "#measure-dm-any-overdue rect.bar.measure-all")
     assert float(bar.get_attribute("data-score")) == 0.5
@@ -313,7 +315,7 @@ def test_the_clinic_page_lists_the_overdue_patient_first_and_draws_the_measures(
     assert "Patients with any overdue screening item All patients 1 2 50%" in table
     # Completion over time: one chart per completion measure, one column per quarter.
     over_time = browser.find_elements(By.CSS_SELECTOR, "#over-time svg.over-time-chart")
-    assert len(over_time) == 3
+    assert len(over_time) == 4
     assert len(over_time[0].find_elements(By.CSS_SELECTOR, "rect.track")) == 4
     _shot(browser, "clinic-page")
 

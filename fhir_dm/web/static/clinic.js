@@ -63,7 +63,7 @@
     tbody.replaceChildren();
     for (const w of items) {
       const row = document.createElement("tr");
-      row.className = w.status === "overdue" ? "overdue" : "due-soon";
+      row.className = { overdue: "overdue", "due soon": "due-soon" }[w.status] || "consider";
       row.dataset.patient = w.patient;
       row.dataset.status = w.status;
       cell(row, patientLink(w.patient));
@@ -71,7 +71,7 @@
       cell(row, w.test + (w.conditional ? " (consider)" : ""));
       cell(row, w.round_label);
       cell(row, `${w.due_start} to ${w.due_end}`);
-      cell(row, w.status === "overdue" ? String(w.days_overdue) : "due soon", "days");
+      cell(row, w.status === "overdue" ? String(w.days_overdue) : w.status, "days");
       cell(row, w.organization);
       cell(row, w.practitioner);
       tbody.appendChild(row);

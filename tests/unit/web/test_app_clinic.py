@@ -65,6 +65,12 @@ def test_the_clinic_lists_the_overdue_patient_first_and_writes_nothing(
     days = [w["days_overdue"] for w in items]
     assert days == sorted(days, reverse=True)
     assert any(w["patient"] == "Patient/c-b" and w["status"] == "due soon" for w in items)
+    # Then the high-risk patient's open "consider" add-ons, in a section of their own.
+    sections = [w["status"] for w in items]
+    assert sections == sorted(sections, key=("overdue", "due soon", "consider").index)
+    consider = [w for w in items if w["status"] == "consider"]
+    assert consider and all(w["conditional"] and w["patient"] == "Patient/c-a" for w in consider)
+    assert not any(w["conditional"] for w in items if w["status"] != "consider")
     south = [w for w in items if w["patient"] == "Patient/c-b"]
     assert all(w["practitioner"] == view["noValue"] for w in south)
     assert transaction_calls(rsps) == 0

@@ -8,6 +8,7 @@ from typing import Any
 from flask.testing import FlaskClient
 
 from fhir_dm.jobs.settings import JobsSettings
+from fhir_dm.knowledge.load import load_knowledge
 from fhir_dm.web.app import create_app
 from fhir_dm.web.trust import TrustConfig
 from tests import factories as f
@@ -134,6 +135,34 @@ def test_evaluate_measure_answers_a_measure_report(
     listed_patients = {e["item"]["reference"] for li in lists for e in li.get("entry", [])}
     assert listed_patients == {"Patient/m0", "Patient/m1"}
     assert fhir_server.transactions == []  # a measure writes nothing
+
+
+def test_evaluate_measure_answers_the_lung_programme_in_item_units(
+    tmp_path: Path, fhir_server: FakeFhirServer
+) -> None:
+    """The fifth measure: each lung item a unit, its subject the patient, named in the flag."""
+    p = f.patient("lung-1")
+    fhir_server.put(
+        p,
+        f.iim_condition(p, id="lung-1-dm", onset="2026-01-10", recorded="2026-01-10"),
+        f.antibody(p, "mda5", effective="2026-01-12"),
+    )
+    fhir_server.put(f.done_request(p, load_knowledge(), "hrct-chest", "2026-01-20"))
+    answer = _client(tmp_path).get(
+        "/Measure/dm-lung-programme/$evaluate-measure"
+        "?periodStart=2026-01-01&periodEnd=2026-12-02&reportType=subject-list",
+        headers=AUTH,
+    )
+    assert answer.status_code == 200, answer.get_json()
+    report = answer.get_json()
+    assert report["measure"].split("|")[0].endswith("/Measure/dm-lung-programme")
+    counts = [p["count"] for p in report["group"][0]["population"]]
+    # Baseline HRCT and PFT, the 6-month PFT ended in the period (the 12-month one not yet);
+    # only the HRCT was done on time.
+    assert counts == [4, 3, 1]
+    numerator = next(c for c in report["contained"] if c["id"] == "numerator-subjects")
+    assert [e["item"]["reference"] for e in numerator["entry"]] == ["Patient/lung-1"]
+    assert numerator["entry"][0]["flag"]["text"] == "Lung baseline: High-resolution CT of the chest"
 
 
 def test_bad_measure_input_is_an_operation_outcome(
