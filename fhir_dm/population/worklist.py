@@ -4,8 +4,9 @@
    most days overdue first;
 2. due soon: every firm item not done whose due window ends within `worklist.soon_due_days`
    of the evaluation date, soonest first;
-3. consider: "consider" items that are open (their round open and not lapsed, not done), in
-   their own section: never overdue, never owed.
+3. consider: "consider" items that are open and inside their due window (not done, not
+   lapsed), in their own section: never overdue, never owed; past its window a "consider"
+   item stays open in the plan but no longer keeps the patient on the worklist.
 Firm items are all the plan owes: cancer screening, lung surveillance and the antibody panel
 (the `kind` column says which). Done and missed (lapsed) items are never listed, so a patient
 whose firm items are all done is in no firm section. Ties are broken by patient id.
@@ -84,9 +85,11 @@ def _kind(item: ItemRow) -> str:
     return "other"
 
 
-def _section(item: ItemRow, horizon: date) -> str | None:
+def _section(item: ItemRow, now: date, horizon: date) -> str | None:
     if item.conditional:
-        return "consider" if item.status == "due" else None
+        # Open and inside its own due window: a "consider" item past its window stays open in
+        # the plan but does not keep a patient whose firm items are done on the worklist.
+        return "consider" if item.status == "due" and item.due_end_date >= now else None
     if item.status == "overdue":
         return "overdue"
     if item.status in ("due", "upcoming") and item.due_end_date <= horizon:
@@ -100,7 +103,7 @@ def worklist(rows: Iterable[PatientRow], now: date, soon_due_days: int) -> list[
     out: list[WorkItem] = []
     for row in rows:
         for item in row.items:
-            section = _section(item, horizon)
+            section = _section(item, now, horizon)
             if section is None:
                 continue
             end = item.due_end_date

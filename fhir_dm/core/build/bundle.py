@@ -27,7 +27,13 @@ def if_none_exist(resource: Json) -> str:
     if isinstance(subject, str) and _LOCAL_REFERENCE.fullmatch(subject):
         criteria.append(f"subject={subject}")
     if resource["resourceType"] in REVOCABLE_TYPES:
-        criteria.append("status=" + ",".join(OPEN_STATUSES))
+        # Only an open one matches; a resource created closed (a plan whose window has already
+        # closed) must satisfy its own condition, so it is matched by its own status.
+        status = resource.get("status")
+        if isinstance(status, str) and status not in OPEN_STATUSES:
+            criteria.append(f"status={status}")
+        else:
+            criteria.append("status=" + ",".join(OPEN_STATUSES))
     return "&".join(criteria)
 
 

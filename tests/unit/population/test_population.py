@@ -239,8 +239,10 @@ def test_high_risk_patient_with_every_firm_item_done_is_owed_nothing(
     resources: list[dict[str, Any]] = [
         p,
         f.iim_condition(p, onset="2024-03-01", recorded="2024-03-01"),
-        f.antibody(p, "mda5", effective="2024-03-05"),  # lung surveillance applies
+        f.antibody(p, "tif1g", effective="2024-03-05"),
+        # The ILD screening at diagnosis (not IMACS), done on time.
         f.done_request(p, knowledge, "hrct-chest", "2024-03-20"),
+        f.done_request(p, knowledge, "pft-dlco", "2024-03-20"),
     ]
     resources += [f.done_request(p, knowledge, t, "2024-04-01") for t in ALL_FIRM_WORKUP]
     for when in ("2025-03-15", "2026-03-15"):
@@ -248,9 +250,12 @@ def test_high_risk_patient_with_every_firm_item_done_is_owed_nothing(
     row = _assessed(knowledge, resources, NOW)
     assert row.tier == "high"
     items = worklist([row], NOW, 30)
-    # Nothing firm is owed now (year 3 opens 2027-03-01); the "consider" add-ons stay open.
-    assert {w.status for w in items} == {"consider"}
-    assert {w.test for w in items} == {
+    # Nothing firm is owed now (year 3 opens 2027-03-01); the "consider" add-ons stay open in
+    # the plan, but their window has passed: the patient is not on the worklist.
+    assert items == []
+    assert any(i.conditional and i.status == "due" for i in row.items)
+    during = worklist([row], date(2024, 5, 1), 30)
+    assert {w.test for w in during if w.status == "consider"} >= {
         knowledge.ruleset.tests[t].display for t in ("pet-ct", "upper-gi-endoscopy", "colonoscopy")
     }
     period = (date(2024, 1, 1), NOW)
@@ -266,8 +271,8 @@ def test_high_risk_patient_with_every_firm_item_done_is_owed_nothing(
     assert counts("dm-workup-at-diagnosis") == [1, 1, 1]  # undone "consider" items never count
     assert counts("dm-enhanced-panel") == [1, 1, 1]
     assert counts("dm-yearly-rounds-high") == [3, 2, 2]  # year-1, year-2 ended; year-3 not yet
-    # Lung: HRCT done; the baseline, 6- and 12-month PFTs missed.
-    assert counts("dm-lung-programme") == [4, 4, 1]
+    # Lung: the ILD screening (HRCT and PFTs) done on time.
+    assert counts("dm-lung-programme") == [2, 2, 2]
 
 
 # --- worklist ----------------------------------------------------------------------------
@@ -285,12 +290,14 @@ def test_worklist_sections_overdue_then_due_soon_then_consider() -> None:
             _item("diagnosis", "lft", "2025-06-01", "done", "2025-05-01"),
             _item("diagnosis", "esr", "2025-06-01", "done-late", "2025-07-01"),
             _item("year-0", "crp", "2025-06-01", "missed"),  # lapsed: never listed
-            _item("diagnosis", "pet-ct", "2025-06-01", "due", conditional=True),
+            _item("diagnosis", "pet-ct", "2026-12-20", "due", conditional=True),
             _item("year-2", "pet-ct", "2027-06-01", "upcoming", conditional=True),
+            # Past its window: open in the plan, not on the worklist.
+            _item("diagnosis", "colonoscopy", "2025-06-01", "due", conditional=True),
             _item("lung-6m", "pft-dlco", "2026-11-01", "overdue", lung=True),
         ),
         _row(
-            "Patient/c", "high", _item("diagnosis", "pet-ct", "2025-06-01", "due", conditional=True)
+            "Patient/c", "high", _item("diagnosis", "pet-ct", "2027-01-10", "due", conditional=True)
         ),
     ]
     items = worklist(rows, NOW, 30)
