@@ -24,7 +24,7 @@ from fhir_dm.core.inputs import (
 )
 from fhir_dm.core.revision import (
     OPEN_PLAN_STATUSES,
-    OPEN_REQUEST_STATUSES,
+    READ_REQUEST_STATUSES,
     REVISABLE_PLAN_STATUSES,
     Revision,
     is_family_plan,
@@ -308,7 +308,9 @@ class WriteBack:
                 "ServiceRequest",
                 {
                     "based-on": ",".join(open_refs),
-                    "status": ",".join(sorted(OPEN_REQUEST_STATUSES)),
+                    # Completed ones too: an order of ours a clinician completed is not
+                    # ordered again (revision.py).
+                    "status": ",".join(sorted(READ_REQUEST_STATUSES)),
                 },
             )
         return result, plans, requests

@@ -44,6 +44,8 @@ from fhir_dm.core.plan import PlanItem
 
 OPEN_PLAN_STATUSES = frozenset(OPEN_STATUSES)
 OPEN_REQUEST_STATUSES = frozenset(OPEN_STATUSES)
+# What write-back reads of our requests: open ones to revise, completed ones not to re-order.
+READ_REQUEST_STATUSES = OPEN_REQUEST_STATUSES | {"completed"}
 REVOKED = "revoked"
 COMPLETED = "completed"
 # The patient's plan is revised whether open or completed (its window closed): one CarePlan for
@@ -292,6 +294,13 @@ def plan_revision(
         ),
         key=lambda r: str(r["id"]),
     )
+    # Our orders a clinician (or an earlier revision) completed: the item is not ordered again,
+    # and its activity points at the completed order.
+    finished: dict[ItemKey, str] = {}
+    for r in existing_requests:
+        key = _item_key(r, identity)
+        if r.get("status") == COMPLETED and r.get("id") and key is not None:
+            finished.setdefault(key, f"ServiceRequest/{r['id']}")
     entries: list[Json] = []
     kept: dict[ItemKey, str] = {}
     completed: list[str] = []
@@ -329,7 +338,7 @@ def plan_revision(
     )
     if result.care_plan is not None:
         risk_url = risk_entry["fullUrl"] if risk_entry else ""
-        new_plan = _with_request_refs(result.care_plan, kept, result)
+        new_plan = _with_request_refs(result.care_plan, {**finished, **kept}, result)
         if current is not None:
             revised, changed = _revised_plan(current, new_plan, risk_url)
             if changed:
@@ -342,7 +351,7 @@ def plan_revision(
             if resource["resourceType"] != "ServiceRequest":
                 continue
             key = _item_key(resource, identity)
-            if key is None or key in kept:
+            if key is None or key in kept or key in finished:
                 continue
             created: Json = copy.deepcopy(dict(resource))
             created["basedOn"] = [{"reference": new_plan_ref}]

@@ -208,3 +208,14 @@ def test_each_write_has_one_provenance_naming_what_it_wrote(engine: Engine) -> N
     assert "CarePlan/cp1" in targets and len(targets) == len(revision.entries)
     again = write_back_bundle(later, revision, datetime(2025, 2, 5, 15, 0, tzinfo=UTC))
     assert again["entry"][-1]["resource"]["id"] == provenance["id"]  # a retry writes it once
+
+
+def test_an_order_of_ours_a_clinician_completed_is_not_ordered_again(engine: Engine) -> None:
+    plans, requests = _on_server(_high(engine, now=date(2024, 3, 10)))
+    cbc = next(r for r in requests if r["identifier"][0]["value"].split(".")[-2] == "cbc")
+    cbc["status"] = "completed"  # marked done in the EHR, no result filed under our codes
+    later = _high(engine, now=date(2024, 4, 1))
+    revision = plan_revision(later, plans, requests)
+    created = [e["resource"] for e in revision.entries if e["request"]["method"] == "POST"]
+    assert not any(r["identifier"][0]["value"] == cbc["identifier"][0]["value"] for r in created)
+    assert f"ServiceRequest/{cbc['id']}" not in revision.revoked_requests
