@@ -8,6 +8,7 @@ that matter were positive, which is what makes a tier preliminary.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date
 from typing import Literal
@@ -372,45 +373,83 @@ def _preliminary_label(name: str, facts: PatientFacts, knowledge: Knowledge) -> 
     return f"{label} antibody" + (f" ({fact.note})" if fact.note else "")
 
 
+def _mentions(p: Predicate) -> frozenset[str]:
+    """The `preliminary_if_unknown` facts a predicate reads (antibodies, age, sex, subtype)."""
+    out: set[str] = set()
+    for q in p.walk():
+        out.update(f"antibody:{a}" for a in q.antibody_positive or ())
+        out.update(f"antibody:{a}" for a in q.antibody_negative or ())
+        if q.onset_age_gt is not None:
+            out.add("onset_age")
+        if q.sex_is is not None:
+            out.add("sex")
+        if q.subtype_in is not None:
+            out.add("subtype")
+    return frozenset(out)
+
+
 def _raising_unknowns(facts: PatientFacts, knowledge: Knowledge, tier: str) -> tuple[str, ...]:
     """The unknown facts some value of which would give a higher tier: each one that belongs to
     a smallest set of unknowns which, all positive, raise it (clinical-logic §4). An untested
     intermediate antibody cannot lift a moderate tier held by one high factor, so it is not
     named. Empty when no unknown can raise the tier (not preliminary)."""
     rs = knowledge.ruleset
-    classes = {f.id: f.factor_class for f in rs.factors}
+    weight = {
+        f.id: (int(f.factor_class == "high"), int(f.factor_class == "intermediate"))
+        for f in rs.factors
+    }
+    mentions = {f.id: _mentions(f.when) for f in rs.factors}
+    recorded, _, _ = _count(Evaluator(facts, knowledge), rs)
+    base = frozenset(r.id for r in recorded)
 
     def fired(assume: frozenset[str]) -> frozenset[str]:
-        found, _, _ = _count(Evaluator(facts, knowledge, assume_positive=assume), rs)
-        return frozenset(r.id for r in found)
+        """The factors that fire with these unknowns positive (only those naming one of them
+        are evaluated again: the others cannot change)."""
+        evaluate = Evaluator(facts, knowledge, assume_positive=assume)
+        return base | {
+            f.id
+            for f in rs.factors
+            if not assume.isdisjoint(mentions[f.id]) and evaluate(f.when).value is True
+        }
+
+    def counts(ids: Iterable[str]) -> tuple[int, int]:
+        return sum(weight[i][0] for i in ids), sum(weight[i][1] for i in ids)
+
+    @functools.cache
+    def tier_rank(high: int, intermediate: int) -> int:
+        return rs.tiers.rank(_tier(rs, high, intermediate))
 
     def rank(ids: frozenset[str]) -> int:
-        high = sum(classes[i] == "high" for i in ids)
-        intermediate = sum(classes[i] == "intermediate" for i in ids)
-        return rs.tiers.rank(_tier(rs, high, intermediate))
+        return tier_rank(*counts(ids))
 
     names = [n for n in rs.tiers.preliminary_if_unknown if _is_unknown(n, facts, rs)]
     current = rs.tiers.rank(tier)
     best = rank(fired(frozenset(names)))
     if best <= current:
         return ()
-    base = fired(frozenset())
     gains = {n: g for n in names if (g := fired(frozenset({n})) - base)}
     keys = list(gains)
     if rank(base.union(*gains.values())) < best:
         # A factor needs several unknowns at once: every unknown that can count is named.
         return tuple(names)
-
-    @functools.cache
-    def raises(mask: int) -> bool:
-        ids = base.union(*(gains[k] for i, k in enumerate(keys) if mask >> i & 1))
-        return rank(ids) > current
-
-    named: set[str] = set()
+    # The factors each subset of unknowns fires (built from the subset without its lowest
+    # member), whether it raises the tier, and so which unknowns can: k is in a smallest raising
+    # set exactly when adding k to some set of the others turns "not raised" into "raised".
+    fired_by = [base]
+    tally = [counts(base)]
     for mask in range(1, 1 << len(keys)):
-        members = [i for i in range(len(keys)) if mask >> i & 1]
-        if raises(mask) and not any(raises(mask & ~(1 << i)) for i in members):
-            named.update(keys[i] for i in members)
+        low = mask & -mask
+        before = fired_by[mask ^ low]
+        added = gains[keys[low.bit_length() - 1]] - before
+        fired_by.append(before | added)
+        high, intermediate = counts(added)
+        tally.append((tally[mask ^ low][0] + high, tally[mask ^ low][1] + intermediate))
+    raises = [tier_rank(*t) > current for t in tally]
+    named = {
+        key
+        for i, key in enumerate(keys)
+        if any(raises[m | 1 << i] and not raises[m] for m in range(len(raises)) if not m >> i & 1)
+    }
     return tuple(n for n in names if n in named)
 
 
