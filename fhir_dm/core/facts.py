@@ -17,7 +17,7 @@ from functools import lru_cache
 from typing import Any, Final, NamedTuple
 
 from fhir_dm.core.dates import DateSpan, add_months, age_span, parse_fhir_date
-from fhir_dm.core.inputs import PatientRecord, Resource, normalise_reference
+from fhir_dm.core.inputs import LINK_JOINED, PatientRecord, Resource, normalise_reference
 from fhir_dm.core.results import Grade, ResultGrader, normalise_unit, parse_bounds
 from fhir_dm.core.terminology import Matcher, normalise_name
 from fhir_dm.knowledge.models import Knowledge, Refractory, ResultStrings
@@ -165,6 +165,10 @@ class PatientFacts:
     screening_evidence: tuple[Evidence, ...] = ()
     # Names of the malignancies recorded as active (a plan says which cancer it defers to).
     active_cancers: tuple[str, ...] = ()
+    # Patient.link links that joined other Patient records into this one ("Patient/old
+    # replaced-by Patient/new"), and those joined records' references (clinical-logic §2 rev 3).
+    patient_links: tuple[str, ...] = ()
+    linked_patients: tuple[str, ...] = ()
 
     def feature(self, name: str) -> Fact:
         return self.features.get(name, UNKNOWN_FACT)
@@ -1096,8 +1100,10 @@ def extract_facts(record: PatientRecord, knowledge: Knowledge, matcher: Matcher)
     unused = record.unused_summary()
     if unused:
         reader.note(unused)
+    links = tuple(ref for message, ref in record.joined if message == LINK_JOINED)
     for message, ref in (*record.joined, *record.unattributed):
-        reader.note(message, ref)
+        if message != LINK_JOINED:  # joined records are a notice, not unused input
+            reader.note(message, ref)
     return PatientFacts(
         deceased=_deceased(patient, record.reference),
         past_cancers=tuple(dict.fromkeys(reader.cancer_names)),
@@ -1113,6 +1119,8 @@ def extract_facts(record: PatientRecord, knowledge: Knowledge, matcher: Matcher)
         screening_done=latest_done(evidence),
         screening_evidence=evidence,
         active_cancers=tuple(dict.fromkeys(reader.active_cancer_names)),
+        patient_links=links,
+        linked_patients=record.linked_references,
         findings=reader.grouped_findings(),
         all_sources=tuple(sorted(reader.sources | {record.reference})),
     )

@@ -85,8 +85,10 @@ class PatientRecord:
     # Every Patient resource of this record (the surviving one first): their references and
     # identifiers decide whether a subject is this patient.
     members: tuple[Resource, ...] = ()
-    joined: tuple[tuple[str, str], ...] = ()  # (message, Patient reference)
+    joined: tuple[tuple[str, str], ...] = ()  # (message, the link as references)
     unattributed: tuple[tuple[str, str], ...] = ()
+    # References of the other Patient records joined into this one.
+    linked_references: tuple[str, ...] = ()
 
     def resolve(self, reference: str) -> Resource | None:
         """The resource a reference points to, if it is in the input."""
@@ -498,6 +500,7 @@ def group_by_patient(
                 members=tuple(found[n][0] for n in members),
                 joined=tuple(notes),
                 unattributed=unattributed,
+                linked_references=tuple(names[n] for n in members[1:]),
             )
         )
     return records

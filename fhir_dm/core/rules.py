@@ -542,6 +542,18 @@ def assess_facts(facts: PatientFacts, knowledge: Knowledge, *, now: date) -> Ass
     rs = knowledge.ruleset
     scope, reason, window = _scope(facts, knowledge, now)
     notices = _notices(facts, knowledge, now) if scope in EVENT_ROUND_SCOPES else []
+    if facts.patient_links:
+        # Whatever the scope: the reader must know whose records were read as one.
+        rule_l = rs.patient_link
+        notices.append(
+            Notice(
+                "patient-link",
+                rule_l.message.format(links="; ".join(facts.patient_links)),
+                rule_l.evidence,
+                rule_l.source,
+                facts.linked_patients,
+            )
+        )
     fired, high, intermediate = _count(Evaluator(facts, knowledge), rs)
     tier: str | None = None
     preliminary = False

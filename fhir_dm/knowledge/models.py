@@ -412,6 +412,13 @@ class PriorMalignancy(_Sourced):
     message: str
 
 
+class PatientLink(_Sourced):
+    """The notice shown when Patient records joined by Patient.link are assessed as one."""
+
+    # `{links}` is replaced by the links ("Patient/old replaced-by Patient/new").
+    message: str
+
+
 class CheckpointInhibitor(_Sourced):
     """Myositis on an immune checkpoint inhibitor: likely an immune-related adverse event."""
 
@@ -480,6 +487,7 @@ class RuleSet(_Frozen):
     red_flags: RedFlags
     active_malignancy: ActiveMalignancy
     prior_malignancy: PriorMalignancy
+    patient_link: PatientLink
     checkpoint_inhibitor: CheckpointInhibitor
     subtype_options: tuple[SubtypeOption, ...] = ()
     flare: FlareRule

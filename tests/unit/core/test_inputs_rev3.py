@@ -7,6 +7,7 @@ IPS examples carry `onsetAge` / `onsetRange`, year-only birth dates and `Patient
 
 from __future__ import annotations
 
+import json
 from datetime import date
 from typing import Any
 
@@ -14,7 +15,6 @@ import pytest
 
 from fhir_dm.core.assess import Engine
 from fhir_dm.core.inputs import (
-    LINK_JOINED,
     LINK_OUTSIDE,
     SUBJECT_AMBIGUOUS,
     SUBJECT_MISSING,
@@ -197,10 +197,13 @@ def test_data_filed_under_a_replaced_record_counts_for_the_surviving_one(engine:
     assert one.patient_reference == "Patient/new"
     assert one.plan.assessment.facts.antibody("tif1g").value is True
     assert one.tier == "high"
-    assert (
-        f"2 x {LINK_JOINED}: Patient/new replaces Patient/old, Patient/old replaced-by Patient/new"
-        in one.explanation.findings
-    )
+    # The output names the links (a notice, not "input not used").
+    assert one.explanation.findings == ()
+    (notice,) = [n for n in one.plan.assessment.notices if n.id == "patient-link"]
+    assert "(Patient/new replaces Patient/old; Patient/old replaced-by Patient/new)" in notice.text
+    assert notice.sources == ("Patient/old",)
+    assert any("Patient/new replaces Patient/old" in n for n in one.explanation.notices)
+    assert "Patient/old replaced-by Patient/new" in json.dumps(one.risk_assessment)
 
 
 def test_a_seealso_link_by_identifier_joins_records(engine: Engine) -> None:
