@@ -360,3 +360,51 @@ def test_an_sae1_result_by_name_is_still_read(engine: Engine) -> None:
     p = _hl7v2_patient()
     sae1 = _hl7v2_result(_by_identifier(), "SAE1 Ab", "POS")
     assert facts_of(engine, p, f.iim_condition(p), sae1).antibody("sae1").value is True
+
+
+def _brute_force_named(facts: Any, knowledge: Any, tier: str) -> set[str]:
+    """Every unknown in a smallest raising set, by evaluating every subset of unknowns."""
+    from itertools import combinations
+
+    from fhir_dm.core import rules
+
+    rs = knowledge.ruleset
+    names = [n for n in rs.tiers.preliminary_if_unknown if rules._is_unknown(n, facts, rs)]
+
+    def raises(subset: tuple[str, ...]) -> bool:
+        evaluator = rules.Evaluator(facts, knowledge, assume_positive=frozenset(subset))
+        _, high, intermediate = rules._count(evaluator, rs)
+        return rs.tiers.rank(rules._tier(rs, high, intermediate)) > rs.tiers.rank(tier)
+
+    named: set[str] = set()
+    for size in range(1, len(names) + 1):
+        for subset in combinations(names, size):
+            if raises(subset) and not any(
+                raises(tuple(x for x in subset if x != y)) for y in subset
+            ):
+                named.update(subset)
+    return named
+
+
+@pytest.mark.parametrize(
+    ("code", "gender", "birth", "tested"),
+    [
+        ("396230008", "female", "1984", ("tif1g", "nxp2", "sae1")),  # DM, age open
+        ("396230008", None, "1994-01-01", ("tif1g",)),  # DM, sex unknown, young
+        ("445187004", "female", "1994-01-01", ("tif1g", "nxp2", "sae1")),  # ASyS
+        ("445187004", None, None, ()),  # ASyS, nothing known
+        ("702380008", "male", "1984-06", ("hmgcr", "mi2")),  # unspecified subtype
+        ("238935002", None, "1984", ("sae1",)),  # CADM
+    ],
+)
+def test_the_unknowns_named_are_exactly_those_in_a_smallest_raising_set(
+    engine: Engine, code: str, gender: str | None, birth: str | None, tested: tuple[str, ...]
+) -> None:
+    p = f.patient(gender=gender, birth_date=birth)
+    dm = f.iim_condition(p, code=code, onset="2024-06-10", recorded="2024-07-01")
+    result = run_one(engine, p, dm, *_negatives(p, *tested), now=NOW)
+    a = result.plan.assessment
+    assert a.tier is not None
+    expected = _brute_force_named(a.facts, engine.knowledge, a.tier)
+    assert set(a.preliminary_unknowns) == expected
+    assert a.preliminary == bool(expected)
