@@ -367,6 +367,14 @@ class _Patients:
     def __init__(self, patients: Sequence[tuple[Resource, list[str]]]) -> None:
         self.patients = [p for p, _ in patients]
         self.keys = {key: n for n, (_, keys) in enumerate(patients) for key in keys}
+        # Identifier value -> the Patients holding it (a bulk input has many patients).
+        self.by_value: dict[str, list[int]] = {}
+        for n, patient in enumerate(self.patients):
+            for ident in patient.get("identifier") or []:
+                if isinstance(ident, Mapping) and isinstance(ident.get("value"), str):
+                    holders = self.by_value.setdefault(ident["value"].strip(), [])
+                    if n not in holders:
+                        holders.append(n)
 
     def named(self, reference: Any) -> tuple[int | None, str]:
         """(patient index, "") or (None, why not: missing / other / ambiguous)."""
@@ -376,9 +384,14 @@ class _Patients:
         if isinstance(target, str):
             n = self.keys.get(normalise_reference(target))
             return (n, "") if n is not None else (None, SUBJECT_OTHER)
-        if _identifier_of(reference) is None:
+        key = _identifier_of(reference)
+        if key is None:
             return None, SUBJECT_MISSING  # display only
-        found = [n for n, p in enumerate(self.patients) if _identifier_matches(reference, p)]
+        found = [
+            n
+            for n in self.by_value.get(key[1], ())
+            if _identifier_matches(reference, self.patients[n])
+        ]
         if len(found) > 1:
             return None, SUBJECT_AMBIGUOUS
         return (found[0], "") if found else (None, SUBJECT_OTHER)
