@@ -5,7 +5,9 @@ One command line for everything a user runs: `assess` / `explain` bundle files w
 server, `dead-letters` of the queue, `demo` the whole service against a FHIR server.
 Contract other tools rely on: `assess FILE...` prints the result transaction Bundle as JSON
 (one FILE, no --out) or writes `<name>.result.json` files into --out; exit 0 on success, 1 on
-bad input (one line on stderr), 2 on a bad configuration or settings.
+bad input (one line on stderr), 2 on a bad configuration or settings. The Bundle carries the
+input resources it refers to (unless --result-only), so it posts as it is on an empty server;
+what it refers to that the input does not hold is said on stderr.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import uuid
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -23,6 +26,8 @@ from pydantic import ValidationError
 
 from fhir_dm import __version__
 from fhir_dm.core.assess import AssessmentRun, Engine, PatientResult
+from fhir_dm.core.build.bundle import full_url_for
+from fhir_dm.core.inputs import normalise_reference
 from fhir_dm.errors import FhirDmError, InputError, KnowledgeError, NotJsonError
 from fhir_dm.fhir.terminology import TerminologyServerConfig, engine_for
 from fhir_dm.knowledge.load import load_knowledge
@@ -106,6 +111,12 @@ def _parser() -> argparse.ArgumentParser:
         if name == "assess":
             cmd.add_argument(
                 "--out", type=Path, default=None, help="write <name>.result.json files here"
+            )
+            cmd.add_argument(
+                "--result-only",
+                action="store_true",
+                help="leave out the input resources the result refers to (for posting to the"
+                " server the input came from, which holds them)",
             )
     serve = sub.add_parser(
         "serve",
@@ -244,30 +255,155 @@ def render_summary(result: PatientResult) -> str:
     return "\n".join(lines)
 
 
+# How many of the references a result Bundle cannot carry the CLI names on stderr.
+SHOWN_MISSING = 3
+
+
+def _references(data: Any) -> list[str]:
+    """Every `reference` string in a resource (nested), in order."""
+    found: list[str] = []
+    todo = [data]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if key == "reference" and isinstance(value, str):
+                    found.append(value)
+                elif isinstance(value, dict | list):
+                    todo.append(value)
+        elif isinstance(item, list):
+            todo.extend(item)
+    return found
+
+
+def _input_entries(data: Any) -> list[tuple[dict[str, Any], str | None]]:
+    """(resource, fullUrl) of every input resource (a Bundle's entries, or the one resource)."""
+    if data.get("resourceType") != "Bundle":
+        return [(data, None)]
+    return [
+        (e["resource"], e.get("fullUrl") if isinstance(e.get("fullUrl"), str) else None)
+        for e in data.get("entry") or []
+        if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+    ]
+
+
+def _keys(resource: dict[str, Any], full_url: str | None) -> list[str]:
+    keys = [normalise_reference(full_url)] if full_url else []
+    if resource.get("id"):
+        keys.append(f"{resource['resourceType']}/{resource['id']}")
+    return keys
+
+
+def _input_entry(resource: dict[str, Any], full_url: str | None) -> dict[str, Any]:
+    """An input resource as a transaction entry, so that posting twice changes nothing: PUT to
+    its id; without one, a create conditional on its first identifier, else a PUT to an id
+    derived from its fullUrl (the server would otherwise make a second copy)."""
+    kind = resource["resourceType"]
+    ident = next(
+        (i for i in resource.get("identifier") or [] if i.get("system") and i.get("value")), None
+    )
+    if not resource.get("id") and full_url and ident is not None:
+        return {
+            "fullUrl": full_url,
+            "resource": resource,
+            "request": {
+                "method": "POST",
+                "url": kind,
+                "ifNoneExist": f"identifier={ident['system']}|{ident['value']}",
+            },
+        }
+    if not resource.get("id"):
+        assert full_url is not None  # only what a reference reaches is carried
+        resource = {**resource, "id": f"in-{uuid.uuid5(uuid.NAMESPACE_URL, full_url).hex}"}
+    url = f"{kind}/{resource['id']}"
+    return {
+        "fullUrl": full_url or full_url_for(url),
+        "resource": resource,
+        "request": {"method": "PUT", "url": url},
+    }
+
+
+def postable_bundle(bundle: dict[str, Any], data: Any) -> tuple[dict[str, Any], list[str]]:
+    """The result Bundle plus every input resource it refers to, directly or through them, so
+    that it posts as it is on a server that holds none of them; and the references left that
+    neither holds (the server must already have those)."""
+    inputs = _input_entries(data)
+    by_key = {key: n for n, (res, url) in enumerate(inputs) for key in _keys(res, url)}
+    have = {
+        key
+        for entry in bundle["entry"]
+        for key in _keys(entry["resource"], entry.get("fullUrl"))
+        if entry["request"]["method"] == "PUT" or key.startswith("urn:")
+    }
+    added: list[int] = []
+    missing: list[str] = []
+    todo = [ref for entry in bundle["entry"] for ref in _references(entry["resource"])]
+    todo.reverse()
+    while todo:
+        ref = todo.pop()
+        if ref.startswith("#"):
+            continue
+        key = normalise_reference(ref)
+        if key in have:
+            continue
+        have.add(key)
+        n = by_key.get(key)
+        if n is None:
+            missing.append(key)
+            continue
+        if n in added:
+            continue
+        added.append(n)
+        resource, full_url = inputs[n]
+        have.update(_keys(resource, full_url))
+        todo.extend(reversed(_references(resource)))
+    entries = [*bundle["entry"], *(_input_entry(*inputs[n]) for n in added)]
+    return {**bundle, "entry": entries}, missing
+
+
+def _result_bundle(path: Path, run: AssessmentRun, data: Any, result_only: bool) -> Any:
+    """The Bundle `assess` writes; says on stderr what it refers to that it cannot carry."""
+    if result_only:
+        return run.bundle()
+    bundle, missing = postable_bundle(run.bundle(), data)
+    if missing:
+        shown = ", ".join(missing[:SHOWN_MISSING])
+        more = f" and {len(missing) - SHOWN_MISSING} more" if len(missing) > SHOWN_MISSING else ""
+        sys.stderr.write(
+            f"fhir-dm: {path}: the result refers to {len(missing)} resource(s) the input does"
+            f" not hold ({shown}{more}): post it to a server that has them, or add them to"
+            " the input\n"
+        )
+    return bundle
+
+
 def _run(args: argparse.Namespace, engine: Engine) -> int:
     now = args.now or datetime.now(UTC).date()
-    runs: list[tuple[Path, AssessmentRun]] = []
+    runs: list[tuple[Path, AssessmentRun, Any]] = []
     for path in args.files:
         try:
-            runs.append((path, engine.assess(read_json_file(path), now=now)))
+            data = read_json_file(path)
+            runs.append((path, engine.assess(data, now=now), data))
         except FhirDmError as exc:
             if exc.message.startswith(str(path)):
                 raise
             raise type(exc)(f"{path}: {exc.message}", expression=exc.expression) from None
     if args.command == "explain":
         sys.stdout.write(
-            "\n\n".join(render_summary(r) for _, run in runs for r in run.results) + "\n"
+            "\n\n".join(render_summary(r) for _, run, _ in runs for r in run.results) + "\n"
         )
         return EXIT_OK
     if args.out is None and len(runs) == 1:
-        _dump(runs[0][1].bundle(), sys.stdout)
+        path, run, data = runs[0]
+        _dump(_result_bundle(path, run, data, args.result_only), sys.stdout)
         return EXIT_OK
     out_dir = args.out or Path()
     out_dir.mkdir(parents=True, exist_ok=True)
-    for path, run in runs:
+    for path, run, data in runs:
         target = out_dir / f"{path.stem}.result.json"
+        bundle = _result_bundle(path, run, data, args.result_only)
         with target.open("w", encoding="utf-8") as stream:
-            _dump(run.bundle(), stream)
+            _dump(bundle, stream)
         sys.stderr.write(f"{path}: {len(run.results)} patient(s) -> {target}\n")
     return EXIT_OK
 

@@ -12,12 +12,12 @@ import hashlib
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, timedelta
 from functools import lru_cache
 from typing import Any, Final, Literal, NamedTuple
 
 from fhir_dm.core.dates import DateSpan, add_months, age_span, parse_fhir_date
-from fhir_dm.core.inputs import PatientRecord, Resource, normalise_reference
+from fhir_dm.core.inputs import LINK_JOINED, PatientRecord, Resource, normalise_reference
 from fhir_dm.core.results import Grade, ResultGrader, normalise_unit, parse_bounds
 from fhir_dm.core.terminology import Matcher, normalise_name
 from fhir_dm.knowledge.models import (
@@ -108,6 +108,9 @@ class IimDiagnosis:
     diagnosed: DateSpan | None = None
     diagnosis_source: str = "none"
     unconfirmed_status: str | None = None
+    # Age at onset as the Condition states it (onsetAge / onsetRange), youngest and oldest
+    # years: the age when the birth date is missing (clinical-logic §2, rev 3).
+    stated_age: tuple[float, float] | None = None
 
     @property
     def confirmed(self) -> bool:
@@ -198,6 +201,10 @@ class PatientFacts:
     cancers: tuple[CancerRecord, ...] = ()
     # Why the sex for clinical use is uncertain (records disagree, or "specified"); "" if not.
     sex_uncertain: str = ""
+    # Patient.link links that joined other Patient records into this one ("Patient/old
+    # replaced-by Patient/new"), and those joined records' references (clinical-logic §2 rev 3).
+    patient_links: tuple[str, ...] = ()
+    linked_patients: tuple[str, ...] = ()
 
     def feature(self, name: str) -> Fact:
         return self.features.get(name, UNKNOWN_FACT)
@@ -332,7 +339,11 @@ class _Reader:
         self.sources.update(c[1] for c in peers)
         onsets: list[tuple[DateSpan, str]] = []
         diagnoses: list[tuple[DateSpan, str]] = []
+        ages: list[tuple[float, float]] = []
         for _, ref, cond, _ in peers:
+            age = self.stated_age(cond, ref)
+            if age is not None:
+                ages.append(age)
             where = "" if ref == best_ref else f", {ref}"
             recorded = parse_fhir_date(cond.get("recordedDate"))
             onset, source = self.onset(cond, ref)
@@ -354,6 +365,7 @@ class _Reader:
             diagnosis_pick[0] if diagnosis_pick else None,
             diagnosis_pick[1] if diagnosis_pick else "none",
             status if status in unconfirmed else None,
+            min(ages) if ages else None,  # the earliest onset is the youngest age
         )
 
     def diagnosis_date(
@@ -383,24 +395,42 @@ class _Reader:
         if "onsetPeriod" in cond:
             span = parse_fhir_date((cond["onsetPeriod"] or {}).get("start"))
             return (span, "onsetPeriod.start") if span else (None, "onsetPeriod without start")
-        if "onsetAge" in cond:
-            return self.onset_from_age(cond["onsetAge"], ref)
+        if "onsetAge" in cond or "onsetRange" in cond:
+            return self.onset_from_age(cond, ref)
         if "onsetString" in cond:
             self.note("onsetString cannot be used as a date; fell back to recordedDate", ref)
             return None, "onsetString unusable"
         return None, ""
 
-    def onset_from_age(self, age: Mapping[str, Any], ref: str) -> tuple[DateSpan | None, str]:
+    def stated_age(self, cond: Mapping[str, Any], ref: str) -> tuple[float, float] | None:
+        """The age at onset an onsetAge or onsetRange states, in years (None, and a finding
+        once, when it cannot be read)."""
+        element = "onsetAge" if "onsetAge" in cond else "onsetRange"
+        if element not in cond:
+            return None
+        value = cond[element] or {}
+        ages = (
+            _age_years(value)
+            if element == "onsetAge"
+            else _range_years(value.get("low"), value.get("high"))
+        )
+        if ages is None:
+            self.note(f"{element} without a usable age in years, months, weeks or days", ref)
+        return ages
+
+    def onset_from_age(self, cond: Mapping[str, Any], ref: str) -> tuple[DateSpan | None, str]:
+        """The onset date an onsetAge / onsetRange gives with the birth date (an interval)."""
+        element = "onsetAge" if "onsetAge" in cond else "onsetRange"
         birth = parse_fhir_date(self.record.patient.get("birthDate"))
-        years = age.get("value")
-        unit = age.get("code") or age.get("unit")
-        if birth is None or not isinstance(years, int | float) or unit not in ("a", "yr", "years"):
-            self.note("onsetAge cannot be turned into a date", ref)
-            return None, "onsetAge unusable"
-        whole = int(years)
-        earliest = add_months(birth.earliest, 12 * whole)
-        latest = add_months(birth.latest, 12 * (whole + 1))
-        return DateSpan(earliest, latest), "onsetAge"
+        ages = self.stated_age(cond, ref)
+        if ages is None:
+            return None, f"{element} unusable"
+        if birth is None:
+            # The age still counts as the age at onset (PatientFacts.onset_age); no date.
+            return None, f"{element} without birth date"
+        earliest = _add_years(birth.earliest, ages[0])
+        latest = _add_years(birth.latest, ages[1])
+        return DateSpan(earliest, latest), element
 
     def condition_features(
         self, conditions: Sequence[tuple[str, Resource, frozenset[str]]]
@@ -612,8 +642,7 @@ class _Reader:
         if member.get("status") not in self.k.site.observations.usable_statuses:
             self.note(f"{what} ignored (status {member.get('status')})", ref)
             return None
-        subject = (member.get("subject") or {}).get("reference")
-        if isinstance(subject, str) and self.record.resolve(subject) is not self.record.patient:
+        if self.record.subject_is_other(member.get("subject")):
             self.note(f"{what} is about another subject; not used", ref)
             return None
         return member, ref, inner
@@ -923,6 +952,53 @@ class _Reader:
         return tuple(sorted(found.values(), key=lambda e: (e.when, e.test_id, e.reference)))
 
 
+# UCUM codes (and the words labs send in `unit`) of an Age, in years per unit.
+AGE_UNITS = {
+    "a": 1.0,
+    "yr": 1.0,
+    "y": 1.0,
+    "year": 1.0,
+    "years": 1.0,
+    "mo": 1 / 12,
+    "month": 1 / 12,
+    "months": 1 / 12,
+    "wk": 7 / 365.25,
+    "week": 7 / 365.25,
+    "weeks": 7 / 365.25,
+    "d": 1 / 365.25,
+    "day": 1 / 365.25,
+    "days": 1 / 365.25,
+}
+
+
+def _age_years(age: Any) -> tuple[float, float] | None:
+    """An Age as youngest and oldest years: "52 a" is 52 up to 53 (the age in whole units)."""
+    if not isinstance(age, Mapping) or age.get("comparator"):
+        return None
+    value = age.get("value")
+    unit = age.get("code") or age.get("unit")
+    factor = AGE_UNITS.get(unit.strip().lower()) if isinstance(unit, str) else None
+    if factor is None or not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+        return None
+    upper = value + 1 if float(value).is_integer() else value
+    return value * factor, upper * factor
+
+
+def _range_years(low: Any, high: Any) -> tuple[float, float] | None:
+    """An onsetRange as youngest and oldest years: both ends needed, low not above high."""
+    youngest, oldest = _age_years(low), _age_years(high)
+    if youngest is None or oldest is None or youngest[0] > oldest[1]:
+        return None
+    return youngest[0], oldest[1]
+
+
+def _add_years(day: date, years: float) -> date:
+    """A date plus a (fractional) number of years, to the day."""
+    whole = int(years)
+    start = add_months(day, 12 * whole)
+    return start + timedelta(days=round((years - whole) * 365.25))
+
+
 def _done_date(resource: Mapping[str, Any]) -> DateSpan | None:
     """When a test was done: performed, effective, started, or (a request) when it was due."""
     return (
@@ -1224,14 +1300,22 @@ def extract_facts(record: PatientRecord, knowledge: Knowledge, matcher: Matcher)
     patient = record.patient
     sex, sex_uncertain = clinical_sex(patient, record.reference, knowledge, reader)
     birth = parse_fhir_date(patient.get("birthDate"))
-    if birth is None:
-        reader.note("Patient: birth date missing; age-dependent rules are unknown")
 
     conditions = reader.usable_conditions()
     iim = reader.iim(conditions)
     onset_age = None
     if iim and iim.onset and birth:
         onset_age = age_span(birth, iim.onset)
+    elif iim and iim.stated_age and birth is None:
+        # Without a birth date the Condition's own age at onset is the age (rev 3).
+        onset_age = iim.stated_age
+    if birth is None:
+        reader.note(
+            "Patient: birth date missing; age at onset read from the Condition's onsetAge or"
+            " onsetRange"
+            if onset_age is not None
+            else "Patient: birth date missing; age-dependent rules are unknown"
+        )
 
     observations = reader.usable_observations()
     features = reader.condition_features(conditions)
@@ -1255,6 +1339,10 @@ def extract_facts(record: PatientRecord, knowledge: Knowledge, matcher: Matcher)
     unused = record.unused_summary()
     if unused:
         reader.note(unused)
+    links = tuple(ref for message, ref in record.joined if message == LINK_JOINED)
+    for message, ref in (*record.joined, *record.unattributed):
+        if message != LINK_JOINED:  # joined records are a notice, not unused input
+            reader.note(message, ref)
     return PatientFacts(
         deceased=_deceased(patient, record.reference),
         past_cancers=tuple(dict.fromkeys(reader.cancer_names)),
@@ -1272,6 +1360,8 @@ def extract_facts(record: PatientRecord, knowledge: Knowledge, matcher: Matcher)
         active_cancers=tuple(dict.fromkeys(reader.active_cancer_names)),
         cancers=tuple(reader.cancers),
         sex_uncertain=sex_uncertain,
+        patient_links=links,
+        linked_patients=record.linked_references,
         findings=reader.grouped_findings(),
         all_sources=tuple(sorted(reader.sources | {record.reference})),
         birth_country=birth_country(patient),

@@ -33,6 +33,16 @@ Pair = tuple[Resource, str | None]  # a resource and its Bundle fullUrl
 
 # Where each resource type points at its patient.
 SUBJECT_FIELDS = ("subject", "patient")
+# Read types that have no subject of their own: reached by reference only (medicationReference).
+REACHED_BY_REFERENCE = frozenset({"Medication"})
+# Patient.link types that join records of one person (clinical-logic §2, rev 3); "refer" does not.
+JOINING_LINKS = frozenset({"replaced-by", "replaces", "seealso"})
+# Why a resource the rules could read is not used for any patient of the input (a finding each).
+SUBJECT_MISSING = "resource without a subject, not in a report or panel of this patient's; not used"
+SUBJECT_OTHER = "resource about another patient (its subject is not this patient); not used"
+SUBJECT_AMBIGUOUS = "resource whose subject identifier matches several patients; not used"
+LINK_JOINED = "records joined by Patient.link: the linked record's data counts for this patient"
+LINK_OUTSIDE = "Patient.link to a record not in the input: that record's data is not read"
 
 # Resource types the facts reader reads whatever their code (keep in step with facts.py; a unit
 # test checks that every type named there is kept by type or by code).
@@ -58,7 +68,13 @@ FOLLOWED_REFERENCES = {"DiagnosticReport": "result", "Observation": "hasMember"}
 
 @dataclass(frozen=True, slots=True)
 class PatientRecord:
-    """A Patient and every resource that refers to it (as `(reference, resource)` pairs)."""
+    """A Patient and every resource that refers to it (as `(reference, resource)` pairs).
+
+    Records joined by `Patient.link` (replaced-by / replaces / seealso) are one record: the
+    surviving Patient, with the data filed under every joined one (`joined` says which, and
+    how). `unattributed` lists what the rules could read but no patient of the input owns
+    (subject missing or another patient's, outside any report or panel): (message, reference).
+    """
 
     patient: Resource
     reference: str
@@ -66,10 +82,29 @@ class PatientRecord:
     index: Mapping[str, Resource] = field(repr=False)
     # Resources of this patient left out as unreadable by the rules: (type, count), most first.
     unused: tuple[tuple[str, int], ...] = ()
+    # Every Patient resource of this record (the surviving one first): their references and
+    # identifiers decide whether a subject is this patient.
+    members: tuple[Resource, ...] = ()
+    joined: tuple[tuple[str, str], ...] = ()  # (message, the link as references)
+    unattributed: tuple[tuple[str, str], ...] = ()
+    # References of the other Patient records joined into this one.
+    linked_references: tuple[str, ...] = ()
 
     def resolve(self, reference: str) -> Resource | None:
         """The resource a reference points to, if it is in the input."""
         return self.index.get(normalise_reference(reference))
+
+    def subject_is_other(self, subject: Any) -> bool:
+        """True when a Reference names someone other than this patient (by reference or by
+        identifier); a missing or display-only subject is not "other"."""
+        members = self.members or (self.patient,)
+        if not isinstance(subject, Mapping):
+            return False
+        if isinstance(subject.get("reference"), str):
+            return not any(self.resolve(subject["reference"]) is m for m in members)
+        if _identifier_of(subject) is None:
+            return False
+        return not any(_identifier_matches(subject, m) for m in members)
 
     def unused_summary(self) -> str | None:
         """One finding for everything left out: counts per type, never one line per resource."""
@@ -295,12 +330,116 @@ def select_resources(
     return pairs, positions, unused
 
 
-def _subject_reference(resource: Resource) -> str | None:
+def _subject(resource: Resource) -> Any:
+    """The Reference naming a resource's patient (None if it has none)."""
     for name in SUBJECT_FIELDS:
-        value = resource.get(name)
-        if isinstance(value, Mapping) and isinstance(value.get("reference"), str):
-            return normalise_reference(value["reference"])
+        if name in resource:
+            return resource[name]
     return None
+
+
+def _identifier_of(reference: Mapping[str, Any]) -> tuple[str | None, str] | None:
+    """(system, value) of a Reference given by identifier, if it is one."""
+    ident = reference.get("identifier")
+    if not isinstance(ident, Mapping) or not isinstance(ident.get("value"), str):
+        return None
+    system = ident.get("system")
+    return (system if isinstance(system, str) else None), ident["value"].strip()
+
+
+def _identifier_matches(reference: Mapping[str, Any], patient: Resource) -> bool:
+    """A Reference by identifier names this Patient: same value and, when given, same system."""
+    key = _identifier_of(reference)
+    if key is None or reference.get("type") not in (None, "Patient"):
+        return False
+    system, value = key
+    return any(
+        isinstance(i, Mapping)
+        and isinstance(i.get("value"), str)
+        and i["value"].strip() == value
+        and (system is None or i.get("system") == system)
+        for i in patient.get("identifier") or []
+    )
+
+
+class _Patients:
+    """Which Patient of the input a Reference names: by reference, or by identifier."""
+
+    def __init__(self, patients: Sequence[tuple[Resource, list[str]]]) -> None:
+        self.patients = [p for p, _ in patients]
+        self.keys = {key: n for n, (_, keys) in enumerate(patients) for key in keys}
+        # Identifier value -> the Patients holding it (a bulk input has many patients).
+        self.by_value: dict[str, list[int]] = {}
+        for n, patient in enumerate(self.patients):
+            for ident in patient.get("identifier") or []:
+                if isinstance(ident, Mapping) and isinstance(ident.get("value"), str):
+                    holders = self.by_value.setdefault(ident["value"].strip(), [])
+                    if n not in holders:
+                        holders.append(n)
+
+    def named(self, reference: Any) -> tuple[int | None, str]:
+        """(patient index, "") or (None, why not: missing / other / ambiguous)."""
+        if not isinstance(reference, Mapping):
+            return None, SUBJECT_MISSING
+        target = reference.get("reference")
+        if isinstance(target, str):
+            n = self.keys.get(normalise_reference(target))
+            return (n, "") if n is not None else (None, SUBJECT_OTHER)
+        key = _identifier_of(reference)
+        if key is None:
+            return None, SUBJECT_MISSING  # display only
+        found = [
+            n
+            for n in self.by_value.get(key[1], ())
+            if _identifier_matches(reference, self.patients[n])
+        ]
+        if len(found) > 1:
+            return None, SUBJECT_AMBIGUOUS
+        return (found[0], "") if found else (None, SUBJECT_OTHER)
+
+
+def _join_links(
+    patients: _Patients, names: Sequence[str]
+) -> tuple[list[list[int]], dict[int, list[tuple[str, str]]]]:
+    """Groups of Patients joined by Patient.link, the surviving one first, in input order; and
+    per Patient the findings that name its links (`names`: how outputs cite each Patient)."""
+    parent = list(range(len(patients.patients)))
+
+    def root(n: int) -> int:
+        while parent[n] != n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    replaced: set[int] = set()
+    notes: dict[int, list[tuple[str, str]]] = {}
+    for n, patient in enumerate(patients.patients):
+        for link in patient.get("link") or []:
+            kind = link.get("type") if isinstance(link, Mapping) else None
+            if kind not in JOINING_LINKS:
+                continue
+            other, _ = patients.named(link.get("other"))
+            if other is None:
+                target = (link.get("other") or {}).get("reference")
+                where = normalise_reference(target) if isinstance(target, str) else "identifier"
+                notes.setdefault(n, []).append((LINK_OUTSIDE, f"{names[n]} {kind} {where}"))
+                continue
+            if other == n:
+                continue
+            notes.setdefault(n, []).append((LINK_JOINED, f"{names[n]} {kind} {names[other]}"))
+            parent[root(other)] = root(n)
+            if kind == "replaced-by":
+                replaced.add(n)
+            elif kind == "replaces":
+                replaced.add(other)
+    groups: dict[int, list[int]] = {}
+    for n in range(len(patients.patients)):
+        groups.setdefault(root(n), []).append(n)
+    ordered = []
+    for members in sorted(groups.values(), key=min):
+        survivors = [n for n in members if n not in replaced] or members
+        ordered.append([survivors[0], *(n for n in members if n != survivors[0])])
+    return ordered, notes
 
 
 def group_by_patient(
@@ -311,51 +450,87 @@ def group_by_patient(
 ) -> list[PatientRecord]:
     """Split resources by the Patient they refer to; the order of Patients is kept.
 
-    `positions` are the pairs' places in the input (for resources with neither id nor fullUrl);
-    `unused` resources are only counted, per type, for the patient they refer to (for the only
-    patient when they name none).
+    A subject may name its Patient by reference or by identifier. Patients joined by
+    `Patient.link` make one record (the surviving one's). `positions` are the pairs' places in
+    the input (for resources with neither id nor fullUrl); `unused` resources are only counted,
+    per type, for the patient they refer to (for the only patient when they name none).
+    What the rules could read but no patient owns is listed on every record (`unattributed`).
     """
     index: dict[str, Resource] = {}
-    patients: list[tuple[Resource, list[str]]] = []
+    found: list[tuple[Resource, list[str]]] = []
     for resource, full_url in pairs:
         keys = _aliases(resource, full_url)
         for key in keys:
             index[key] = resource
         if resource["resourceType"] == "Patient":
-            patients.append((resource, keys))
-    if not patients:
+            found.append((resource, keys))
+    if not found:
         raise NoPatientError("the input holds no Patient resource")
+    patients = _Patients(found)
+    names = [
+        f"Patient/{p['id']}" if p.get("id") else (keys[0] if keys else f"Patient/input-{n + 1}")
+        for n, (p, keys) in enumerate(found)
+    ]
+    groups, link_notes = _join_links(patients, names)
+    group_of = {n: g for g, members in enumerate(groups) for n in members}
 
-    owner: dict[str, int] = {}
-    for n, (_, keys) in enumerate(patients):
-        for key in keys:
-            owner[key] = n
-    buckets: list[list[tuple[str, Resource]]] = [[] for _ in patients]
+    buckets: list[list[tuple[str, Resource]]] = [[] for _ in groups]
+    loose: list[tuple[str, str, Resource]] = []  # (reason, reference, resource)
     for n, (resource, full_url) in enumerate(pairs):
         if resource["resourceType"] == "Patient":
             continue
-        ref = _subject_reference(resource)
-        if ref is not None and ref in owner:
-            position = positions[n] if positions is not None else n
-            buckets[owner[ref]].append((reference_of(resource, full_url, position), resource))
-        # Anything else (e.g. panel members without a subject) is reached by reference only.
-    counts: list[Counter[str]] = [Counter() for _ in patients]
+        owner, why = patients.named(_subject(resource))
+        ref = reference_of(resource, full_url, positions[n] if positions is not None else n)
+        if owner is not None:
+            buckets[group_of[owner]].append((ref, resource))
+        elif resource["resourceType"] not in REACHED_BY_REFERENCE:
+            loose.append((why, ref, resource))
+    # A result without a subject (or another's) in a report or panel of a patient's is read
+    # through it; anything else the rules could read is reported, never dropped silently.
+    reached = _reached(index, (r for bucket in buckets for _, r in bucket))
+    unattributed = tuple((why, ref) for why, ref, r in loose if id(r) not in reached)
+
+    counts: list[Counter[str]] = [Counter() for _ in groups]
     for resource in unused:
-        ref = _subject_reference(resource)
-        if ref is not None and ref in owner:
-            counts[owner[ref]][resource["resourceType"]] += 1
-        elif ref is None and len(patients) == 1:
+        owner, why = patients.named(_subject(resource))
+        if owner is not None:
+            counts[group_of[owner]][resource["resourceType"]] += 1
+        elif why == SUBJECT_MISSING and len(groups) == 1:
             counts[0][resource["resourceType"]] += 1
     records = []
-    for n, ((patient, keys), bucket) in enumerate(zip(patients, buckets, strict=True)):
+    for g, (members, bucket) in enumerate(zip(groups, buckets, strict=True)):
+        patient = found[members[0]][0]
         # A server id is the most useful subject for written-back resources.
-        if patient.get("id"):
-            reference = f"Patient/{patient['id']}"
-        else:
-            reference = keys[0] if keys else f"Patient/input-{n + 1}"
-        unused_counts = tuple(sorted(counts[n].items(), key=lambda c: (-c[1], c[0])))
-        records.append(PatientRecord(patient, reference, tuple(bucket), index, unused_counts))
+        reference = names[members[0]]
+        notes = [note for n in members for note in link_notes.get(n, [])]
+        unused_counts = tuple(sorted(counts[g].items(), key=lambda c: (-c[1], c[0])))
+        records.append(
+            PatientRecord(
+                patient,
+                reference,
+                tuple(bucket),
+                index,
+                unused_counts,
+                members=tuple(found[n][0] for n in members),
+                joined=tuple(notes),
+                unattributed=unattributed,
+                linked_references=tuple(names[n] for n in members[1:]),
+            )
+        )
     return records
+
+
+def _reached(index: Mapping[str, Resource], start: Iterable[Resource]) -> set[int]:
+    """Ids of every resource reached from `start` through report results and panel members."""
+    seen: set[int] = set()
+    todo = list(start)
+    while todo:
+        resource = todo.pop()
+        if id(resource) in seen:
+            continue
+        seen.add(id(resource))
+        todo.extend(t for key in _followed(resource) if (t := index.get(key)) is not None)
+    return seen
 
 
 def read_patients(data: Any, relevance: Relevance | None = None) -> list[PatientRecord]:

@@ -404,7 +404,7 @@ def _guideline_items(b: _Builder, a: Assessment, knowledge: Knowledge) -> None:
     untested = [ab for ab in testing.when_untested if facts.antibody(ab).value is UNKNOWN]
     names = {x.id: x.label for x in rs.antibodies}
     if testing.when_preliminary_on_antibodies and a.preliminary:
-        prelim = [p.partition(":")[2] for p in rs.tiers.preliminary_if_unknown]
+        prelim = [p.partition(":")[2] for p in a.preliminary_unknowns]
         untested += [
             ab
             for ab in prelim

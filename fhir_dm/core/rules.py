@@ -7,6 +7,8 @@ that matter were positive, which is what makes a tier preliminary.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date
 from typing import Literal
@@ -87,6 +89,9 @@ class Assessment:
     factors: tuple[FiredRule, ...]
     unknown_facts: tuple[str, ...]
     notices: tuple[Notice, ...]
+    # The unknown facts (`tiers.preliminary_if_unknown` ids) that can raise the tier, for
+    # rules that act on them (the antibody panel); `preliminary_because` words them.
+    preliminary_unknowns: tuple[str, ...] = ()
 
     @property
     def in_scope(self) -> bool:
@@ -358,22 +363,119 @@ def _unknown_labels(facts: PatientFacts, knowledge: Knowledge) -> tuple[str, ...
     return tuple(out)
 
 
-def _unknown_preliminary_facts(facts: PatientFacts, knowledge: Knowledge) -> tuple[str, ...]:
-    labels = {f"antibody:{a.id}": f"{a.label} antibody" for a in knowledge.ruleset.antibodies}
-    unspecified = {s.id for s in knowledge.ruleset.subtypes if s.unspecified}
-    out = []
-    for name in knowledge.ruleset.tiers.preliminary_if_unknown:
-        if name == "onset_age" and facts.onset_age is None:
-            out.append("age at onset")
-        elif name == "sex" and facts.sex.value is UNKNOWN:
-            out.append("sex")
-        elif name == "subtype" and facts.iim is not None and facts.iim.subtype in unspecified:
-            out.append("IIM subtype")
-        elif name.startswith("antibody:"):
-            fact = facts.antibody(name.partition(":")[2])
-            if fact.value is UNKNOWN:
-                out.append(labels[name] + (f" ({fact.note})" if fact.note else ""))
-    return tuple(out)
+def _is_unknown(name: str, facts: PatientFacts, rs: RuleSet) -> bool:
+    """Whether a `preliminary_if_unknown` fact is open (an age span may still straddle a
+    threshold: the evaluation decides that)."""
+    if name == "sex":
+        return facts.sex.value is UNKNOWN
+    if name == "subtype":
+        unspecified = {s.id for s in rs.subtypes if s.unspecified}
+        return facts.iim is not None and facts.iim.subtype in unspecified
+    if name.startswith("antibody:"):
+        return facts.antibody(name.partition(":")[2]).value is UNKNOWN
+    return name == "onset_age"
+
+
+def _preliminary_label(name: str, facts: PatientFacts, knowledge: Knowledge) -> str:
+    """How outputs name an unknown that can raise the tier (never patient data)."""
+    if name == "onset_age":
+        birth = facts.birth_date
+        if birth is None:
+            return "age at onset (birth date missing)"
+        if facts.onset_age is None:
+            return "age at onset (symptom onset date missing)"
+        if not birth.exact:
+            precision = "year" if birth.earliest.month != birth.latest.month else "month"
+            return f"age at onset (birth date known only to the {precision})"
+        return "age at onset (symptom onset date not exact)"
+    if name == "sex":
+        return "sex"
+    if name == "subtype":
+        return "IIM subtype"
+    antibody = name.partition(":")[2]
+    label = next(a.label for a in knowledge.ruleset.antibodies if a.id == antibody)
+    fact = facts.antibody(antibody)
+    return f"{label} antibody" + (f" ({fact.note})" if fact.note else "")
+
+
+def _mentions(p: Predicate) -> frozenset[str]:
+    """The `preliminary_if_unknown` facts a predicate reads (antibodies, age, sex, subtype)."""
+    out: set[str] = set()
+    for q in p.walk():
+        out.update(f"antibody:{a}" for a in q.antibody_positive or ())
+        out.update(f"antibody:{a}" for a in q.antibody_negative or ())
+        if q.onset_age_gt is not None:
+            out.add("onset_age")
+        if q.sex_is is not None:
+            out.add("sex")
+        if q.subtype_in is not None:
+            out.add("subtype")
+    return frozenset(out)
+
+
+def _raising_unknowns(facts: PatientFacts, knowledge: Knowledge, tier: str) -> tuple[str, ...]:
+    """The unknown facts some value of which would give a higher tier: each one that belongs to
+    a smallest set of unknowns which, all positive, raise it (clinical-logic §4). An untested
+    intermediate antibody cannot lift a moderate tier held by one high factor, so it is not
+    named. Empty when no unknown can raise the tier (not preliminary)."""
+    rs = knowledge.ruleset
+    weight = {
+        f.id: (int(f.factor_class == "high"), int(f.factor_class == "intermediate"))
+        for f in rs.factors
+    }
+    mentions = {f.id: _mentions(f.when) for f in rs.factors}
+    recorded, _, _ = _count(Evaluator(facts, knowledge), rs)
+    base = frozenset(r.id for r in recorded)
+
+    def fired(assume: frozenset[str]) -> frozenset[str]:
+        """The factors that fire with these unknowns positive (only those naming one of them
+        are evaluated again: the others cannot change)."""
+        evaluate = Evaluator(facts, knowledge, assume_positive=assume)
+        return base | {
+            f.id
+            for f in rs.factors
+            if not assume.isdisjoint(mentions[f.id]) and evaluate(f.when).value is True
+        }
+
+    def counts(ids: Iterable[str]) -> tuple[int, int]:
+        return sum(weight[i][0] for i in ids), sum(weight[i][1] for i in ids)
+
+    @functools.cache
+    def tier_rank(high: int, intermediate: int) -> int:
+        return rs.tiers.rank(_tier(rs, high, intermediate))
+
+    def rank(ids: frozenset[str]) -> int:
+        return tier_rank(*counts(ids))
+
+    names = [n for n in rs.tiers.preliminary_if_unknown if _is_unknown(n, facts, rs)]
+    current = rs.tiers.rank(tier)
+    best = rank(fired(frozenset(names)))
+    if best <= current:
+        return ()
+    gains = {n: g for n in names if (g := fired(frozenset({n})) - base)}
+    keys = list(gains)
+    if rank(base.union(*gains.values())) < best:
+        # A factor needs several unknowns at once: every unknown that can count is named.
+        return tuple(names)
+    # The factors each subset of unknowns fires (built from the subset without its lowest
+    # member), whether it raises the tier, and so which unknowns can: k is in a smallest raising
+    # set exactly when adding k to some set of the others turns "not raised" into "raised".
+    fired_by = [base]
+    tally = [counts(base)]
+    for mask in range(1, 1 << len(keys)):
+        low = mask & -mask
+        before = fired_by[mask ^ low]
+        added = gains[keys[low.bit_length() - 1]] - before
+        fired_by.append(before | added)
+        high, intermediate = counts(added)
+        tally.append((tally[mask ^ low][0] + high, tally[mask ^ low][1] + intermediate))
+    raises = [tier_rank(*t) > current for t in tally]
+    named = {
+        key
+        for i, key in enumerate(keys)
+        if any(raises[m | 1 << i] and not raises[m] for m in range(len(raises)) if not m >> i & 1)
+    }
+    return tuple(n for n in names if n in named)
 
 
 def _notices(facts: PatientFacts, knowledge: Knowledge, now: date) -> list[Notice]:
@@ -603,20 +705,29 @@ def assess_facts(facts: PatientFacts, knowledge: Knowledge, *, now: date) -> Ass
     notices = _notices(facts, knowledge, now) if scope in EVENT_ROUND_SCOPES else []
     if scope in PLAN_SCOPES:
         notices += _plan_notices(facts, knowledge, scope)
+    if facts.patient_links:
+        # Whatever the scope: the reader must know whose records were read as one.
+        rule_l = rs.patient_link
+        notices.append(
+            Notice(
+                "patient-link",
+                rule_l.message.format(links="; ".join(facts.patient_links)),
+                rule_l.evidence,
+                rule_l.source,
+                facts.linked_patients,
+            )
+        )
     fired, high, intermediate = _count(Evaluator(facts, knowledge), rs)
     tier: str | None = None
     preliminary = False
     because: tuple[str, ...] = ()
+    unknowns: tuple[str, ...] = ()
     if scope == "in-scope":
         tier = _tier(rs, high, intermediate)
         if tier != rs.tiers.levels[-1].id:
-            optimistic = Evaluator(
-                facts, knowledge, assume_positive=frozenset(rs.tiers.preliminary_if_unknown)
-            )
-            _, high_up, intermediate_up = _count(optimistic, rs)
-            preliminary = rs.tiers.rank(_tier(rs, high_up, intermediate_up)) > rs.tiers.rank(tier)
-            if preliminary:
-                because = _unknown_preliminary_facts(facts, knowledge)
+            unknowns = _raising_unknowns(facts, knowledge, tier)
+            preliminary = bool(unknowns)
+            because = tuple(_preliminary_label(n, facts, knowledge) for n in unknowns)
         if facts.iim is not None and not facts.iim.confirmed:
             # An open diagnosis makes any tier preliminary (clinical-logic §1).
             preliminary = True
@@ -634,4 +745,5 @@ def assess_facts(facts: PatientFacts, knowledge: Knowledge, *, now: date) -> Ass
         tuple(fired),
         _unknown_labels(facts, knowledge),
         tuple(notices),
+        unknowns,
     )

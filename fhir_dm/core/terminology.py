@@ -16,30 +16,12 @@ from __future__ import annotations
 
 import copy
 import re
-import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 from fhir_dm.knowledge.models import Terminology
-
-
-@lru_cache(maxsize=8192)
-def normalise_name(text: str) -> str:
-    """A name as words: case, width and punctuation folded, Greek letters spelt out, letters
-    and digits apart, so "TIF-1γ", "TIF1-gamma" and "Anti-TIF-1gamma Ab" share "tif 1 gamma".
-    """
-    if not text.isascii():  # most names are ASCII: skip the per-character work
-        text = "".join(
-            f" {unicodedata.name(ch, ch).split()[-1]} "
-            if "GREEK" in unicodedata.name(ch, "") and ch.isalpha()
-            else ch
-            for ch in unicodedata.normalize("NFKC", text)
-        )
-    spelt = text.casefold()
-    spelt = re.sub(r"(?<=[^\W\d_])(?=\d)|(?<=\d)(?=[^\W\d_])", " ", spelt)
-    return " ".join(re.findall(r"[^\W_]+", spelt))
+from fhir_dm.knowledge.names import normalise_name as normalise_name
 
 
 @dataclass(frozen=True, slots=True)

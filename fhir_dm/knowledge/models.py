@@ -11,6 +11,8 @@ from typing import Literal, get_args
 from fhir.resources.R4B.coding import Coding
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fhir_dm.knowledge.names import contains_name
+
 # Facts the core derives from several resources; rules may name them like condition features.
 DERIVED_FEATURES = (
     "refractory",
@@ -23,7 +25,9 @@ DERIVED_FEATURES = (
 )
 
 # Unknown facts that may make a tier preliminary (clinical-logic §4): these and `antibody:<id>`.
-PRELIMINARY_FACTS = ("onset_age", "subtype", "sex")
+PRELIMINARY_FACTS = ("onset_age", "sex", "subtype")
+# Factor classes that count towards the tier (low-class factors are recorded and shown only).
+TIER_CLASSES = ("high", "intermediate")
 
 Evidence = Literal["guideline", "provisional", "design", "not-imacs"]
 Confidence = Literal["seen-verbatim", "seen-indirect", "judgment"]
@@ -219,6 +223,23 @@ class Terminology(_Frozen):
                     raise ValueError(f"{where}: unknown source key '{root.source}'")
         return self
 
+    @model_validator(mode="after")
+    def _names_do_not_overlap(self) -> Terminology:
+        """A synonym found inside another value set's name would read that result as this one
+        ("SAE" inside "SAE2"): refused, so each lab name has one meaning."""
+        problems = [
+            f"value_sets.{vs_id}.synonyms: '{word}' also matches '{name}' of {other_id}"
+            for vs_id, vs in self.value_sets.items()
+            for word in vs.synonyms
+            for other_id, other in self.value_sets.items()
+            if other_id != vs_id
+            for name in other.synonyms
+            if contains_name(name, word)
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     def system_url(self, alias: str) -> str:
         """Resolve a system alias; unknown aliases are already rejected at load time."""
         return self.systems[alias]
@@ -361,7 +382,8 @@ class Tiers(_Sourced):
     levels: tuple[TierLevel, ...]
     rules: tuple[TierRule, ...]
     default: TierId
-    preliminary_if_unknown: tuple[str, ...]
+    # Derived from the factors when left out (`RuleSet.tier_facts`); checked when given.
+    preliminary_if_unknown: tuple[str, ...] = ()
     low_factors_lower_tier: bool = False
 
     def level(self, tier_id: TierId) -> TierLevel:
@@ -556,6 +578,13 @@ class ClinicalSexRule(_Sourced):
     consider_text: str
 
 
+class PatientLink(_Sourced):
+    """The notice shown when Patient records joined by Patient.link are assessed as one."""
+
+    # `{links}` is replaced by the links ("Patient/old replaced-by Patient/new").
+    message: str
+
+
 class CheckpointInhibitor(_Sourced):
     """Myositis on an immune checkpoint inhibitor: likely an immune-related adverse event."""
 
@@ -648,6 +677,7 @@ class RuleSet(_Frozen):
     cancer_implied: CancerImplied
     possible_malignancy: PossibleMalignancy
     clinical_sex: ClinicalSexRule
+    patient_link: PatientLink
     checkpoint_inhibitor: CheckpointInhibitor
     subtype_options: tuple[SubtypeOption, ...] = ()
     flare: FlareRule
@@ -660,6 +690,68 @@ class RuleSet(_Frozen):
     # A test done at most this many months before a round opens counts for it (§10).
     done_lookback_months: Valued
     plan_life: PlanLife
+
+    def tier_facts(self) -> tuple[str, ...]:
+        """The unknowns that can raise a tier, read off the high- and intermediate-class factors
+        (clinical-logic §4): their antibodies (`antibody:<id>`), age at onset, sex, subtype."""
+        antibodies: list[str] = []
+        others: set[str] = set()
+        for factor in self.factors:
+            if factor.factor_class not in TIER_CLASSES:
+                continue
+            for p in factor.when.walk():
+                antibodies.extend(f"antibody:{a}" for a in p.antibody_positive or ())
+                if p.onset_age_gt is not None:
+                    others.add("onset_age")
+                if p.sex_is is not None:
+                    others.add("sex")
+                if p.subtype_in is not None:
+                    others.add("subtype")
+        return (*dict.fromkeys(antibodies), *(f for f in PRELIMINARY_FACTS if f in others))
+
+    def factor_antibodies(self, factor_class: str) -> tuple[str, ...]:
+        """The antibodies whose being positive is a factor of this class, in factor order."""
+        return tuple(
+            dict.fromkeys(
+                a
+                for factor in self.factors
+                if factor.factor_class == factor_class
+                for p in factor.when.walk()
+                for a in p.antibody_positive or ()
+            )
+        )
+
+    def _derive_lists(self) -> None:
+        """The lists that follow from the factors are derived or checked against them, so a
+        factor added or reclassed cannot leave them out of step (after the reference checks)."""
+        derived = self.tier_facts()
+        given = self.tiers.preliminary_if_unknown
+        if not given:
+            # Frozen model: the derived list is filled in once, here, at load time.
+            object.__setattr__(
+                self, "tiers", self.tiers.model_copy(update={"preliminary_if_unknown": derived})
+            )
+        elif set(given) != set(derived):
+            missing = sorted(set(derived) - set(given))
+            extra = sorted(set(given) - set(derived))
+            raise ValueError(
+                "tiers.preliminary_if_unknown: out of step with the factors"
+                f" (missing {missing}, not a high or intermediate factor {extra});"
+                " leave it out to derive it"
+            )
+        untested = set(self.antibody_testing.when_untested)
+        problems = [
+            f"antibody_testing.when_untested: high-class antibody '{a}' missing"
+            for a in self.factor_antibodies("high")
+            if a not in untested
+        ]
+        problems.extend(
+            f"antibody_testing.when_untested: '{a}' is in no high or intermediate factor"
+            for a in self.antibody_testing.when_untested
+            if f"antibody:{a}" not in derived
+        )
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def lookback_months(self, test_id: str) -> int:
         """How long before a round opens a test of this kind still counts as done for it."""
@@ -779,6 +871,7 @@ class RuleSet(_Frozen):
                 problems.append(f"evidence_levels: unknown level '{level}'")
         if problems:
             raise ValueError("; ".join(problems))
+        self._derive_lists()
         return self
 
     @property

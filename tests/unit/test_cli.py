@@ -10,7 +10,8 @@ import pytest
 import requests
 
 from fhir_dm import __version__, cli, demo
-from fhir_dm.knowledge.load import DEFAULT_CONFIG_DIR
+from fhir_dm.core.assess import Engine
+from fhir_dm.knowledge.load import DEFAULT_CONFIG_DIR, load_knowledge
 from fhir_dm.knowledge.models import Knowledge
 from fhir_dm.web import gunicorn_conf
 from tests import factories as f
@@ -246,3 +247,83 @@ def test_demo_serves_the_app_and_links_each_patient() -> None:
         assert link.endswith(
             f"/app/launch?fhirServiceUrl=http%3A%2F%2Fh.example%2Ffhir&patientId={p.pid}"
         )
+
+
+# --- the result Bundle posts as it is (no server here; tests/integration/test_cli_post.py) ------
+
+
+def _types(bundle: dict) -> list[str]:  # type: ignore[type-arg]
+    return [e["resource"]["resourceType"] for e in bundle["entry"]]
+
+
+def test_assess_carries_the_input_resources_the_result_refers_to(
+    seed_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["assess", str(seed_file), "--now", "2015-10-25"]) == 0
+    out, err = capsys.readouterr()
+    bundle = json.loads(out)
+    assert err == ""  # everything referred to is in the input
+    assert _types(bundle)[0] == "RiskAssessment"  # the result first, then what it refers to
+    carried = {
+        e["request"]["url"]: e["request"]["method"]
+        for e in bundle["entry"]
+        if e["resource"]["resourceType"] in ("Patient", "Condition", "Observation")
+    }
+    assert carried["Patient/seed-case"] == "PUT"
+    assert all(method == "PUT" for method in carried.values())  # idempotent: ids kept
+    # Every reference now resolves inside the Bundle.
+    inside = {e["request"]["url"] for e in bundle["entry"] if e["request"]["method"] == "PUT"}
+    inside |= {e["fullUrl"] for e in bundle["entry"]}
+    assert {r for r in cli._references(bundle) if not r.startswith("#")} <= inside
+
+
+def test_assess_result_only_leaves_the_input_out(
+    seed_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["assess", str(seed_file), "--now", "2015-10-25", "--result-only"]) == 0
+    bundle = json.loads(capsys.readouterr().out)
+    assert "Patient" not in _types(bundle)
+
+
+def test_input_without_ids_gets_conditional_or_derived_ids(tmp_path: Path) -> None:
+    p = f.patient(identifier="MRN-1")
+    dm = f.iim_condition(p)
+    for r in (p, dm):
+        r.pop("id")
+    data = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [
+            {"fullUrl": "urn:uuid:0b8f2a4e-9d4c-4f3e-8a1b-111111111111", "resource": p},
+            {"fullUrl": "urn:uuid:0b8f2a4e-9d4c-4f3e-8a1b-222222222222", "resource": dm},
+        ],
+    }
+    dm["subject"] = {"reference": "urn:uuid:0b8f2a4e-9d4c-4f3e-8a1b-111111111111"}
+    engine = Engine(load_knowledge())
+    run = engine.assess(data, now=date(2024, 4, 15))
+    bundle, missing = cli.postable_bundle(run.bundle(), data)
+    assert missing == []
+    requests_by_type = {e["resource"]["resourceType"]: e["request"] for e in bundle["entry"]}
+    assert requests_by_type["Patient"] == {
+        "method": "POST",
+        "url": "Patient",
+        "ifNoneExist": "identifier=http://hospital.example.org/mrn|MRN-1",
+    }
+    condition = requests_by_type["Condition"]
+    assert condition["method"] == "PUT" and condition["url"].startswith("Condition/in-")
+    assert "id" not in dm  # the input itself is not changed
+    # Deterministic: the same input gives the same ids.
+    again, _ = cli.postable_bundle(engine.assess(data, now=date(2024, 4, 15)).bundle(), data)
+    assert again == bundle
+
+
+def test_assess_says_what_the_input_cannot_supply(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    p = f.patient()
+    dm = f.iim_condition(p, encounter={"reference": "Encounter/e-1"})
+    path = tmp_path / "dangling.json"
+    path.write_text(json.dumps(f.bundle(p, dm)))
+    assert cli.main(["assess", str(path), "--now", "2024-04-15"]) == 0
+    err = capsys.readouterr().err
+    assert "refers to 1 resource(s) the input does not hold (Encounter/e-1)" in err

@@ -142,3 +142,79 @@ def test_no_clinical_code_is_a_literal_in_python() -> None:
         for m in CODE_LITERAL.finditer(path.read_text())
     ]
     assert offenders == []
+
+
+# --- lists derived from the factors, names that must not overlap (clinical-logic §2, §4) -------
+
+
+def test_preliminary_facts_are_derived_from_the_factors() -> None:
+    rs = load_knowledge().ruleset
+    assert rs.tiers.preliminary_if_unknown == (
+        "antibody:tif1g",
+        "antibody:nxp2",
+        "antibody:sae1",
+        "antibody:hmgcr",
+        "antibody:mi2",
+        "antibody:mda5",
+        "onset_age",
+        "sex",
+        "subtype",
+    )
+    assert rs.factor_antibodies("high") == ("tif1g", "nxp2")
+
+
+def test_a_new_high_class_antibody_joins_the_preliminary_list(config_copy: Path) -> None:
+    """Reclassing a factor moves its antibody into the derived list: nothing to keep in step."""
+
+    def reclass(d: dict) -> None:  # type: ignore[type-arg]
+        ku = next(f for f in d["factors"] if f["id"] == "ab-myositis-associated")
+        ku.update({"class": "high"})
+        d["antibody_testing"]["when_untested"] += ["ku", "pmscl", "ro52"]
+
+    _edit(config_copy / "ruleset/imacs-2023.yaml", reclass)
+    facts = load_knowledge(config_copy).ruleset.tiers.preliminary_if_unknown
+    assert {"antibody:ku", "antibody:pmscl", "antibody:ro52"} <= set(facts)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            # A high-class antibody left out of the antibody-testing list.
+            lambda d: next(f for f in d["factors"] if f["id"] == "ab-mi2").update(
+                {"class": "high"}
+            ),
+            "antibody_testing.when_untested: high-class antibody 'mi2' missing",
+        ),
+        (
+            # An antibody whose result cannot change the tier.
+            lambda d: d["antibody_testing"]["when_untested"].append("jo1"),
+            "'jo1' is in no high or intermediate factor",
+        ),
+        (
+            # A hand-written preliminary list that forgets one.
+            lambda d: d["tiers"].update(
+                preliminary_if_unknown=["antibody:tif1g", "onset_age", "sex", "subtype"]
+            ),
+            "tiers.preliminary_if_unknown: out of step with the factors",
+        ),
+    ],
+)
+def test_lists_out_of_step_with_the_factors_are_refused(
+    config_copy: Path, change: object, message: str
+) -> None:
+    _edit(config_copy / "ruleset/imacs-2023.yaml", change)
+    with pytest.raises(KnowledgeError) as err:
+        load_knowledge(config_copy)
+    assert message in err.value.message
+
+
+def test_a_synonym_inside_another_antibodys_name_is_refused(config_copy: Path) -> None:
+    """ "SAE" would read "SAE2 Ab Positive" as anti-SAE1 positive."""
+    _edit(
+        config_copy / "terminology/observations.yaml",
+        lambda d: d["value_sets"]["ab-sae1"]["synonyms"].append("SAE"),
+    )
+    with pytest.raises(KnowledgeError) as err:
+        load_knowledge(config_copy)
+    assert "value_sets.ab-sae1.synonyms: 'SAE' also matches 'SAE2' of ab-sae2" in err.value.message

@@ -121,14 +121,10 @@ def test_preliminary_when_cancer_antibodies_untested(engine: Engine) -> None:
     result = run_one(engine, p, f.iim_condition(p))
     a = result.plan.assessment
     assert (result.tier, a.preliminary) == ("moderate", True)
-    assert set(a.preliminary_because) == {
-        "anti-TIF1-gamma antibody",
-        "anti-NXP2 antibody",
-        "anti-SAE1 antibody",
-        "anti-HMGCR antibody",
-        "anti-Mi-2 antibody",
-        "anti-MDA5 antibody",
-    }
+    # Only a second high factor lifts a moderate tier held by DM: intermediate antibodies
+    # (SAE1, HMGCR, Mi-2, MDA5) cannot change it, so they are not named (rev 3).
+    assert a.preliminary_because == ("anti-TIF1-gamma antibody", "anti-NXP2 antibody")
+    assert a.preliminary_unknowns == ("antibody:tif1g", "antibody:nxp2")
     assert result.risk_assessment["status"] == "preliminary"
 
 
@@ -137,7 +133,7 @@ def test_preliminary_when_age_unknown(engine: Engine) -> None:
     negatives = [f.antibody(p, ab, "negative") for ab in ALL_CANCER_ANTIBODIES]
     result = run_one(engine, p, f.iim_condition(p), *negatives)
     assert result.plan.assessment.preliminary
-    assert result.plan.assessment.preliminary_because == ("age at onset",)
+    assert result.plan.assessment.preliminary_because == ("age at onset (birth date missing)",)
 
 
 def test_high_is_never_preliminary(engine: Engine) -> None:
