@@ -13,7 +13,7 @@ import calendar
 import io
 import uuid
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -64,37 +64,76 @@ class Expected:
 def _status(
     knowledge: Knowledge, case: Case, round_items: list[tuple[str, str, date, date, date, str]]
 ) -> list[Expected]:
-    """Status on NOW from the case's done dates: on time within [start - lookback, end]; late
-    after the window, before it lapses and before a later round of the same test opens (less
-    its lookback); otherwise upcoming, due, overdue (firm only) or missed."""
+    """Status on NOW from the case's done dates. A record counts for one item only (one PFT is
+    one PFT), items with the earliest due end first, each taking the earliest record that fits:
+    on time within [start - lookback, end]; then, for items still undone after their window,
+    late: before the item lapses and before a later round of the same test opens (less its
+    lookback). Otherwise upcoming, due, overdue (firm only) or missed."""
     rs = knowledge.ruleset
-    done: dict[str, list[date]] = {}
+    records: dict[str, list[date]] = {}
     for what, when in case.done:
         for t in done_tests(knowledge, case, what):
-            done.setdefault(t, []).append(date.fromisoformat(when))
-    out = []
-    for round_id, test, start, end, lapses, kind in round_items:
+            records.setdefault(t, []).append(date.fromisoformat(when))
+    free = {t: sorted(dates) for t, dates in records.items()}
+    # Earliest due end first (then start, round), as one record serves one item.
+    order = sorted(
+        range(len(round_items)),
+        key=lambda n: (round_items[n][3], round_items[n][2], round_items[n][0]),
+    )
+    status: dict[int, str] = {}
+
+    def claim(test: str, first: date, last: date) -> bool:
+        """Take the earliest free record of the test dated in [first, last]."""
+        found = next((d for d in free.get(test, []) if first <= d <= last), None)
+        if found is not None:
+            free[test].remove(found)
+        return found is not None
+
+    for n in order:
+        _, test, start, end, _, _ = round_items[n]
         back = _months(start, -rs.lookback_months(test))
+        if claim(test, back, end):
+            status[n] = "done"
+    for n in order:
+        _, test, start, end, lapses, _ = round_items[n]
+        if n in status or end >= NOW:
+            continue
         later = [
             _months(s, -rs.lookback_months(test))
-            for r, t, s, _, _, _ in round_items
+            for _, t, s, _, _, _ in round_items
             if t == test and s > end
         ]
         until = min([lapses, *later])
-        dates = done.get(test, [])
-        if any(back <= d <= end for d in dates):
-            status = "done"
-        elif any(end < d < until and d <= NOW for d in dates):
-            status = "done-late"
+        if claim(test, end + timedelta(days=1), min(until - timedelta(days=1), NOW)):
+            status[n] = "done-late"
+    out = []
+    for n, (round_id, test, start, end, lapses, kind) in enumerate(round_items):
+        if n in status:
+            state = status[n]
         elif start > NOW:
-            status = "upcoming"
+            state = "upcoming"
         elif lapses <= NOW:
-            status = "missed"
+            state = "missed"
         elif end >= NOW or kind == "consider":
-            status = "due"
+            state = "due"
         else:
-            status = "overdue"
-        out.append(Expected(case.key, round_id, test, start, end, lapses, kind, status))
+            state = "overdue"
+        out.append(Expected(case.key, round_id, test, start, end, lapses, kind, state))
+    return out
+
+
+def _series(
+    rounds: list[tuple[str, tuple[str, ...], date, date]], grace: int, kind: str
+) -> list[tuple[str, str, date, date, date, str]]:
+    """§13 "next-round" over one series of rounds (id, tests, start, end) in date order: an
+    item lapses when the next round that repeats its test opens, never before the day after
+    its own due end; when no later round repeats it, at its due end + the grace."""
+    out = []
+    for n, (round_id, tests, start, end) in enumerate(rounds):
+        for t in tests:
+            later = [s for _, ts, s, _ in rounds[n + 1 :] if t in ts]
+            lapses = max(later[0], end + timedelta(days=1)) if later else _months(end, grace)
+            out.append((round_id, t, start, end, lapses, kind))
     return out
 
 
@@ -102,10 +141,13 @@ def expected_items(knowledge: Knowledge, case: Case) -> list[Expected]:
     """§6: the work-up at diagnosis (basic; and enhanced for moderate and high), high risk a
     basic round at 12, 24 and 36 months, each due within 3 months; PET-CT and GI endoscopy
     "consider" for high risk; sex-specific tests "consider" when the sex is unknown; the
-    antibody panel (antibodies untested). §7: the lung rounds of the configuration.
-    §13: the work-up lapses at the window's end (diagnosis + 36 months), a yearly round when
-    the next opens, the last one at the window's end + the grace; a lung round when the next
-    lung round opens, the last at its due end + the grace."""
+    antibody panel (antibodies untested). §7 (rev 3): lung monitoring (here anti-MDA5) by the
+    configured lung rounds, the early round replacing the one it names; every other adult IIM
+    patient ILD screening at diagnosis (HRCT and PFT), each test skipped when done in the
+    months before the diagnosis. §13: the work-up lapses at the window's end (diagnosis + 36
+    months), a yearly item when the next round opens (not before the day after its due end),
+    the last one at the window's end + the grace; a lung item when the next lung round that
+    repeats its test opens (same bound), else at its due end + the grace."""
     rs = knowledge.ruleset
     grace = rs.plan_life.overdue_grace_months
     d = date.fromisoformat(case.diagnosis)
@@ -128,17 +170,43 @@ def expected_items(knowledge: Knowledge, case: Case) -> list[Expected]:
         consider = ["pet-ct", "upper-gi-endoscopy", "colonoscopy"]
         add("diagnosis", consider, 0, window_end, "consider")
         for year in (1, 2, 3):
-            last = year == 3
-            lapses = _months(window_end, grace) if last else _months(d, 12 * (year + 1))
+            end = _months(d, 12 * year + 3)
+            if year == 3:
+                lapses = _months(window_end, grace)
+            else:
+                lapses = max(_months(d, 12 * (year + 1)), end + timedelta(days=1))
             add(f"year-{year}", list(rs.panels["basic"].tests), 12 * year, lapses, "imacs")
+    lung = rs.lung_surveillance
     if case.mda5:
-        rounds = sorted(rs.lung_surveillance.rounds, key=lambda r: r.offset_months)
-        for n, rnd in enumerate(rounds):
-            start = _months(d, rnd.offset_months)
-            end = _months(start, rnd.due_within_months)
-            nxt = rounds[n + 1] if n + 1 < len(rounds) else None
-            lapses = _months(d, nxt.offset_months) if nxt else _months(end, grace)
-            items += [(rnd.id, t, start, end, lapses, "lung") for t in rnd.tests]
+        rounds = list(lung.rounds)
+        if lung.early is not None:  # anti-MDA5: the early round replaces the one it names
+            rounds = [lung.early.round if r.id == lung.early.replaces else r for r in rounds]
+        rounds.sort(key=lambda r: r.offset_months)
+        dated = [
+            (
+                r.id,
+                r.tests,
+                _months(d, r.offset_months),
+                _months(d, r.offset_months + r.due_within_months),
+            )
+            for r in rounds
+        ]
+        items += _series(dated, grace, "lung")
+    else:
+        assert lung.screening is not None
+        rnd = lung.screening.round
+        since = _months(d, -lung.screening.unless_done_within_months)
+        before = {
+            t
+            for what, when in case.done
+            for t in done_tests(knowledge, case, what)
+            if since <= date.fromisoformat(when) < d
+        }
+        tests = tuple(t for t in rnd.tests if t not in before)
+        start = _months(d, rnd.offset_months)
+        items += _series(
+            [(rnd.id, tests, start, _months(start, rnd.due_within_months))], grace, "lung"
+        )
     return _status(knowledge, case, items)
 
 
@@ -386,7 +454,8 @@ def test_population_measures_and_worklist_follow_the_definitions(
     for case in MEASURE_CASES:
         for e in expected_items(knowledge, case):
             if e.kind == "consider":
-                if e.status == "due":
+                # Open and inside its own window: past it, no longer on the worklist.
+                if e.status == "due" and e.end >= NOW:
                     want_sections["consider"].add(case.key)
             elif e.status == "overdue":
                 want_sections["overdue"].add(case.key)

@@ -21,6 +21,7 @@ from flask.testing import FlaskClient
 
 from fhir_dm.fhir.client import FhirClient
 from fhir_dm.fhir.config import FhirServerConfig
+from fhir_dm.knowledge.models import Knowledge
 from fhir_dm.web.app import create_app
 from fhir_dm.web.settings import Settings
 from fhir_dm.web.trust import TrustConfig
@@ -150,36 +151,62 @@ def test_preview_writes_nothing(client: FlaskClient, hapi: FhirClient) -> None:
     assert hapi.search("RiskAssessment", {"subject": f"Patient/{patient_id}"}) == []
 
 
-def test_new_antibody_revokes_the_old_plan_and_keeps_completed_work(
-    client: FlaskClient, hapi: FhirClient
+def _test_of(request: Json) -> str:
+    """The test id of one of our orders (`series.round.test.YYYYMMDD`)."""
+    return str(request["identifier"][0]["value"].split(".")[-2])
+
+
+def test_new_antibodies_revise_the_plan_in_place_and_keep_completed_work(
+    client: FlaskClient, hapi: FhirClient, knowledge: Knowledge
 ) -> None:
+    """§13: the one plan is revised in place; orders still proposed are kept, the one no
+    longer proposed is revoked with the reason, one completed on the server is left alone."""
     patient_id, resources = _new_patient(hapi, "revise")
     first = _ok(client.post(_operation(patient_id)))
-    old_plan_id = _written(first, "CarePlan")[0]["resource"]["id"]
-    old_plan = hapi.read("CarePlan", old_plan_id)
-    assert old_plan is not None
-    _, old_requests = _series(hapi, old_plan)
-    done = dict(old_requests[0], status="completed")
-    _store(hapi, done)
-    _store(hapi, f.antibody(resources[0], "tif1g", id=f"{patient_id}-tif1g"))
+    plan_id = _written(first, "CarePlan")[0]["resource"]["id"]
+    plan = hapi.read("CarePlan", plan_id)
+    assert plan is not None
+    _, old_requests = _series(hapi, plan)
+    by_test = {_test_of(r): r for r in old_requests}
+    assert {"cbc", "myositis-antibodies"} <= set(by_test)
+    # The clinic files the CBC result and completes our order (an order of ours completed
+    # without a result in the record is not evidence: it would be ordered again).
+    p = resources[0]
+    done = dict(by_test["cbc"], status="completed")
+    _store(hapi, f.done_request(p, knowledge, "cbc", "2024-04-05"), done)
+    # Anti-TIF1-gamma positive (high risk); anti-NXP2 and anti-SAE1 negative: no cancer
+    # antibody left untested, so the antibody panel is no longer proposed.
+    _store(
+        hapi,
+        f.antibody(p, "tif1g", id=f"{patient_id}-tif1g"),
+        f.antibody(p, "nxp2", "negative", id=f"{patient_id}-nxp2"),
+        f.antibody(p, "sae1", "negative", id=f"{patient_id}-sae1"),
+    )
 
     body = _ok(client.post(_operation(patient_id)))
     diagnostics = _diagnostics(body)
     assert f"Patient/{patient_id}: tier high;" in diagnostics
-    assert "; written; revoked 1 care plan(s) and " in diagnostics
+    assert " other plan items; written; revoked 0 care plan(s) and 1 service request(s);" in (
+        diagnostics
+    )
+    kept = [
+        r for r in old_requests if r["id"] not in (done["id"], by_test["myositis-antibodies"]["id"])
+    ]
+    assert "updated 1 care plan(s) in place;" in diagnostics
+    assert diagnostics.endswith(f"kept {len(kept)} open service request(s); created 0")
 
-    plans, requests_ = _series(hapi, old_plan)
-    status = {p["id"]: p["status"] for p in plans}
-    assert status.pop(old_plan_id) == "revoked"
-    assert list(status.values()) == ["active"]
-    (new_plan_id,) = status
-    by_plan: dict[str, list[Json]] = {}
-    for r in requests_:
-        by_plan.setdefault(r["basedOn"][0]["reference"], []).append(r)
-    old = {r["id"]: r["status"] for r in by_plan[f"CarePlan/{old_plan_id}"]}
-    assert old.pop(done["id"]) == "completed"
-    assert set(old.values()) == {"revoked"}
-    assert {r["status"] for r in by_plan[f"CarePlan/{new_plan_id}"]} == {"active"}
+    plans, requests_ = _series(hapi, plan)
+    assert [(p["id"], p["status"]) for p in plans] == [(plan_id, "active")]  # in place
+    revised = plans[0]
+    assert int(revised["meta"]["versionId"]) > int(plan["meta"]["versionId"])
+    status = {r["id"]: r["status"] for r in requests_}
+    assert set(status) == {r["id"] for r in old_requests}  # nothing new to order yet
+    assert status.pop(done["id"]) == "completed"
+    assert status.pop(by_test["myositis-antibodies"]["id"]) == "revoked"
+    assert set(status.values()) == {"active"}
+    revoked = next(r for r in requests_ if r["id"] == by_test["myositis-antibodies"]["id"])
+    assert "no longer proposed" in revoked["note"][-1]["text"]
+    assert all(r["basedOn"] == [{"reference": f"CarePlan/{plan_id}"}] for r in requests_)
 
 
 def test_a_bundle_written_once_is_unchanged_for_the_patient_operation(

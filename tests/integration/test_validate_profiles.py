@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from fhir_dm.core.assess import Engine, PatientResult
+from fhir_dm.core.build.service_request import CONSIDER_CODE as CONSIDER
 from fhir_dm.knowledge.load import load_knowledge
 from tests import factories as f
 from tests.integration.conftest import REQUEST_TIMEOUT_S, profile_artifacts
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.integration
 
 NOW = date(2024, 4, 15)
 SEED_NOW = date(2015, 10, 25)
+LATER = date(2026, 3, 15)
 BAD = ("error", "fatal")
 ILD = f.concept(f.SCT, "233703007", "Interstitial lung disease (disorder)")
 PM_SNOMED = "31384009"
@@ -76,6 +78,19 @@ def _polymyositis_standard() -> list[Json]:
     return [p, f.iim_condition(p, code=PM_SNOMED), *_negative(p, list(f.ANTIBODY_LOINC))]
 
 
+def _high_round_missed() -> list[Json]:
+    """High risk assessed two years on: the CBC of the work-up done (a completed activity), the
+    12-month round and the lung baseline lapsed undone (cancelled activities), the 24-month
+    round open (orders)."""
+    p = f.patient("val-high-missed", gender="female", birth_date="1960-01-01")
+    return [
+        p,
+        f.iim_condition(p),
+        *_negative(p, CANCER_ANTIBODIES),
+        f.done_request(p, load_knowledge(), "cbc", "2024-03-20"),
+    ]
+
+
 SCENARIOS = [
     Scenario("seed-tif1g-high", f.seed_case, SEED_NOW, "high"),
     Scenario("dm-38f-no-antibodies", _dm_38f_no_antibodies, NOW, "moderate", preliminary=True),
@@ -83,6 +98,7 @@ SCENARIOS = [
     Scenario("sex-unknown", _sex_unknown, NOW, "high"),
     Scenario("juvenile-dm", _juvenile, NOW, None),
     Scenario("pm-standard", _polymyositis_standard, NOW, "standard"),
+    Scenario("high-round-missed", _high_round_missed, LATER, "high"),
 ]
 
 
@@ -96,13 +112,30 @@ def _assess(scenario: Scenario) -> PatientResult:
 RESULTS = {s.name: _assess(s) for s in SCENARIOS}
 
 
+def _details(care_plan: Json, status: str, reason_code: str | None = None) -> list[Json]:
+    """The plan's activity details with this status (and this `statusReason` code)."""
+    out = []
+    for activity in care_plan.get("activity", []):
+        detail = activity.get("detail")
+        if detail is None or detail["status"] != status:
+            continue
+        codes = {c.get("code") for c in detail.get("statusReason", {}).get("coding", [])}
+        if reason_code is None or reason_code in codes:
+            out.append(detail)
+    return out
+
+
 def _generated(result: PatientResult) -> list[Json]:
     care_plan = [result.care_plan] if result.care_plan is not None else []
     return [result.risk_assessment, *care_plan, *result.service_requests]
 
 
 def _case_id(resource: Json) -> str:
-    return f"{resource['resourceType']}:{resource['identifier'][0]['value'].rsplit('.', 1)[-1]}"
+    """`CarePlan:plan`, `RiskAssessment:risk`, `ServiceRequest:<round>-<test>` (from the
+    order's `series.round.test.YYYYMMDD`)."""
+    parts = resource["identifier"][0]["value"].rsplit(".", 3)
+    name = "-".join(parts[1:3]) if parts[-1].isdigit() else parts[-1]
+    return f"{resource['resourceType']}:{name}"
 
 
 CASES = [
@@ -144,7 +177,7 @@ def _errors(issues: list[Json]) -> list[Json]:
 # --- the scenarios are the variety they claim to be (no server needed) ----------------------
 
 
-def test_scenarios_cover_tiers_preliminary_lung_consider_and_out_of_scope() -> None:
+def test_scenarios_cover_tiers_preliminary_lung_consider_missed_done_and_out_of_scope() -> None:
     for scenario in SCENARIOS:
         result = RESULTS[scenario.name]
         assert result.tier == scenario.tier, scenario.name
@@ -154,10 +187,24 @@ def test_scenarios_cover_tiers_preliminary_lung_consider_and_out_of_scope() -> N
     assert "qualitativeRisk" not in RESULTS["juvenile-dm"].risk_assessment["prediction"][0]
     lung = {r["code"]["text"] for r in RESULTS["mda5-ild-lung"].service_requests}
     assert {"High-resolution CT of the chest", "Pulmonary function tests with DLCO"} <= lung
-    consider = [
-        r for r in RESULTS["sex-unknown"].service_requests if "asNeededCodeableConcept" in r
-    ]
-    assert {"Mammography", "Prostate-specific antigen"} <= {r["code"]["text"] for r in consider}
+    # "Consider" items are CarePlan activities marked so, never ServiceRequests (§13).
+    for result in RESULTS.values():
+        assert not any("asNeededCodeableConcept" in r for r in result.service_requests)
+    unknown_sex = RESULTS["sex-unknown"]
+    assert unknown_sex.care_plan is not None
+    consider = {d["code"]["text"] for d in _details(unknown_sex.care_plan, "not-started", CONSIDER)}
+    assert {"Mammography", "Prostate-specific antigen"} <= consider
+    ordered = {r["code"]["text"] for r in unknown_sex.service_requests}
+    assert not consider & ordered
+    # A missed (lapsed) round is a cancelled activity with why; a done test a completed one.
+    later = RESULTS["high-round-missed"].care_plan
+    assert later is not None
+    missed = _details(later, "cancelled")
+    assert {d["statusReason"]["text"] for d in missed} >= {
+        "missed: superseded by the 24 months round"
+    }
+    assert {d["code"]["text"] for d in _details(later, "completed")} == {"Complete blood count"}
+    assert RESULTS["high-round-missed"].service_requests  # the 24-month round is open
 
 
 # --- generated resources against their declared profiles ------------------------------------
