@@ -34,6 +34,9 @@ CONFIG_DIR_VARIABLE = "FHIR_DM_CONFIG_DIR"
 # The same variable the web service reads (settings `terminology.base_url`).
 TERMINOLOGY_VARIABLE = "FHIR_DM_TERMINOLOGY__BASE_URL"
 WSGI_APP = "fhir_dm.web.wsgi:app"
+# `fhir-dm subscriptions --wait` default (fhir_dm.subscriptions.ACTIVATION_WAIT_SECONDS, kept
+# here so that --help needs no FHIR client import; a test keeps them equal).
+SUBSCRIPTION_WAIT_SECONDS = 30.0
 # The service's gunicorn settings (workers, timeouts, limits, log redaction); options given to
 # `fhir-dm serve` win over them. Its bind and workers, for --help (a test keeps them equal).
 GUNICORN_CONFIG_MODULE = "fhir_dm.web.gunicorn_conf"
@@ -164,9 +167,9 @@ def _parser() -> argparse.ArgumentParser:
     subs.add_argument(
         "--wait",
         type=float,
-        default=15.0,
+        default=SUBSCRIPTION_WAIT_SECONDS,
         metavar="SECONDS",
-        help="how long to wait for the server to activate them (default 15); exit 2 if it does not",
+        help="how long to wait for the server to activate them (default 30); exit 2 if it does not",
     )
     demo = sub.add_parser(
         "demo",

@@ -40,7 +40,7 @@ ACTIVE_STATUSES = frozenset({"requested", "active"})
 SOFTWARE = "fhir-dm"  # how fhir-dm's Provenance agents name it: "fhir-dm <version> (...)"
 # Identifier systems of the resources fhir-dm generates, under the rule set's canonical base.
 OWN_IDENTIFIER_SYSTEMS = ("/sid/plan-item", "/sid/plan-series")
-ACTIVATION_WAIT_SECONDS = 15.0
+ACTIVATION_WAIT_SECONDS = 30.0  # HAPI: about 1-3 s, once 17 s under heavy load
 REASON = "fhir-dm: re-assess the patient's cancer-screening plan when its record changes"
 _SECRET_NAMESPACE = b"fhir-dm subscription secret\x00"
 

@@ -12,7 +12,7 @@ from fhir_dm import cli
 from fhir_dm.errors import PatientNotFoundError
 from fhir_dm.jobs.queue import open_huey
 from fhir_dm.jobs.settings import JobsSettings
-from fhir_dm.subscriptions import WATCHED_TYPES
+from fhir_dm.subscriptions import ACTIVATION_WAIT_SECONDS, WATCHED_TYPES
 from tests.unit.jobs.test_queue import StubWriteBack, make_jobs
 from tests.unit.test_subscriptions import ENDPOINT, MASTER, SubscriptionServer
 
@@ -82,3 +82,7 @@ def test_subscriptions_the_server_does_not_activate_fail_plainly(
         assert cli.main(["subscriptions", "--wait", "0"]) == cli.EXIT_OK
         out, err = capsys.readouterr()
         assert "unchanged" in out and f"all {len(WATCHED_TYPES)} active" in out and err == ""
+
+
+def test_the_wait_default_is_the_modules() -> None:
+    assert cli.SUBSCRIPTION_WAIT_SECONDS == ACTIVATION_WAIT_SECONDS
