@@ -453,12 +453,20 @@ class Jobs:
             close_lock()
 
     def consumer(self, workers: int | None = None, worker_type: str | None = None) -> Consumer:
-        """A Huey consumer running the tasks and the daily sweep."""
+        """A Huey consumer running the tasks and the daily sweep.
+
+        An idle worker of the SQLite queue polls it every `poll_seconds` (Huey's own default
+        backs off to one poll in 10 s, which a notification after a quiet spell waited for);
+        the Redis queue wakes a waiting worker at once (a blocking pop).
+        """
+        poll = self.settings.poll_seconds
         return self.huey.create_consumer(
             workers=workers or self.settings.workers,
             worker_type=worker_type or self.settings.worker_type,
             periodic=True,
             check_worker_health=True,
+            initial_delay=poll,
+            max_delay=poll,
         )
 
 

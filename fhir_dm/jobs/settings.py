@@ -43,6 +43,7 @@ class JobsSettings(BaseModel):
     lock_lease_seconds: float = Field(default=300.0, gt=0)
     lock_wait_seconds: float = Field(default=30.0, ge=0)
     workers: int = Field(default=2, gt=0, le=64)
+    poll_seconds: float = Field(default=0.1, gt=0, le=10)
     worker_type: WorkerType = "process"
     sweep_hour: int = Field(default=2, ge=0, le=23)
     sweep_minute: int = Field(default=30, ge=0, le=59)

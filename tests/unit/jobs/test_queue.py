@@ -386,3 +386,10 @@ def test_a_run_waiting_for_its_retry_keeps_the_claim(tmp_path: Path) -> None:
     huey.execute(retry, timestamp=retry.eta)
     assert writeback.calls == ["p1", "p1"] and huey.scheduled() == []
     assert jobs.request("p1") is True  # released after the retry
+
+
+def test_an_idle_worker_polls_the_sqlite_queue_often(tmp_path: Path) -> None:
+    """Huey's default backs off to a poll in 10 s: a notification would wait that long."""
+    settings, huey = queued(tmp_path)
+    consumer = make_jobs(huey, settings, StubWriteBack()).consumer(workers=1, worker_type="thread")
+    assert consumer.default_delay == consumer.max_delay == settings.poll_seconds == 0.1
