@@ -39,6 +39,9 @@ CONFIG_DIR_VARIABLE = "FHIR_DM_CONFIG_DIR"
 # The same variable the web service reads (settings `terminology.base_url`).
 TERMINOLOGY_VARIABLE = "FHIR_DM_TERMINOLOGY__BASE_URL"
 WSGI_APP = "fhir_dm.web.wsgi:app"
+# `fhir-dm subscriptions --wait` default (fhir_dm.subscriptions.ACTIVATION_WAIT_SECONDS, kept
+# here so that --help needs no FHIR client import; a test keeps them equal).
+SUBSCRIPTION_WAIT_SECONDS = 30.0
 # The service's gunicorn settings (workers, timeouts, limits, log redaction); options given to
 # `fhir-dm serve` win over them. Its bind and workers, for --help (a test keeps them equal).
 GUNICORN_CONFIG_MODULE = "fhir_dm.web.gunicorn_conf"
@@ -166,10 +169,18 @@ def _parser() -> argparse.ArgumentParser:
         help="create or update fhir-dm's Subscriptions on the FHIR server (idempotent)",
         description="Make the FHIR server hold one rest-hook Subscription per resource type"
         " the rules read, calling <jobs.notification_base_url or public_base_url>/notifications"
-        "/<type> with its own secret header. Re-running changes nothing when all are in place.",
+        "/<type> with its own secret header, then check that the server activated each (exit 2"
+        " naming those it did not). Re-running changes nothing when all are in place.",
     )
     subs.add_argument(
         "--sweep", action="store_true", help="also enqueue every patient with an active plan now"
+    )
+    subs.add_argument(
+        "--wait",
+        type=float,
+        default=SUBSCRIPTION_WAIT_SECONDS,
+        metavar="SECONDS",
+        help="how long to wait for the server to activate them (default 30); exit 2 if it does not",
     )
     demo = sub.add_parser(
         "demo",
@@ -484,7 +495,8 @@ def _dead_letters(args: argparse.Namespace, config: Path | None) -> int:
 
 
 def _subscriptions(args: argparse.Namespace, config: Path | None) -> int:
-    from fhir_dm.subscriptions import ensure_subscriptions
+    """Ensure the Subscriptions, then check the server activated them (exit 2 if not)."""
+    from fhir_dm.subscriptions import ensure_subscriptions, inactive_subscriptions
 
     jobs, service_settings = _jobs_of(config)
     settings = jobs.settings
@@ -496,6 +508,16 @@ def _subscriptions(args: argparse.Namespace, config: Path | None) -> int:
         runtime.fhir, base, settings.notification_secret.get_secret_value()
     )
     sys.stdout.write(report.summary() + "\n")
+    inactive = inactive_subscriptions(runtime.fhir, base, wait_seconds=args.wait)
+    if inactive:
+        sys.stderr.write(
+            f"fhir-dm: {len(inactive)} Subscription(s) not active on the FHIR server after"
+            f" {args.wait:g} s: {', '.join(i.describe() for i in inactive)}. Nothing will be"
+            " notified for them: the server may have Subscriptions disabled (HAPI: rest-hook"
+            " subscriptions must be enabled), or refused the channel (see its error).\n"
+        )
+        return EXIT_CONFIG
+    sys.stdout.write(f"subscriptions: all {len(report.all())} active\n")
     if args.sweep:
         sys.stdout.write(f"sweep: {jobs.sweep()} patient(s) with an active plan\n")
     return EXIT_OK

@@ -6,18 +6,25 @@ one configured `jobs.notification_secret` (HMAC-SHA256 of the key), so a leaked 
 opens one channel only and rotating the master secret rotates them all. Criteria are by type:
 the rules also read results by their text and by unrecognised antibody names (see
 `fhir_dm.core.inputs.Relevance`), so narrowing by code would miss changes they read; a
-notification that changes nothing costs one debounced re-assessment whose write is "unchanged".
+notification that changes nothing costs one re-assessment whose write is "unchanged".
+
+fhir-dm's own writes are notified too (its ServiceRequests are of a watched type): the endpoint
+drops a notified resource that `is_own_write` recognises, so a write-back does not start a
+second, "unchanged" run. That is done on receipt rather than in the criteria, so it works
+whatever search modifiers a server's subscription matcher supports.
 
 `ensure_subscriptions` is idempotent: a Subscription is found by its endpoint (the `url` search
 parameter), created when missing, updated when it differs, and extra copies are deleted, all in
-one transaction.
+one transaction. `inactive_subscriptions` then reads them back until the server has activated
+them (a bounded wait): a server with Subscriptions disabled leaves them `requested`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +37,10 @@ PAYLOAD = "application/fhir+json"
 # What a patient's assessment reads is what a change must be notified for.
 WATCHED_TYPES: tuple[str, ...] = tuple(PATIENT_SEARCHES)
 ACTIVE_STATUSES = frozenset({"requested", "active"})
+SOFTWARE = "fhir-dm"  # how fhir-dm's Provenance agents name it: "fhir-dm <version> (...)"
+# Identifier systems of the resources fhir-dm generates, under the rule set's canonical base.
+OWN_IDENTIFIER_SYSTEMS = ("/sid/plan-item", "/sid/plan-series")
+ACTIVATION_WAIT_SECONDS = 30.0  # HAPI: about 1-3 s, once 17 s under heavy load
 REASON = "fhir-dm: re-assess the patient's cancer-screening plan when its record changes"
 _SECRET_NAMESPACE = b"fhir-dm subscription secret\x00"
 
@@ -88,6 +99,10 @@ class EnsureReport:
     updated: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     deleted: int = 0
+
+    def all(self) -> list[str]:
+        """Every resource type the report covers."""
+        return [*self.created, *self.updated, *self.unchanged]
 
     def summary(self) -> str:
         return (
@@ -156,3 +171,92 @@ def ensure_subscriptions(
         bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
         client.transaction(bundle, idempotent=not report.created)
     return report
+
+
+def is_own_write(resource: Mapping[str, Any], canonical_base: str) -> bool:
+    """Whether fhir-dm generated `resource`: it carries one of fhir-dm's identifier systems
+    (its CarePlans, ServiceRequests, RiskAssessments), or it is a Provenance whose agent is
+    fhir-dm. The rules never read these as input (our own requests are not evidence of a
+    test done), so a change to them changes no assessment.
+    """
+    base = canonical_base.rstrip("/")
+    systems = {base + suffix for suffix in OWN_IDENTIFIER_SYSTEMS}
+    identifiers = resource.get("identifier")
+    if isinstance(identifiers, Mapping):  # a single identifier (e.g. some R4 types)
+        identifiers = [identifiers]
+    if isinstance(identifiers, list) and any(
+        isinstance(i, Mapping) and i.get("system") in systems for i in identifiers
+    ):
+        return True
+    if resource.get("resourceType") != "Provenance":
+        return False
+    agents = resource.get("agent")
+    return isinstance(agents, list) and any(
+        isinstance(a, Mapping)
+        and str((a.get("who") or {}).get("display", "")).startswith(SOFTWARE + " ")
+        for a in agents
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Inactive:
+    """A Subscription of fhir-dm the server has not activated: its type, status and error."""
+
+    resource_type: str
+    status: str
+    error: str | None = None
+
+    def describe(self) -> str:
+        detail = f"status {self.status}"
+        return (
+            f"{self.resource_type} ({detail}: {self.error})"
+            if self.error
+            else (f"{self.resource_type} ({detail})")
+        )
+
+
+def subscription_states(
+    client: FhirClient, endpoint_base: str, types: Sequence[str] = WATCHED_TYPES
+) -> list[Inactive]:
+    """fhir-dm's Subscriptions that are not active now (a missing one: status `missing`)."""
+    inactive: list[Inactive] = []
+    for resource_type in types:
+        endpoint = endpoint_for(endpoint_base, subscription_key(resource_type))
+        found = [
+            s
+            for s in client.search("Subscription", {"url": endpoint})
+            if (s.get("channel") or {}).get("endpoint") == endpoint
+        ]
+        if not found:
+            inactive.append(Inactive(resource_type, "missing"))
+            continue
+        if any(s.get("status") == "active" for s in found):
+            continue
+        error = next((str(s["error"]) for s in found if s.get("error")), None)
+        inactive.append(Inactive(resource_type, str(found[0].get("status") or "none"), error))
+    return inactive
+
+
+def inactive_subscriptions(
+    client: FhirClient,
+    endpoint_base: str,
+    *,
+    types: Sequence[str] = WATCHED_TYPES,
+    wait_seconds: float = ACTIVATION_WAIT_SECONDS,
+    poll_seconds: float = 0.5,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[Inactive]:
+    """Read fhir-dm's Subscriptions back until the server has activated all (or the wait ends).
+
+    A server activates a `requested` Subscription asynchronously (HAPI within a second or so);
+    one with Subscriptions disabled never does, and nothing would ever be notified. Returns
+    those still not active (empty: all active). A Subscription in `error` is not waited for.
+    """
+    deadline = clock() + wait_seconds
+    while True:
+        inactive = subscription_states(client, endpoint_base, types)
+        waiting = [i for i in inactive if i.status == "requested"]
+        if not waiting or clock() >= deadline:
+            return inactive
+        sleep(min(poll_seconds, max(0.0, deadline - clock())))

@@ -1,14 +1,21 @@
-"""The re-assessment queue (Huey): one task per patient, debounced, serialised, retried, recorded.
+"""The re-assessment queue (Huey): one task per patient, coalesced, serialised, retried, recorded.
 
 A change on the FHIR server (a notification) or the daily sweep asks for `request(patient_id)`.
-That enqueues `reassess(patient_id)` only when none is pending for the patient (a pending mark,
-set atomically in the queue's own storage, so it holds across hosts with Redis), delayed by
-`debounce_seconds`, so a burst of changes for one patient gives one re-assessment. The task
-clears the mark before it reads, so a change made while it runs is not lost: it asks again.
-The task calls the write-back's public `assess_patient`, under a per-patient lock that holds
-across hosts (Redis) on top of the write-back's own per-host file lock. A failure is retried
-with exponential backoff; a task that keeps failing, or fails in a way retrying cannot mend,
-is written to a dead-letter record an operator lists with `fhir-dm dead-letters`.
+Per patient, coalescing instead of a fixed delay (two marks in the queue's own storage, set
+atomically, so they hold across hosts with Redis):
+
+- no run claimed for the patient: the request claims one and enqueues it at once (after
+  `debounce_seconds`, 0 by default);
+- a run claimed (queued or running): the request only sets the patient's "again" mark. A run
+  clears that mark before it reads (it reads those changes), and when it ends with the mark
+  set it enqueues exactly one more run; otherwise it gives the claim up.
+
+So a burst of notifications gives one run, or two when it overlaps a run, never one each; and
+a change made while a run reads is never lost. The task calls the write-back's public
+`assess_patient`, under a per-patient lock that holds across hosts (Redis) on top of the
+write-back's own per-host file lock. A failure is retried with exponential backoff; a task
+that keeps failing, or fails in a way retrying cannot mend, is written to a dead-letter record
+an operator lists with `fhir-dm dead-letters`.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from typing import Any, Protocol
 
 import redis
 from huey import Huey, RedisHuey, SqliteHuey, crontab
+from huey.constants import EmptyData
 from huey.consumer import Consumer
 from huey.exceptions import CancelExecution, RetryTask
 
@@ -53,7 +61,8 @@ _log = logging.getLogger(__name__)
 REASSESS_TASK = "fhir-dm.reassess"
 SWEEP_TASK = "fhir-dm.sweep"
 POPULATION_TASK = "fhir-dm.population-assess"
-PENDING_PREFIX = "fhir-dm:pending:"
+PENDING_PREFIX = "fhir-dm:pending:"  # a run is claimed (queued, running, or waiting to retry)
+AGAIN_PREFIX = "fhir-dm:again:"  # a change was notified after the claimed run began reading
 DEAD_PREFIX = "fhir-dm:dead:"
 SWEPT_PREFIX = "fhir-dm:swept:"
 LOCK_PREFIX = "fhir-dm:patient-lock:"
@@ -191,7 +200,7 @@ class Jobs:
     Usage::
 
         jobs = Jobs(open_huey(settings.jobs), settings.jobs, lambda: build_runtime(settings))
-        jobs.request("123")          # from a notification: enqueue unless one is pending
+        jobs.request("123")          # from a notification: enqueue, or mark for one more run
         jobs.consumer().run()        # in `fhir-dm worker`
         jobs.dead_letters()          # what kept failing, for an operator
 
@@ -228,7 +237,10 @@ class Jobs:
     # -- asking for a re-assessment -------------------------------------------------------
 
     def request(self, patient_id: str) -> bool:
-        """Enqueue a re-assessment unless one is already pending; True when one was enqueued.
+        """Enqueue a re-assessment unless one is claimed; True when one was enqueued.
+
+        When one is claimed (queued or running), the patient is marked for one more run after
+        it instead (False).
 
         UpstreamUnavailableError (503) when the queue's storage cannot be reached, so the FHIR
         server delivers the notification again later rather than it being lost.
@@ -244,28 +256,54 @@ class Jobs:
             ) from None
 
     def _request(self, patient_id: str) -> bool:
-        key = PENDING_PREFIX + patient_key(patient_id)
+        claim, again = _keys(patient_id)
         now = self._clock()
-        storage = self.huey.storage
-        if not storage.put_if_empty(key, _number(now)):
-            marked = _read_number(storage.peek_data(key))
-            if marked is not None and now - marked < self.settings.pending_ttl_seconds:
-                return False
-            # A mark older than its job could be: that job was lost (a crash between the mark
-            # and the enqueue, a flushed queue). Take it over rather than block the patient.
-            storage.put_data(key, _number(now))
         delay = self.settings.debounce_seconds
+        storage = self.huey.storage
+        if not storage.put_if_empty(claim, _number(now + delay)):
+            marked = _read_number(storage.peek_data(claim))
+            if marked is not None and now - marked < self.settings.pending_ttl_seconds:
+                # A run is queued or running: it, or the one more run it then enqueues, reads
+                # this change. Several notifications set the same mark: one more run at most.
+                storage.put_data(again, _number(now))
+                return False
+            # A claim older than its run could be: that run was lost (a worker killed mid-run,
+            # a flushed queue). Take it over rather than block the patient.
+            storage.put_data(claim, _number(now + delay))
+        self._enqueue(patient_id, claim, delay)
+        return True
+
+    def _enqueue(self, patient_id: str, claim: str, delay: float) -> None:
         try:
             if delay > 0:
                 self.reassess.schedule(args=(patient_id,), delay=delay)
             else:
                 self.reassess(patient_id)
         except (redis.exceptions.RedisError, sqlite3.Error, OSError):
-            # Not enqueued: drop our mark (if we still can), so the next notification tries.
+            # Not enqueued: drop our claim (if we still can), so the next notification tries.
             with suppress(redis.exceptions.RedisError, sqlite3.Error, OSError):
-                storage.delete_data(key)
+                self.huey.storage.delete_data(claim)
             raise
-        return True
+
+    def _release(self, patient_id: str) -> None:
+        """End a run's claim: one more run if a change was notified meanwhile, else give it up.
+
+        A request can come between reading the "again" mark and deleting the claim: it saw the
+        claim and only set the mark. So after deleting, look again: a mark left behind is taken
+        back up here, unless a newer request claimed a run already (that run reads the change).
+        """
+        claim, again = _keys(patient_id)
+        storage = self.huey.storage
+        while True:
+            if storage.pop_data(again) is not EmptyData:
+                storage.put_data(claim, _number(self._clock()))
+                self._enqueue(patient_id, claim, 0.0)
+                return
+            storage.delete_data(claim)
+            if storage.peek_data(again) is EmptyData:
+                return
+            if not storage.put_if_empty(claim, _number(self._clock())):
+                return
 
     def backoff(self, attempt: int) -> float:
         """Seconds before retry `attempt` (0-based): doubling from the base, capped."""
@@ -275,19 +313,28 @@ class Jobs:
     # -- the tasks ---------------------------------------------------------------------------
 
     def _reassess(self, patient_id: str, task: Any = None) -> None:
-        """Re-assess one patient and write the revision; retry, or record, on failure."""
-        self.huey.storage.delete_data(PENDING_PREFIX + patient_key(patient_id))
+        """Re-assess one patient and write the revision; retry, or record, on failure.
+
+        The run holds the patient's claim (refreshed now: it is alive) and clears the "again"
+        mark before it reads, since it reads what those notifications announced.
+        """
+        claim, again = _keys(patient_id)
+        self.huey.storage.put_data(claim, _number(self._clock()))
+        self.huey.storage.delete_data(again)
         try:
             with self._lock.hold(patient_id):
                 write = self.runtime().writeback.assess_patient(
                     patient_id, now=datetime.now(UTC).date(), preview=False
                 )
         except Exception as exc:
+            # Retried (RetryTask raised): the claim stays, the retry is the patient's run.
             self._failed(patient_id, task, exc)
+            self._release(patient_id)
             # Recorded: end it quietly (Huey logs the task id only, no trace that might quote
             # an upstream URL naming the patient).
             raise CancelExecution(retry=False) from None
         _log.info("re-assessed: %s", write.status)
+        self._release(patient_id)
 
     def _failed(self, patient_id: str, task: Any, exc: Exception) -> None:
         """Retry with backoff while the budget lasts; else write the dead-letter record."""
@@ -303,6 +350,8 @@ class Jobs:
             )
             # RetryTask keeps Huey's retry budget as it is; this attempt spends one.
             task.retries = left - 1
+            # The claim stays alive until the retry is due (see `pending_ttl_seconds`).
+            self.huey.storage.put_data(_keys(patient_id)[0], _number(self._clock() + delay))
             raise RetryTask(delay=delay) from None
         attempts = self.settings.retries + 1 - left
         if task is not None:
@@ -404,13 +453,27 @@ class Jobs:
             close_lock()
 
     def consumer(self, workers: int | None = None, worker_type: str | None = None) -> Consumer:
-        """A Huey consumer running the tasks and the daily sweep."""
+        """A Huey consumer running the tasks and the daily sweep.
+
+        An idle worker of the SQLite queue polls it every `poll_seconds` (Huey's own default
+        backs off to one poll in 10 s, which a notification after a quiet spell waited for);
+        the Redis queue wakes a waiting worker at once (a blocking pop).
+        """
+        poll = self.settings.poll_seconds
         return self.huey.create_consumer(
             workers=workers or self.settings.workers,
             worker_type=worker_type or self.settings.worker_type,
             periodic=True,
             check_worker_health=True,
+            initial_delay=poll,
+            max_delay=poll,
         )
+
+
+def _keys(patient_id: str) -> tuple[str, str]:
+    """The patient's claim and "again" keys in the queue's storage."""
+    key = patient_key(patient_id)
+    return PENDING_PREFIX + key, AGAIN_PREFIX + key
 
 
 def _number(value: float) -> bytes:

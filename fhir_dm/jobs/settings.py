@@ -35,14 +35,15 @@ class JobsSettings(BaseModel):
     sqlite_file: Path = Field(default_factory=default_queue_file)
     redis_url: str | None = None
     queue_name: str = Field(default="fhir-dm", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    debounce_seconds: float = Field(default=5.0, ge=0)
-    pending_ttl_seconds: float = Field(default=3600.0, gt=0)
+    debounce_seconds: float = Field(default=0.0, ge=0)
+    pending_ttl_seconds: float = Field(default=600.0, gt=0)
     retries: int = Field(default=6, ge=0, le=50)
     retry_base_seconds: float = Field(default=5.0, gt=0)
     retry_max_seconds: float = Field(default=900.0, gt=0)
     lock_lease_seconds: float = Field(default=300.0, gt=0)
     lock_wait_seconds: float = Field(default=30.0, ge=0)
     workers: int = Field(default=2, gt=0, le=64)
+    poll_seconds: float = Field(default=0.1, gt=0, le=10)
     worker_type: WorkerType = "process"
     sweep_hour: int = Field(default=2, ge=0, le=23)
     sweep_minute: int = Field(default=30, ge=0, le=59)

@@ -10,7 +10,9 @@ Routes (key: a watched resource type in lower case, see `fhir_dm.subscriptions`)
   to the daily sweep.
 
 Each request carries the subscription's secret header, compared in constant time; the answer
-(202) comes as soon as the work is enqueued. Logs name the key and counts, never a patient.
+(202) comes as soon as the work is enqueued. A resource fhir-dm generated itself (its plan's
+ServiceRequests, see `fhir_dm.subscriptions.is_own_write`) is acknowledged and ignored: the
+write-back that stored it needs no second run. Logs name the key and counts, never a patient.
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ from flask import Blueprint, Flask, Response, current_app, request
 
 from fhir_dm.errors import AuthError, InputError, NotFhirError, PatientNotFoundError
 from fhir_dm.jobs.queue import Jobs, patient_id_of
-from fhir_dm.subscriptions import KEY_TYPES, NOTIFICATION_PATH, SECRET_HEADER, secret_matches
+from fhir_dm.subscriptions import (
+    KEY_TYPES,
+    NOTIFICATION_PATH,
+    SECRET_HEADER,
+    is_own_write,
+    secret_matches,
+)
 from fhir_dm.web.outcomes import fhir_response, operation_outcome, read_json_body
 from fhir_dm.web.settings import current_service
 
@@ -97,10 +105,18 @@ def patients_named(resources: Iterable[Mapping[str, Any]], base_url: str) -> set
     return found
 
 
-def _accepted(key: str, enqueued: int, patients: int) -> Response:
+def _accepted(key: str, enqueued: int, patients: int, own: int = 0) -> Response:
     # Counts and the channel only (the formatter drops unknown extras; ids never go in).
-    _log.info("notification on %s: %d patient(s), %d enqueued", key, patients, enqueued)
+    _log.info(
+        "notification on %s: %d patient(s), %d enqueued, %d own write(s) ignored",
+        key,
+        patients,
+        enqueued,
+        own,
+    )
     text = f"accepted: {patients} patient(s), {enqueued} re-assessment(s) enqueued"
+    if own:
+        text += f", {own} resource(s) written by fhir-dm itself ignored"
     return fhir_response(operation_outcome("information", "informational", text), 202)
 
 
@@ -113,9 +129,11 @@ def _enqueue(jobs: Jobs, key: str, resources: list[Mapping[str, Any]]) -> Respon
             raise InputError(
                 f"this channel notifies {resource_type}, not {kind}", expression=[str(kind)]
             )
-    patients = patients_named(resources, service.fhir.base_url)
+    canonical_base = service.knowledge.ruleset.canonical_base
+    theirs = [r for r in resources if not is_own_write(r, canonical_base)]
+    patients = patients_named(theirs, service.fhir.base_url)
     enqueued = sum(1 for pid in sorted(patients) if jobs.request(pid))
-    return _accepted(key, enqueued, len(patients))
+    return _accepted(key, enqueued, len(patients), len(resources) - len(theirs))
 
 
 @bp.post(f"{NOTIFICATION_PATH}/<key>")

@@ -1,11 +1,12 @@
 """Event-driven re-assessment on the real HAPI: Subscription -> notification -> worker -> plan.
 
-A HAPI with rest-hook subscriptions (`--testserver.subscriptions=true`, its matcher run every
-0.5 s), a real fhir-dm web service on a free loopback port (werkzeug, threaded) and a real Huey
-consumer on the same SQLite queue file, as `fhir-dm serve` and `fhir-dm worker` would run on one
-host. The last tests swap the endpoint's app for one on a real Redis queue, run `fhir-dm worker`
-in two processes (two "hosts": own lock directories) and reach HAPI through a TCP relay that
-can be cut, to take the FHIR server away from the workers for a while.
+The test HAPI as it starts by default (rest-hook Subscriptions on, changes handed to its matcher
+every 0.1 s), a real fhir-dm web service on a free loopback port (werkzeug, threaded) and a real
+Huey consumer on the same SQLite queue file, with the default job settings (no debounce), as
+`fhir-dm serve` and `fhir-dm worker` would run on one host. The last tests swap the endpoint's
+app for one on a real Redis queue, run `fhir-dm worker` in two processes (two "hosts": own lock
+directories) and reach HAPI through a TCP relay that can be cut, to take the FHIR server away
+from the workers for a while.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from typing import Any
 
 import pytest
 import requests
+from huey.constants import EmptyData
 from werkzeug.serving import make_server
 
 from fhir_dm.fhir.client import FhirClient
 from fhir_dm.fhir.config import FhirServerConfig
-from fhir_dm.jobs.queue import Jobs, build_runtime, open_huey
+from fhir_dm.jobs.queue import PENDING_PREFIX, Jobs, Runtime, build_runtime, open_huey, patient_key
 from fhir_dm.jobs.settings import JobsSettings
-from fhir_dm.subscriptions import WATCHED_TYPES, ensure_subscriptions
+from fhir_dm.subscriptions import WATCHED_TYPES, ensure_subscriptions, inactive_subscriptions
 from fhir_dm.web.app import create_app
 from fhir_dm.web.settings import Settings
 from fhir_dm.web.trust import TrustConfig
@@ -43,8 +45,6 @@ pytestmark = pytest.mark.integration
 SECRET = "integration-notification-secret-0123456789"
 FHIR = {"Content-Type": "application/fhir+json"}
 WAIT_S = 60.0
-# HAPI hands stored changes to its subscription matcher on a timer (HAPI's default 5 s).
-HAPI_ARGS = ["--testserver.subscriptions=true", "--testserver.subscription-interval-ms=500"]
 LUNG_CANCER = f.concept(f.SCT, "363358000", "Malignant tumor of lung (disorder)")
 CT_LOINC = "89283-6"  # CT neck, chest, abdomen and pelvis: a cancer-screening test
 Json = dict[str, Any]
@@ -55,7 +55,7 @@ WsgiApp = Callable[..., Any]
 def hapi_url() -> Iterator[str]:
     from tools.hapi_server import HapiServer
 
-    server = HapiServer(extra_args=HAPI_ARGS)
+    server = HapiServer()  # Subscriptions on by default
     try:
         yield server.start()
     finally:
@@ -63,13 +63,50 @@ def hapi_url() -> Iterator[str]:
 
 
 class Front:
-    """The notification endpoint's WSGI app, swappable, so one set of Subscriptions serves all."""
+    """The notification endpoint's WSGI app, swappable, so one set of Subscriptions serves all.
+
+    It notes the path of every notification that reaches it (HAPI delivers a payload as
+    `PUT /notifications/{key}/{type}/{id}`), so a test can wait until HAPI has delivered.
+    """
 
     def __init__(self, app: WsgiApp) -> None:
         self.app = app
+        self.paths: list[str] = []
 
     def __call__(self, environ: Any, start_response: Any) -> Any:
+        path = str(environ.get("PATH_INFO", ""))
+        if path.startswith("/notifications/"):
+            self.paths.append(path)
         return self.app(environ, start_response)
+
+    def delivered(self, resource_type: str, rid: str) -> bool:
+        return any(p.endswith(f"/{resource_type}/{rid}") for p in list(self.paths))
+
+
+class Runs:
+    """Every re-assessment the worker finished: the patient and the write's status."""
+
+    def __init__(self) -> None:
+        self.done: list[tuple[str, str]] = []
+        self._guard = threading.Lock()
+
+    def runtime(self, settings: Settings) -> Runtime:
+        runtime = build_runtime(settings)
+        assess = runtime.writeback.assess_patient
+
+        def counted(patient_id: str, **kwargs: Any) -> Any:
+            write = assess(patient_id, **kwargs)
+            with self._guard:
+                self.done.append((patient_id, str(write.status)))
+            return write
+
+        setattr(runtime.writeback, "assess_patient", counted)  # noqa: B010 - a method, for mypy
+        return runtime
+
+    def of(self, patient_id: str) -> list[str]:
+        """The statuses of the patient's runs, in order."""
+        with self._guard:
+            return [status for pid, status in self.done if pid == patient_id]
 
 
 @dataclass(frozen=True)
@@ -78,6 +115,7 @@ class Service:
     base_url: str
     front: Front
     settings: Settings
+    runs: Runs
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +132,6 @@ def service(hapi_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         lock_dir=work / "locks",
         jobs=JobsSettings(
             sqlite_file=work / "queue.sqlite3",
-            debounce_seconds=1.0,
             retry_base_seconds=1.0,
             notification_secret=SECRET,
         ),
@@ -104,31 +141,38 @@ def service(hapi_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     front = Front(sqlite_app)
     web = make_server("127.0.0.1", port, front, threaded=True)
     threading.Thread(target=web.serve_forever, daemon=True).start()
-    jobs = Jobs(open_huey(settings.jobs), settings.jobs, lambda: build_runtime(settings))
+    runs = Runs()
+    jobs = Jobs(open_huey(settings.jobs), settings.jobs, lambda: runs.runtime(settings))
     consumer = jobs.consumer(workers=2, worker_type="thread")
     consumer.start()
     try:
         with FhirClient(hapi_url) as client:
             report = ensure_subscriptions(client, settings.public_base_url, SECRET)
             assert sorted(report.created) == sorted(WATCHED_TYPES)
+            # What `fhir-dm subscriptions` checks: the server activated every one.
+            assert inactive_subscriptions(client, settings.public_base_url, wait_seconds=60) == []
+            assert all(s["status"] == "active" for s in client.search("Subscription", {}))
             again = ensure_subscriptions(client, settings.public_base_url, SECRET)
             assert sorted(again.unchanged) == sorted(WATCHED_TYPES)
-            _wait_active(client)
-        yield Service(jobs, settings.public_base_url, front, settings)
+            _wait_delivering(hapi_url, front)
+        yield Service(jobs, settings.public_base_url, front, settings, runs)
     finally:
         consumer.stop(graceful=True)
         web.shutdown()
         jobs.close()
 
 
-def _wait_active(client: FhirClient) -> None:
+def _wait_delivering(hapi_url: str, front: Front) -> None:
+    """HAPI marks a Subscription active a little before its matcher has it: probe until then."""
+    probe = _post(hapi_url, f.patient(birth_date="1950-01-01"))
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
-        subs = client.search("Subscription", {})
-        if len(subs) >= len(WATCHED_TYPES) and all(s.get("status") == "active" for s in subs):
-            return
-        time.sleep(0.5)
-    raise AssertionError("HAPI did not activate the Subscriptions")
+        note = _post(hapi_url, f.condition(probe, {"text": "probe"}))
+        for _ in range(20):
+            if front.delivered("Condition", note["id"]):
+                return
+            time.sleep(0.1)
+    raise AssertionError("HAPI delivers no notification")
 
 
 def _post(hapi_url: str, resource: Json) -> Json:
@@ -164,13 +208,12 @@ def test_a_posted_condition_leads_to_one_written_plan(hapi_url: str, service: Se
         latency = time.monotonic() - started
         assert len(plans) == 1
         # A burst of changes for the patient: re-assessed, still exactly one active plan.
-        for _ in range(5):
-            _post(hapi_url, f.condition(patient, {"text": "unrelated note"}))
-        time.sleep(3 * jobs.settings.debounce_seconds + 5)
+        notes = [_post(hapi_url, f.condition(patient, {"text": "unrelated note"})) for _ in "12345"]
         _wait_for(
-            lambda: jobs.huey.pending_count() == 0 and jobs.huey.scheduled_count() == 0,
-            "an empty queue",
+            lambda: all(service.front.delivered("Condition", n["id"]) for n in notes),
+            "the notes notified",
         )
+        _wait_for(lambda: _quiet(jobs), "an empty queue")
         assert len(_active_plans(client, patient["id"])) == 1
     assert jobs.dead_letters() == []
     print(f"notification to written plan: {latency:.2f} s")
@@ -219,6 +262,76 @@ def _one_plan_with_tier(client: FhirClient, patient_id: str, tier: str) -> Json 
 
 def _quiet(jobs: Jobs) -> bool:
     return bool(jobs.huey.pending_count() == 0 and jobs.huey.scheduled_count() == 0)
+
+
+def _settled(jobs: Jobs, patient_id: str) -> bool:
+    """No run of the patient's claimed (queued, running or waiting to retry)."""
+    claim = PENDING_PREFIX + patient_key(patient_id)
+    return jobs.huey.storage.peek_data(claim) is EmptyData
+
+
+def _transaction(hapi_url: str, resources: list[Json]) -> list[Json]:
+    """POST the resources in one transaction (one commit): what HAPI created, in order."""
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"resource": r, "request": {"method": "POST", "url": r["resourceType"]}}
+            for r in resources
+        ],
+    }
+    response = requests.post(hapi_url, json=bundle, headers=FHIR)
+    response.raise_for_status()
+    created = []
+    for entry in response.json()["entry"]:
+        kind, rid = entry["response"]["location"].split("/")[:2]
+        created.append({"resourceType": kind, "id": rid})
+    return created
+
+
+def test_a_write_back_starts_no_second_run(hapi_url: str, service: Service) -> None:
+    """HAPI notifies fhir-dm of the ServiceRequests its write-back stored: they are ignored."""
+    onset = (datetime.now(UTC).date() - timedelta(days=30)).isoformat()
+    patient = _post(hapi_url, f.patient(birth_date="1960-01-01"))
+    _post(hapi_url, f.iim_condition(patient, onset=onset))
+    with FhirClient(hapi_url) as client:
+        _wait_for(lambda: _active_plans(client, patient["id"]), "a plan")
+        ours = client.search("ServiceRequest", {"subject": f"Patient/{patient['id']}"})
+        assert ours
+        _wait_for(
+            lambda: all(service.front.delivered("ServiceRequest", r["id"]) for r in ours),
+            "HAPI's notifications of our ServiceRequests",
+        )
+        _wait_for(lambda: _settled(service.jobs, patient["id"]), "no run claimed")
+    assert service.runs.of(patient["id"]) == ["written"]
+
+
+def test_a_burst_of_20_changes_gives_one_revision(hapi_url: str, service: Service) -> None:
+    """20 changes in one commit: 20 notifications, the plan revised once, one run extra at most."""
+    patient = _young_dm(hapi_url)
+    with FhirClient(hapi_url) as client:
+        first = _wait_for(
+            lambda: _one_plan_with_tier(client, patient["id"], "moderate"), "a moderate plan"
+        )
+        _wait_for(lambda: _settled(service.jobs, patient["id"]), "no run claimed")
+        before = len(service.runs.of(patient["id"]))
+        burst = [f.antibody(patient, "tif1g", "positive", effective=_today())]
+        burst += [f.condition(patient, {"text": f"note {n}"}) for n in range(19)]
+        created = _transaction(hapi_url, burst)
+        _wait_for(
+            lambda: all(service.front.delivered(r["resourceType"], r["id"]) for r in created),
+            "20 notifications",
+        )
+        _wait_for(lambda: _settled(service.jobs, patient["id"]), "no run claimed")
+        high = _one_plan_with_tier(client, patient["id"], "high")
+        assert high is not None and high["id"] != first["id"]
+        runs = service.runs.of(patient["id"])[before:]
+        print(f"burst of 20 notifications: runs {runs}")
+        assert runs.count("written") == 1 and len(runs) <= 2
+        plans = client.search("CarePlan", {"subject": f"Patient/{patient['id']}"})
+        assert sorted(p["status"] for p in plans) == ["active", "revoked"]
+        assert high["meta"]["versionId"] == "1"  # written once, not revised again
+    assert service.jobs.dead_letters() == []
 
 
 def test_a_positive_anti_tif1_gamma_revises_the_plan_to_high(
@@ -400,6 +513,7 @@ class Relay:
 @dataclass(frozen=True)
 class RedisSetup:
     jobs: Jobs
+    front: Front
     relay: Relay
     start_workers: Callable[[int], None]
     logs: list[Path]
@@ -410,8 +524,7 @@ def on_redis(hapi_url: str, service: Service, tmp_path: Path) -> Iterator[RedisS
     """The endpoint now enqueues on a real Redis; `fhir-dm worker` processes start on demand.
 
     The workers reach HAPI through a Relay; each has its own lock directory (as on its own
-    host), so only the Redis lock serialises them. No debounce: every notification that finds
-    no task pending enqueues one, so a burst keeps both workers busy on one patient.
+    host), so only the Redis marks and lock serialise them. Default job settings (no delay).
     """
     redis_server = RedisServer(tmp_path)
     redis_url = redis_server.start()
@@ -420,7 +533,6 @@ def on_redis(hapi_url: str, service: Service, tmp_path: Path) -> Iterator[RedisS
     jobs_settings = JobsSettings(
         backend="redis",
         redis_url=redis_url,
-        debounce_seconds=0,
         retry_base_seconds=1.0,
         lock_wait_seconds=60.0,
         notification_secret=SECRET,
@@ -457,7 +569,7 @@ def on_redis(hapi_url: str, service: Service, tmp_path: Path) -> Iterator[RedisS
             del n
 
     try:
-        yield RedisSetup(jobs, relay, start_workers, logs)
+        yield RedisSetup(jobs, service.front, relay, start_workers, logs)
     finally:
         service.front.app = create_app(service.settings)
         for process, log in workers:
@@ -473,9 +585,12 @@ def on_redis(hapi_url: str, service: Service, tmp_path: Path) -> Iterator[RedisS
         redis_server.stop()
 
 
-def _runs(logs: list[Path]) -> list[int]:
-    """Re-assessments each worker process finished (its log, one line each)."""
-    return [p.read_text(encoding="utf-8", errors="replace").count("re-assessed") for p in logs]
+def _runs(logs: list[Path], status: str = "") -> list[int]:
+    """Re-assessments each worker process finished (its log, one line each), of `status`."""
+    return [
+        p.read_text(encoding="utf-8", errors="replace").count(f"re-assessed: {status}")
+        for p in logs
+    ]
 
 
 def test_two_worker_processes_and_a_burst_give_exactly_one_active_plan(
@@ -493,22 +608,26 @@ def test_two_worker_processes_and_a_burst_give_exactly_one_active_plan(
         _wait_for(lambda: _active_plans(client, waiting["id"]), "the queued plan")
         print(f"worker down: queued work written {time.monotonic() - started:.2f} s after start")
 
-        # One burst for one patient: every change a notification, both workers busy on her.
+        # A burst for one new patient, 20 changes in one commit: 20 notifications reach the
+        # endpoint, both worker processes wait for work; one plan written, one run extra at most.
         patient = _post(hapi_url, f.patient(birth_date="1994-01-01", gender="female"))
         onset = (datetime.now(UTC).date() - timedelta(days=30)).isoformat()
         burst = [f.iim_condition(patient, onset=onset), f.antibody(patient, "tif1g")]
-        burst += [f.condition(patient, {"text": f"note {n}"}) for n in range(6)]
-        runs_before = sum(_runs(on_redis.logs))
-        for resource in burst:
-            _post(hapi_url, resource)
+        burst += [f.condition(patient, {"text": f"note {n}"}) for n in range(18)]
+        runs_before, written_before = sum(_runs(on_redis.logs)), sum(_runs(on_redis.logs, "w"))
+        created = _transaction(hapi_url, burst)
         _wait_for(lambda: _one_plan_with_tier(client, patient["id"], "high"), "a high plan")
-        time.sleep(3)
-        _wait_for(lambda: _quiet(jobs), "an empty queue")
-        time.sleep(2)  # a run taken just before the queue emptied
+        _wait_for(
+            lambda: all(on_redis.front.delivered(r["resourceType"], r["id"]) for r in created),
+            "20 notifications",
+        )
+        _wait_for(lambda: _settled(jobs, patient["id"]), "no run claimed")
         assert len(_active_plans(client, patient["id"])) == 1
         assert len(_active_plans(client, waiting["id"])) == 1
     runs = _runs(on_redis.logs)
-    print(f"re-assessments per worker process: {runs} ({sum(runs) - runs_before} for the burst)")
+    burst_runs = sum(runs) - runs_before
+    print(f"re-assessments per worker process: {runs} ({burst_runs} for the burst of 20)")
+    assert sum(_runs(on_redis.logs, "w")) - written_before == 1 and burst_runs <= 2
     assert jobs.dead_letters() == []
 
 

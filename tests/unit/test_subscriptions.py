@@ -1,4 +1,4 @@
-"""fhir-dm's Subscriptions on the FHIR server: created once, kept in step, never duplicated."""
+"""fhir-dm's Subscriptions: created once, kept in step, never duplicated, checked active."""
 
 from __future__ import annotations
 
@@ -16,8 +16,11 @@ from fhir_dm.fhir.client import FhirClient
 from fhir_dm.subscriptions import (
     SECRET_HEADER,
     WATCHED_TYPES,
+    Inactive,
     desired_subscription,
     ensure_subscriptions,
+    inactive_subscriptions,
+    is_own_write,
     secret_matches,
     subscription_secret,
 )
@@ -116,3 +119,102 @@ def test_each_channel_has_its_own_secret() -> None:
     assert not secret_matches(MASTER, "condition", None)
     assert not secret_matches(MASTER, "condition", good[:-1])
     assert not secret_matches(MASTER, "condition", "é" + good)
+
+
+# -- the server activated them? ------------------------------------------------------------
+
+
+def test_activation_is_awaited_until_the_server_activates_them(server: SubscriptionServer) -> None:
+    client = FhirClient(BASE)
+    ensure_subscriptions(client, ENDPOINT, MASTER)
+    now = [0.0]
+    polls: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        polls.append(seconds)
+        now[0] += seconds
+        if len(polls) == 2:  # the server activates them a moment later
+            for s in server.store.values():
+                s["status"] = "active"
+
+    left = inactive_subscriptions(client, ENDPOINT, clock=lambda: now[0], sleep=sleep)
+    assert left == [] and polls == [0.5, 0.5]
+
+
+def test_subscriptions_left_requested_or_in_error_are_named(server: SubscriptionServer) -> None:
+    client = FhirClient(BASE)
+    ensure_subscriptions(client, ENDPOINT, MASTER)
+    for s in server.store.values():
+        s["status"] = "active"
+    condition = next(s for s in server.store.values() if s["criteria"] == "Condition?")
+    condition["status"] = "requested"  # never activated: Subscriptions disabled
+    observation = next(s for s in server.store.values() if s["criteria"] == "Observation?")
+    observation.update(status="error", error="endpoint refused")
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    left = inactive_subscriptions(
+        client, ENDPOINT, wait_seconds=3, clock=lambda: now[0], sleep=sleep
+    )
+    assert left == [
+        Inactive("Condition", "requested"),
+        Inactive("Observation", "error", "endpoint refused"),
+    ]
+    assert now[0] == 3  # waited (bounded) for the requested one, not for the errored one
+    assert left[1].describe() == "Observation (status error: endpoint refused)"
+    server.store.pop(condition["id"])
+    assert inactive_subscriptions(client, ENDPOINT, wait_seconds=0)[0] == Inactive(
+        "Condition", "missing"
+    )
+
+
+CANONICAL = "http://fhir-dm.org/fhir"
+
+
+@pytest.mark.parametrize(
+    ("resource", "ours"),
+    [
+        (
+            {
+                "resourceType": "ServiceRequest",
+                "identifier": [{"system": f"{CANONICAL}/sid/plan-item", "value": "a.b.ct"}],
+            },
+            True,
+        ),
+        (
+            {
+                "resourceType": "CarePlan",
+                "identifier": [
+                    {"system": "urn:other", "value": "1"},
+                    {"system": f"{CANONICAL}/sid/plan-series", "value": "a"},
+                ],
+            },
+            True,
+        ),
+        (
+            {
+                "resourceType": "Provenance",
+                "agent": [{"who": {"display": "fhir-dm 1.2.0 (rule set IMACS 2023)"}}],
+            },
+            True,
+        ),
+        # A clinician's order, or one naming our system under another base: not ours.
+        (
+            {"resourceType": "ServiceRequest", "identifier": [{"system": "urn:x", "value": "1"}]},
+            False,
+        ),
+        (
+            {
+                "resourceType": "ServiceRequest",
+                "identifier": [{"system": "http://else.example/sid/plan-item", "value": "1"}],
+            },
+            False,
+        ),
+        ({"resourceType": "Provenance", "agent": [{"who": {"display": "fhir-dmx"}}]}, False),
+        ({"resourceType": "Condition"}, False),
+    ],
+)
+def test_own_writes_are_recognised(resource: Json, ours: bool) -> None:
+    assert is_own_write(resource, CANONICAL) is ours

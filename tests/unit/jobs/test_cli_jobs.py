@@ -1,4 +1,4 @@
-"""The queue's commands: dead letters for an operator, a clear error without jobs settings."""
+"""The queue's commands: dead letters, a clear error without jobs settings, the active check."""
 
 from __future__ import annotations
 
@@ -6,12 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
+import responses
 
 from fhir_dm import cli
 from fhir_dm.errors import PatientNotFoundError
 from fhir_dm.jobs.queue import open_huey
 from fhir_dm.jobs.settings import JobsSettings
+from fhir_dm.subscriptions import ACTIVATION_WAIT_SECONDS, WATCHED_TYPES
 from tests.unit.jobs.test_queue import StubWriteBack, make_jobs
+from tests.unit.test_subscriptions import ENDPOINT, MASTER, SubscriptionServer
 
 
 @pytest.fixture
@@ -53,3 +56,33 @@ def test_subscriptions_need_a_secret(
     monkeypatch.setenv("FHIR_DM_JOBS__SQLITE_FILE", str(service_env))
     assert cli.main(["subscriptions"]) == cli.EXIT_CONFIG
     assert "notification_secret" in capsys.readouterr().err
+
+
+def test_subscriptions_the_server_does_not_activate_fail_plainly(
+    service_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server with Subscriptions disabled stores them and leaves them `requested`."""
+    monkeypatch.setenv("FHIR_DM_JOBS__SQLITE_FILE", str(service_env))
+    monkeypatch.setenv("FHIR_DM_JOBS__NOTIFICATION_SECRET", MASTER)
+    monkeypatch.setenv("FHIR_DM_PUBLIC_BASE_URL", ENDPOINT)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        server = SubscriptionServer(mock)
+        assert cli.main(["subscriptions", "--wait", "0"]) == cli.EXIT_CONFIG
+        out, err = capsys.readouterr()
+        assert out.splitlines() == [
+            f"subscriptions: {len(WATCHED_TYPES)} created, 0 updated,"
+            " 0 unchanged, 0 duplicate(s) deleted"
+        ]
+        assert f"{len(WATCHED_TYPES)} Subscription(s) not active" in err
+        assert "Condition (status requested)" in err
+        assert "Subscriptions disabled" in err
+        # Activated (as a server with Subscriptions on does): all well, exit 0.
+        for subscription in server.store.values():
+            subscription["status"] = "active"
+        assert cli.main(["subscriptions", "--wait", "0"]) == cli.EXIT_OK
+        out, err = capsys.readouterr()
+        assert "unchanged" in out and f"all {len(WATCHED_TYPES)} active" in out and err == ""
+
+
+def test_the_wait_default_is_the_modules() -> None:
+    assert cli.SUBSCRIPTION_WAIT_SECONDS == ACTIVATION_WAIT_SECONDS

@@ -1,4 +1,4 @@
-"""The re-assessment queue: debounce, retries with backoff, dead letters, restart, the sweep."""
+"""The re-assessment queue: coalescing, retries with backoff, dead letters, restart, the sweep."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from huey import Huey, SqliteHuey
 
 from fhir_dm.errors import PatientNotFoundError, UpstreamUnavailableError
 from fhir_dm.jobs.queue import (
+    AGAIN_PREFIX,
     DEAD_PREFIX,
+    PENDING_PREFIX,
     Jobs,
     Runtime,
     open_huey,
@@ -157,11 +159,11 @@ def test_a_stale_pending_mark_is_taken_over(tmp_path: Path) -> None:
     now = [1000.0]
     runtime = Runtime(StubWriteBack(), StubFhir(), "s")  # type: ignore[arg-type]
     jobs = Jobs(huey, settings, lambda: runtime, clock=lambda: now[0])
-    assert jobs.request("p1") is True
-    huey.storage.flush_schedule()  # the job is lost (e.g. a flushed queue); its mark stays
-    now[0] += 30
+    assert jobs.request("p1") is True  # its run is due at 1005: the claim lives until 1065
+    huey.storage.flush_schedule()  # the job is lost (e.g. a flushed queue); its claim stays
+    now[0] += 60
     assert jobs.request("p1") is False
-    now[0] += 31
+    now[0] += 6
     assert jobs.request("p1") is True
     assert len(huey.scheduled()) == 1
 
@@ -249,3 +251,145 @@ def test_redis_settings_need_a_url() -> None:
         JobsSettings(backend="redis")
     with pytest.raises(ValueError, match="at least 32"):
         JobsSettings(notification_secret="short")
+
+
+# -- coalescing: the first request runs at once, a burst during a run gives one more -----------
+
+
+def queued(tmp_path: Path, **overrides: Any) -> tuple[JobsSettings, Huey]:
+    """A queue a test drains by hand, as a worker would (`run_next`)."""
+    settings = JobsSettings(sqlite_file=tmp_path / "q.sqlite3", **overrides)
+    return settings, open_huey(settings)
+
+
+def run_next(huey: Huey) -> bool:
+    task = huey.dequeue()
+    if task is None:
+        return False
+    huey.execute(task)
+    return True
+
+
+def test_the_first_request_runs_at_once_by_default(tmp_path: Path) -> None:
+    settings, huey = queued(tmp_path)
+    assert settings.debounce_seconds == 0
+    jobs = make_jobs(huey, settings, StubWriteBack())
+    assert jobs.request("p1") is True
+    assert huey.pending_count() == 1 and huey.scheduled_count() == 0  # no delay
+
+
+def test_requests_while_queued_are_read_by_that_run(tmp_path: Path) -> None:
+    settings, huey = queued(tmp_path)
+    writeback = StubWriteBack()
+    jobs = make_jobs(huey, settings, writeback)
+    assert [jobs.request("p1") for _ in range(20)].count(True) == 1
+    while run_next(huey):
+        pass
+    assert writeback.calls == ["p1"]  # the run began after all 20: it read them all
+
+
+class DuringRun(StubWriteBack):
+    """A write-back that, during its first call, lets `during` ask for the patient again."""
+
+    def __init__(self, during: Any) -> None:
+        super().__init__()
+        self.during = during
+
+    def assess_patient(self, patient_id: str, *, now: date | datetime, preview: bool) -> Any:
+        if not self.calls:
+            self.during()
+        return super().assess_patient(patient_id, now=now, preview=preview)
+
+
+def test_a_burst_during_a_run_gives_exactly_one_more_run(tmp_path: Path) -> None:
+    settings, huey = queued(tmp_path)
+    answers: list[bool] = []
+    writeback = DuringRun(lambda: answers.extend(jobs.request("p1") for _ in range(20)))
+    jobs = make_jobs(huey, settings, writeback)
+    assert jobs.request("p1") is True
+    assert run_next(huey)
+    assert answers == [False] * 20  # coalesced: none enqueued while the run is under way
+    assert huey.pending_count() == 1  # ... but one more run, after it
+    assert run_next(huey) and not run_next(huey)
+    assert writeback.calls == ["p1", "p1"]
+    # Quiet again: the next change runs at once.
+    assert jobs.request("p1") is True
+
+
+def test_another_patient_is_not_held_up(tmp_path: Path) -> None:
+    settings, huey = queued(tmp_path)
+    writeback = DuringRun(lambda: jobs.request("p2"))
+    jobs = make_jobs(huey, settings, writeback)
+    jobs.request("p1")
+    while run_next(huey):
+        pass
+    assert writeback.calls == ["p1", "p2"]
+
+
+class Interleaved:
+    """Storage whose `pop_data` / `delete_data` of one key runs `hook` right after: a request
+    from another host landing between the two steps of `_release`."""
+
+    def __init__(self, storage: Any, method: str, prefix: str, hook: Any) -> None:
+        self._storage, self._method, self._prefix, self._hook = storage, method, prefix, hook
+        self.fired = 0
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._storage, name)
+        if name != self._method:
+            return attr
+
+        def wrapped(key: str, *args: Any) -> Any:
+            result = attr(key, *args)
+            if key.startswith(self._prefix) and not self.fired:
+                self.fired += 1
+                self._hook()
+            return result
+
+        return wrapped
+
+
+@pytest.mark.parametrize(
+    ("method", "prefix"),
+    [("pop_data", AGAIN_PREFIX), ("delete_data", PENDING_PREFIX)],
+    ids=["after-reading-the-mark", "after-giving-up-the-claim"],
+)
+def test_a_request_racing_the_end_of_a_run_gives_exactly_one_more_run(
+    tmp_path: Path, method: str, prefix: str
+) -> None:
+    settings, huey = queued(tmp_path)
+    writeback = StubWriteBack()
+    jobs = make_jobs(huey, settings, writeback)
+    jobs.request("p1")
+    task = huey.dequeue()
+    answers: list[bool] = []
+    real = huey.storage
+    huey.storage = Interleaved(real, method, prefix, lambda: answers.append(jobs.request("p1")))
+    try:
+        huey.execute(task)
+    finally:
+        huey.storage = real
+    assert len(answers) == 1  # the request came in between
+    assert huey.pending_count() == 1  # either way: one more run, not none, not two
+    assert run_next(huey) and not run_next(huey)
+    assert writeback.calls == ["p1", "p1"]
+
+
+def test_a_run_waiting_for_its_retry_keeps_the_claim(tmp_path: Path) -> None:
+    settings, huey = immediate(tmp_path, retries=2, retry_base_seconds=30)
+    writeback = StubWriteBack(failures=1)
+    jobs = make_jobs(huey, settings, writeback)
+    assert jobs.request("p1") is True
+    (retry,) = huey.scheduled()
+    assert jobs.request("p1") is False  # the retry will read this change
+    huey.storage.flush_schedule()
+    huey.execute(retry, timestamp=retry.eta)
+    assert writeback.calls == ["p1", "p1"] and huey.scheduled() == []
+    assert jobs.request("p1") is True  # released after the retry
+
+
+def test_an_idle_worker_polls_the_sqlite_queue_often(tmp_path: Path) -> None:
+    """Huey's default backs off to a poll in 10 s: a notification would wait that long."""
+    settings, huey = queued(tmp_path)
+    consumer = make_jobs(huey, settings, StubWriteBack()).consumer(workers=1, worker_type="thread")
+    assert consumer.default_delay == consumer.max_delay == settings.poll_seconds == 0.1

@@ -8,6 +8,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -48,7 +49,7 @@ def test_two_hosts_and_a_burst_give_one_reassessment_per_patient(
     redis_url: str, tmp_path: Path
 ) -> None:
     settings = redis_settings(redis_url, debounce_seconds=0.3, lock_wait_seconds=10)
-    writeback = StubWriteBack(delay=0.2)
+    writeback = StubWriteBack(delay=0.2)  # an optional delay: all 30 come before the runs
     # Two hosts: each its own Huey (connection) and Jobs on the same Redis queue.
     hosts = [make_jobs(open_huey(settings), settings, writeback) for _ in range(2)]
     consumers = [h.consumer(workers=2, worker_type="thread") for h in hosts]
@@ -66,6 +67,62 @@ def test_two_hosts_and_a_burst_give_one_reassessment_per_patient(
             host.close()
     assert Counter(writeback.calls) == {"p0": 1, "p1": 1, "p2": 1}
     assert writeback.overlaps == 0
+
+
+class Gate(StubWriteBack):
+    """A write-back whose first run waits, under way, until the test lets it finish."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def assess_patient(self, patient_id: str, **kwargs: Any) -> Any:
+        first = not self.calls
+        result = super().assess_patient(patient_id, **kwargs)
+        if first:
+            self.started.set()
+            assert self.release.wait(30)
+        return result
+
+
+def test_a_burst_from_two_hosts_during_a_run_gives_exactly_one_more_run(
+    redis_url: str,
+) -> None:
+    """Two hosts, two worker threads each, no delay: run, burst of 20, exactly one more run."""
+    settings = redis_settings(redis_url, lock_wait_seconds=10)
+    assert settings.debounce_seconds == 0
+    writeback = Gate()
+    hosts = [make_jobs(open_huey(settings), settings, writeback) for _ in range(2)]
+    consumers = [h.consumer(workers=2, worker_type="thread") for h in hosts]
+    for consumer in consumers:
+        consumer.start()
+    try:
+        assert hosts[0].request("burst") is True
+        assert writeback.started.wait(15)  # the first run is under way at once
+        answers: list[bool] = []
+        threads = [
+            threading.Thread(target=lambda n=n: answers.append(hosts[n % 2].request("burst")))
+            for n in range(20)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert answers == [False] * 20
+        writeback.release.set()
+        deadline = time.monotonic() + 15
+        while len(writeback.calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _drain(hosts, time.monotonic() + 15)
+        time.sleep(0.5)  # a third run, were there one, would have started by now
+    finally:
+        writeback.release.set()
+        for consumer in consumers:
+            consumer.stop(graceful=True)
+        for host in hosts:
+            host.close()
+    assert writeback.calls == ["burst", "burst"] and writeback.overlaps == 0
 
 
 def test_the_patient_lock_holds_across_hosts(redis_url: str) -> None:

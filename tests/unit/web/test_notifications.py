@@ -193,3 +193,35 @@ def test_a_notification_leads_to_a_written_plan(
     jobs.huey.execute(jobs.huey.dequeue())
     assert len(fhir_server.all("CarePlan")) == 1
     assert jobs.dead_letters() == []
+
+
+def test_the_write_backs_own_resources_enqueue_nothing(
+    client: FlaskClient, jobs: Jobs, fhir_server: FakeFhirServer
+) -> None:
+    """Our plan's ServiceRequests, notified back to us, start no second run; a clinician's do."""
+    patient = f.patient("n-2", birth_date="1970-01-01")
+    dm = f.iim_condition(patient)
+    fhir_server.put(patient, dm)
+    client.post("/notifications/condition", json=dm, headers=headers())
+    jobs.huey.execute(jobs.huey.dequeue())
+    ours = fhir_server.all("ServiceRequest")
+    assert ours
+    for request in ours:
+        url = f"/notifications/servicerequest/ServiceRequest/{request['id']}"
+        response = client.put(url, json=request, headers=headers("servicerequest"))
+        assert response.status_code == 202
+        text = response.get_json()["issue"][0]["diagnostics"]
+        assert "0 re-assessment(s) enqueued, 1 resource(s) written by fhir-dm itself ignored" in (
+            text
+        )
+    assert jobs.huey.pending_count() == 0
+    theirs = {
+        "resourceType": "ServiceRequest",
+        "id": "clinician-1",
+        "status": "active",
+        "intent": "order",
+        "subject": {"reference": "Patient/n-2"},
+        "code": {"text": "CT chest"},
+    }
+    client.post("/notifications/servicerequest", json=theirs, headers=headers("servicerequest"))
+    assert pending_patients(jobs) == ["n-2"]

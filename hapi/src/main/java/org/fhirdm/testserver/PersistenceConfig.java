@@ -95,8 +95,12 @@ public class PersistenceConfig {
 			// Rest-hook only (see SubscriptionServerConfig), matched in memory.
 			settings.addSupportedSubscriptionType(
 					org.hl7.fhir.dstu2.model.Subscription.SubscriptionChannelType.RESTHOOK);
+			// Criteria HAPI cannot match in memory are refused when the Subscription is stored.
+			settings.setOnlyAllowInMemorySubscriptions(true);
 			// How often stored resource changes reach the matcher (every delivery waits for it).
 			settings.setSubscriptionIntervalInMs(props.getSubscriptionIntervalMs());
+			// A created or changed Subscription is activated at once, not on that timer.
+			settings.setSubscriptionChangeQueuedImmediately(true);
 		}
 		return settings;
 	}

@@ -13,11 +13,11 @@ import org.springframework.context.annotation.Import;
  * FHIR R4 Subscriptions with rest-hook delivery (HAPI's JPA subscription module), matched in
  * memory and delivered through the in-process channels of {@link PersistenceConfig}.
  *
- * <p>Off by default ({@code --testserver.subscriptions=true} turns it on): only the tests of
- * event-driven re-assessment need it, and every stored resource then passes the matcher.
+ * <p>On by default ({@code --testserver.subscriptions=false} turns it off): a server a
+ * Subscription is created on activates it and delivers its notifications.
  */
 @Configuration
-@ConditionalOnProperty(prefix = "testserver", name = "subscriptions", havingValue = "true")
+@ConditionalOnProperty(prefix = "testserver", name = "subscriptions", havingValue = "true", matchIfMissing = true)
 @Import({SubscriptionSubmitterConfig.class, SubscriptionProcessorConfig.class, SubscriptionTopicConfig.class})
 public class SubscriptionServerConfig {
 

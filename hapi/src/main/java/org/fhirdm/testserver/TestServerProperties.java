@@ -58,17 +58,18 @@ public class TestServerProperties {
 	private boolean terminologyIndex = false;
 
 	/**
-	 * FHIR R4 Subscriptions with rest-hook delivery ({@link SubscriptionServerConfig}). Off by
-	 * default: only the tests of event-driven re-assessment turn it on.
+	 * FHIR R4 Subscriptions with rest-hook delivery ({@link SubscriptionServerConfig}). On by
+	 * default, so that {@code fhir-dm subscriptions} against this server gives Subscriptions
+	 * that HAPI activates and delivers; {@code --testserver.subscriptions=false} turns it off.
 	 */
-	private boolean subscriptions = false;
+	private boolean subscriptions = true;
 
 	/**
 	 * Milliseconds between two runs of HAPI's job that hands stored resource changes to the
 	 * subscription matcher (HAPI's default: 5000). Every rest-hook delivery waits for it, so
-	 * it bounds the notification latency; the event tests and the bench shorten it.
+	 * it bounds the notification latency: 100, the shortest interval HAPI's scheduler accepts.
 	 */
-	private long subscriptionIntervalMs = 5000;
+	private long subscriptionIntervalMs = 100;
 
 	/**
 	 * Resource types validated once in the background after start-up, so that the
