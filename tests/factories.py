@@ -247,6 +247,24 @@ def done_request(subject: Json, knowledge: Any, test_id: str, when: str) -> Json
     )
 
 
+def lung_screened(subject: Json, when: str = "2024-02-01") -> list[Json]:
+    """An HRCT and PFTs done before the diagnosis (default: a month before the factories' IIM
+    diagnosis), so that no ILD screening round is planned (rule set 1.2.0)."""
+    return [
+        _valid(
+            {
+                "resourceType": "Procedure",
+                "id": _next_id("lung"),
+                "status": "completed",
+                "code": concept(system, code),
+                "subject": ref(subject),
+                "performedDateTime": when,
+            }
+        )
+        for system, code in ((SCT, "16335031000119100"), (LOINC, "58477-1"))
+    ]
+
+
 def medication_reference(
     subject: Json, medication_id: str, *, contained: Json | None = None, status: str = "active"
 ) -> Json:

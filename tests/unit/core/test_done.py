@@ -216,7 +216,8 @@ def test_a_late_record_belongs_to_the_next_round_when_it_fits_there(engine: Engi
 
 
 def test_an_undone_yearly_round_is_overdue_until_the_next_round_opens(engine: Engine) -> None:
-    result = run_one(engine, *high_risk(), now=date(2025, 7, 1))
+    rs = high_risk()  # lungs screened before the diagnosis: only the cancer rounds are planned
+    result = run_one(engine, *rs, *f.lung_screened(rs[0]), now=date(2025, 7, 1))
     cbc = item(result, "year-1", "cbc")
     assert result.plan.status(cbc) == "overdue" and result.plan.missed() == ()
     assert "58410-2" in ordered(result, "year-1")  # still owed, still ordered
@@ -225,7 +226,8 @@ def test_an_undone_yearly_round_is_overdue_until_the_next_round_opens(engine: En
 
 def test_a_missed_round_is_kept_and_said_not_dropped_silently(engine: Engine) -> None:
     # The 24-month round opens on 2026-03-01: the undone 12-month round lapses then (§13).
-    result = run_one(engine, *high_risk(), now=date(2026, 3, 2))
+    rs = high_risk()  # lungs screened before the diagnosis: only the cancer rounds are planned
+    result = run_one(engine, *rs, *f.lung_screened(rs[0]), now=date(2026, 3, 2))
     missed = result.plan.missed()
     assert {i.round_id for i in missed} == {"year-1"}
     cbc = item(result, "year-1", "cbc")  # kept in the plan's history

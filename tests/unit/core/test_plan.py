@@ -21,7 +21,8 @@ def high_risk(gender: str | None = "female", *extra_fn: object) -> list[dict[str
 
 
 def test_high_tier_rounds_and_due_windows(engine: Engine) -> None:
-    result = run_one(engine, *high_risk())
+    rs = high_risk()  # lungs screened before the diagnosis: only the cancer rounds are planned
+    result = run_one(engine, *rs, *f.lung_screened(rs[0]))
     rounds = [(r[0], r[2], r[3]) for r in result.plan.rounds()]
     assert rounds == [
         ("diagnosis", date(2024, 3, 1), date(2024, 6, 1)),
@@ -55,7 +56,7 @@ def test_one_service_request_per_test_per_round_with_shared_requisition(engine: 
 def test_moderate_has_no_repeat_rounds(engine: Engine) -> None:
     p = f.patient(birth_date=YOUNG)
     negatives = [f.antibody(p, ab, "negative") for ab in ("tif1g", "nxp2", "sae1")]
-    result = run_one(engine, p, f.iim_condition(p), *negatives)
+    result = run_one(engine, p, f.iim_condition(p), *negatives, *f.lung_screened(p))
     assert result.tier == "moderate"
     assert {r[0] for r in result.plan.rounds()} == {"diagnosis"}
     assert {"ct-ncap", "ca125", "fobt"} <= set(planned_tests(result))
@@ -66,7 +67,8 @@ def test_standard_has_basic_panel_only(engine: Engine) -> None:
     negatives = [
         f.antibody(p, ab, "negative") for ab in ("tif1g", "nxp2", "sae1", "hmgcr", "mi2", "mda5")
     ]
-    result = run_one(engine, p, f.iim_condition(p, code="31384009"), *negatives)
+    screened = f.lung_screened(p)  # no ILD screening round: only the cancer plan
+    result = run_one(engine, p, f.iim_condition(p, code="31384009"), *negatives, *screened)
     assert result.tier == "standard"
     assert set(planned_tests(result)) == BASIC_ORDERS | {"history-exam", "national-screening"}
 
@@ -184,12 +186,17 @@ def test_antibody_panel_not_proposed_when_tested(engine: Engine) -> None:
 def test_lung_surveillance_for_mda5(engine: Engine) -> None:
     result = run_one(engine, *high_risk("female", lambda p: f.antibody(p, "mda5")))
     lung = [i for i in result.plan.items if i.round_id.startswith("lung")]
+    # ACR/CHEST 2023 (rule set 1.2.0): PFTs every 3 months in the first year (anti-MDA5: the
+    # first at 1-3 months), a desaturation test every 6 months, then PFTs every 6 months.
+    every_6_months = ("lung-6m", "lung-12m", "lung-18m", "lung-24m", "lung-30m", "lung-36m")
     assert {(i.round_id, i.test_id) for i in lung} == {
         ("lung-baseline", "hrct-chest"),
         ("lung-baseline", "pft-dlco"),
-        ("lung-6m", "pft-dlco"),
-        ("lung-12m", "pft-dlco"),
+        ("lung-1m", "pft-dlco"),
+        ("lung-9m", "pft-dlco"),
+        *((r, t) for r in every_6_months for t in ("pft-dlco", "desaturation-test")),
     }
+    assert "lung-early" in {n.id for n in result.plan.assessment.notices}  # check ferritin
     assert all(i.labelled_not_imacs for i in lung)
     request = next(
         r for r in result.service_requests if r["code"]["coding"][0]["code"] == "58477-1"
@@ -198,14 +205,16 @@ def test_lung_surveillance_for_mda5(engine: Engine) -> None:
 
 
 def test_flare_adds_enhanced_panel_unless_recently_done(engine: Engine) -> None:
+    # Anti-TIF1-gamma positive, diagnosed in 2020 (window closed): a flare in December 2024
+    # proposes the enhanced panel to consider (1.2.0: only with a high-risk antibody or a past
+    # cancer; without, a review notice only, see test_ruleset_1_2).
     p = f.patient(birth_date=YOUNG)
-    negatives = [f.antibody(p, ab, "negative") for ab in ("tif1g", "nxp2", "sae1", "srp")]
+    base = [p, f.iim_condition(p, onset="2020-03-01"), f.antibody(p, "tif1g"), *f.lung_screened(p)]
     flare = f.condition(p, f.concept(f.LOCAL_PROBLEMS, "DM-FLARE"), onset="2024-12-20")
-    result = run_one(
-        engine, p, f.iim_condition(p, code="31384009"), *negatives, flare, now=date(2025, 1, 10)
-    )
-    ct = next(i for i in result.plan.items if i.test_id == "ct-ncap")
-    assert (ct.round_id, ct.due_start, ct.labelled_not_imacs) == ("flare", date(2024, 12, 20), True)
+    result = run_one(engine, *base, flare, now=date(2025, 1, 10))
+    assert result.plan.assessment.scope == "window-closed"
+    ct = next(i for i in result.plan.items if i.key == ("flare", "ct-ncap"))
+    assert (ct.due_start, ct.labelled_not_imacs, ct.conditional) == (date(2024, 12, 20), True, True)
     assert "fobt" in planned_tests(result, "flare")
     assert any("flare" in n for n in result.explanation.notices)
     done_ct = {
@@ -216,16 +225,8 @@ def test_flare_adds_enhanced_panel_unless_recently_done(engine: Engine) -> None:
         "code": f.concept(f.LOINC, "89283-6"),
         "performedDateTime": "2024-11-01",
     }
-    again = run_one(
-        engine,
-        p,
-        f.iim_condition(p, code="31384009"),
-        *negatives,
-        flare,
-        done_ct,
-        now=date(2025, 1, 10),
-    )
-    assert "ct-ncap" not in planned_tests(again)
+    again = run_one(engine, *base, flare, done_ct, now=date(2025, 1, 10))
+    assert "ct-ncap" not in planned_tests(again, "flare")  # done in the 12 months before
     assert "fobt" in planned_tests(again, "flare")  # each test is skipped on its own
 
 
@@ -242,13 +243,15 @@ def test_flare_derived_from_ck_series(engine: Engine) -> None:
 
 def test_past_rounds_stay_overdue_until_they_lapse_then_are_kept_as_missed(engine: Engine) -> None:
     every_round = ["diagnosis", "year-1", "year-2", "year-3"]
-    result = run_one(engine, *high_risk(), now=date(2025, 8, 1))
+    rs = high_risk()
+    rs += f.lung_screened(rs[0])  # only the cancer rounds are planned
+    result = run_one(engine, *rs, now=date(2025, 8, 1))
     assert [r[0] for r in result.plan.rounds()] == every_round
     first = next(i for i in result.plan.items if i.round_id == "diagnosis")
     year1 = next(i for i in result.plan.items if i.key == ("year-1", "cbc"))
     assert result.plan.overdue(first) and result.plan.overdue(year1)
     # The 24-month round opens: the 12-month round lapses; the work-up at diagnosis stays owed.
-    later = run_one(engine, *high_risk(), now=date(2026, 3, 2))
+    later = run_one(engine, *rs, now=date(2026, 3, 2))
     assert [r[0] for r in later.plan.rounds()] == every_round  # nothing dropped
     first = next(i for i in later.plan.items if i.round_id == "diagnosis")
     year1 = next(i for i in later.plan.items if i.key == ("year-1", "cbc"))

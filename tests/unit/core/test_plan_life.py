@@ -8,7 +8,7 @@ on every date except that only tests dated by then are in it.
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, timedelta
 from typing import Any
 
 import pytest
@@ -89,8 +89,16 @@ CASES = [
 
 
 def _patient(pid: str = "life-1", diagnosed: str = "2024-03-01") -> list[Json]:
+    """HRCT and PFTs done a month before the diagnosis: no ILD screening round, only the
+    cancer plan (the lung programme is tested in test_ruleset_1_2)."""
     p = f.patient(pid, birth_date="1994-01-01", gender="female")
-    return [p, f.iim_condition(p, onset=diagnosed), f.antibody(p, "tif1g")]
+    screened = (date.fromisoformat(diagnosed) - timedelta(days=30)).isoformat()
+    return [
+        p,
+        f.iim_condition(p, onset=diagnosed),
+        f.antibody(p, "tif1g"),
+        *f.lung_screened(p, screened),
+    ]
 
 
 def _firm_tests(engine: Engine, resources: list[Json], round_id: str) -> list[str]:
