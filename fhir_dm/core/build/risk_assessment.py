@@ -17,7 +17,8 @@ OUTCOME_TEXT = "IIM-associated cancer"
 
 
 def build_risk_assessment(ctx: BuildContext, explanation: Explanation) -> Json:
-    """One RiskAssessment; without a tier (and with the reason) when out of scope."""
+    """One RiskAssessment; without a tier when out of scope, with the scope reason whenever
+    there is one."""
     a = ctx.plan.assessment
     rs = ctx.knowledge.ruleset
     iim = a.facts.iim
@@ -38,7 +39,9 @@ def build_risk_assessment(ctx: BuildContext, explanation: Explanation) -> Json:
         }
     if a.window is not None:
         prediction["whenPeriod"] = period(*a.window)
-    else:
+    if a.scope_reason:
+        # Outside the guideline's schedule (juvenile, IBM, late diagnosis, window closed...):
+        # said whether or not the patient has a window (a lung programme, a safety net).
         prediction["rationale"] = a.scope_reason
     notes = [explanation.headline, *explanation.reasons, *explanation.notices]
     if explanation.unknown_facts:

@@ -147,7 +147,10 @@ def test_juvenile_by_code(engine: Engine) -> None:
     p = f.patient(birth_date="2012-01-01")
     result = run_one(engine, p, f.iim_condition(p, system=f.ICD10CM, code="M33.03"))
     assert result.plan.assessment.scope == "juvenile"
+    # No cancer screening; no ILD, anti-MDA5 or antisynthetase antibody: no lung plan either.
     assert result.tier is None and result.service_requests == () and result.care_plan is None
+    assert result.plan.items == ()
+    # The scope reason is said even though a juvenile patient has a window (1.2.0).
     assert "Juvenile" in result.risk_assessment["prediction"][0]["rationale"]
 
 
@@ -194,7 +197,12 @@ def test_undone_work_up_lapses_into_one_notice_after_the_window(engine: Engine) 
     negatives = [
         f.antibody(p, ab, "negative", effective="2019-01-10") for ab in ALL_CANCER_ANTIBODIES
     ]
-    resources = [p, f.iim_condition(p, code="445187004", onset="2019-01-01"), *negatives]
+    resources = [
+        p,
+        f.iim_condition(p, code="445187004", onset="2019-01-01"),
+        *negatives,
+        *f.lung_screened(p, "2018-12-01"),  # no ILD screening round: only the cancer plan
+    ]
     before = run_one(engine, *resources, now=date(2021, 12, 1))
     assert before.plan.assessment.scope == "in-scope"
     assert {i.round_id for i in before.plan.items} == {"diagnosis"}
@@ -221,8 +229,17 @@ def test_diagnosed_long_after_onset(engine: Engine) -> None:
         f.iim_condition(p, onset="2019-01-01", recorded="2023-06-01"),
         now=date(2023, 7, 1),
     )
-    assert result.plan.assessment.scope == "late-diagnosis"
-    assert result.service_requests == ()
+    a = result.plan.assessment
+    assert (a.scope, result.tier) == ("late-diagnosis", None)
+    # No IMACS rounds; the ILD screening (not IMACS) is ordered, and the safety net is one
+    # "consider" item for national screening with its notice, never a silent nothing (1.2.0).
+    assert {r[0] for r in result.plan.rounds()} == {"lung-baseline", "outside-guideline"}
+    ordered = {r["identifier"][0]["value"].split(".")[-3] for r in result.service_requests}
+    assert ordered == {"lung-baseline"}
+    [net] = [i for i in result.plan.items if i.round_id == "outside-guideline"]
+    assert (net.test_id, net.conditional) == ("national-screening", True)
+    assert any(n.id == "outside-guideline" for n in a.notices)
+    assert "outside the guideline" in result.risk_assessment["prediction"][0]["rationale"]
 
 
 def test_ibm_is_not_stratified(engine: Engine) -> None:
