@@ -47,6 +47,7 @@ def test_late_diagnosis_inside_eligibility_gets_work_up_and_yearly_rounds(engine
     assert (a.scope, result.tier) == ("in-scope", "high")
     assert rounds(result) == {
         "diagnosis": "2024-11-05",
+        "lung-baseline": "2024-11-05",  # the ILD screening (1.2.0) is dated from it too
         "year-1": "2025-11-05",
         "year-2": "2026-11-05",
         "year-3": "2027-11-05",
@@ -83,8 +84,16 @@ def test_diagnosed_more_than_three_years_after_symptoms_is_out_of_the_guideline(
     p = f.patient()
     cond = f.iim_condition(p, onset="2019-01-01", recorded="2023-06-01")
     result = run_one(engine, p, cond, now=date(2023, 7, 1))
-    assert result.plan.assessment.scope == "late-diagnosis"
-    assert result.service_requests == ()
+    assert (result.plan.assessment.scope, result.tier) == ("late-diagnosis", None)
+    # 1.2.0: no IMACS rounds, but never a silent nothing: the ILD screening (not IMACS) is
+    # ordered, national screening is a "consider" activity (never an order) with the notice.
+    ordered = {r["identifier"][0]["value"].split(".")[-3] for r in result.service_requests}
+    assert ordered == {"lung-baseline"}
+    assert result.care_plan is not None
+    [net] = [a["detail"] for a in result.care_plan["activity"] if "detail" in a]
+    assert net["code"]["coding"][0]["code"] == "national-cancer-screening"
+    assert net["statusReason"]["coding"][0]["code"] == "consider"
+    assert any(n.startswith("Outside IMACS 2023") for n in result.explanation.notices)
 
 
 # --- factors -------------------------------------------------------------------------------
@@ -251,18 +260,27 @@ def test_refuted_diagnosis_is_ignored(engine: Engine) -> None:
 # --- red flags and flare at any time ---------------------------------------------------------
 
 
-def _closed_window_patient(knowledge: Knowledge) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """ASyS diagnosed 2019, work-up done: by 2024 the window has closed."""
+def _closed_window_patient(
+    knowledge: Knowledge, positive: str | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """ASyS diagnosed 2019, work-up done, lungs screened before the diagnosis (no ILD round):
+    by 2024 the window has closed. `positive`: one antibody recorded positive (the others
+    negative)."""
     p = f.patient(gender="female", birth_date=YOUNG)
     done = [
         f.done_request(p, knowledge, t, "2019-02-01")
         for t in knowledge.ruleset.panels["basic"].tests
     ]
+    tested = [
+        f.antibody(p, ab, "positive" if ab == positive else "negative", effective="2019-01-10")
+        for ab in ALL_CANCER_ANTIBODIES
+    ]
     resources = [
         p,
         f.iim_condition(p, code="445187004", onset="2019-01-01"),
-        *negatives(p, when="2019-01-10"),
+        *tested,
         *done,
+        *f.lung_screened(p, "2018-12-01"),
     ]
     return p, resources
 
@@ -280,8 +298,11 @@ def test_window_closed_without_red_flags_keeps_a_completed_plan(engine: Engine) 
 def test_red_flag_after_the_window_gets_a_round_dated_from_it(engine: Engine) -> None:
     p, resources = _closed_window_patient(engine.knowledge)
     weight_loss = f.condition(p, f.concept(f.SCT, "422868009"), onset="2024-02-10")
-    ct = f.done_request(p, engine.knowledge, "ct-ncap", "2023-06-01")  # within 12 months
-    result = run_one(engine, *resources, weight_loss, ct, now=date(2024, 4, 15))
+    # 1.2.0: a test answers a red flag only when done on or after it (not in the 12 months
+    # before, as in 1.1.0).
+    ct = f.done_request(p, engine.knowledge, "ct-ncap", "2023-06-01")  # before the red flag
+    mammography = f.done_request(p, engine.knowledge, "mammography", "2024-02-20")  # after it
+    result = run_one(engine, *resources, weight_loss, ct, mammography, now=date(2024, 4, 15))
     assert result.plan.assessment.scope == "window-closed"
     # The done work-up stays as history; the red flag opens its own round.
     assert rounds(result) == {"diagnosis": "2019-01-01", "red-flag": "2024-02-10"}
@@ -289,8 +310,8 @@ def test_red_flag_after_the_window_gets_a_round_dated_from_it(engine: Engine) ->
     items = [i for i in result.plan.items if i.round_id == "red-flag"]
     assert {i.due_end for i in items} == {date(2024, 3, 10)}  # due within a month
     assert all(i.conditional for i in items)
-    assert "ct-ncap" not in planned_tests(result, "red-flag")  # done in the last 12 months
-    assert {"mammography", "fobt"} <= set(planned_tests(result, "red-flag"))
+    assert "mammography" not in planned_tests(result, "red-flag")  # answered since
+    assert {"ct-ncap", "fobt"} <= set(planned_tests(result, "red-flag"))
     assert "weight loss" in items[0].condition_text
     # Open "consider" items keep the plan active (it completes when nothing is open).
     assert result.care_plan is not None and result.care_plan["status"] == "active"
@@ -316,18 +337,32 @@ def test_red_flag_at_diagnosis_joins_the_diagnosis_round(engine: Engine) -> None
 
 
 def test_flare_after_the_window_gets_a_round_dated_from_the_flare(engine: Engine) -> None:
-    p, resources = _closed_window_patient(engine.knowledge)
+    # Anti-SAE1 positive (a high-risk antibody for the flare rule; standard tier with ASyS).
+    p, resources = _closed_window_patient(engine.knowledge, positive="sae1")
     flare = f.condition(p, f.concept(f.LOCAL_PROBLEMS, "DM-FLARE"), onset="2024-03-01")
     result = run_one(engine, *resources, flare, now=date(2024, 4, 15))
+    assert (result.plan.assessment.scope, result.tier) == ("window-closed", "standard")
     assert rounds(result) == {"diagnosis": "2019-01-01", "flare": "2024-03-01"}
     assert all(i.done is not None for i in result.plan.items if i.round_id == "diagnosis")
     flare_items = [i for i in result.plan.items if i.round_id == "flare"]
-    assert flare_items and all(i.labelled_not_imacs for i in flare_items)
-    assert all(i.done is None and not i.conditional for i in flare_items)
-    # The flare round is open: its firm tests are ordered although the window has closed.
-    ordered = {r["identifier"][0]["value"].split(".")[-3] for r in result.service_requests}
-    assert ordered == {"flare"}
+    assert {"ct-ncap", "fobt"} <= {i.test_id for i in flare_items}
+    assert all(i.labelled_not_imacs for i in flare_items)
+    # 1.2.0: flare items are "consider", never orders; open, they keep the plan active.
+    assert all(i.done is None and i.conditional for i in flare_items)
+    assert result.service_requests == ()
+    assert result.care_plan is not None and result.care_plan["status"] == "active"
     assert any("flare" in n for n in result.explanation.notices)
+
+
+def test_flare_after_the_window_without_a_high_risk_antibody_is_a_review_notice(
+    engine: Engine,
+) -> None:
+    p, resources = _closed_window_patient(engine.knowledge)
+    flare = f.condition(p, f.concept(f.LOCAL_PROBLEMS, "DM-FLARE"), onset="2024-03-01")
+    result = run_one(engine, *resources, flare, now=date(2024, 4, 15))
+    assert rounds(result) == {"diagnosis": "2019-01-01"}  # no flare round
+    assert any(n.id == "flare-review" for n in result.plan.assessment.notices)
+    assert result.care_plan is not None and result.care_plan["status"] == "completed"
 
 
 # --- cancer: active, past, checkpoint inhibitors ---------------------------------------------
@@ -527,7 +562,15 @@ def test_red_flag_applies_even_when_diagnosed_outside_the_guideline(engine: Engi
     weight_loss = f.condition(p, f.concept(f.SCT, "422868009"), onset="2023-06-20")
     result = run_one(engine, p, cond, weight_loss, now=date(2023, 7, 1))
     assert (result.plan.assessment.scope, result.tier) == ("late-diagnosis", None)
-    assert rounds(result) == {"red-flag": "2023-06-20"}
+    # 1.2.0: the ILD screening and the safety net too, each dated from the diagnosis.
+    assert rounds(result) == {
+        "lung-baseline": "2023-06-01",
+        "outside-guideline": "2023-06-01",
+        "red-flag": "2023-06-20",
+    }
+    red = [i for i in result.plan.items if i.round_id == "red-flag"]
+    assert "ct-ncap" in {i.test_id for i in red} and all(i.conditional for i in red)
+    assert any(n.id == "red-flags" for n in result.plan.assessment.notices)
     assert result.care_plan is not None
     assert all(r["intent"] == "proposal" for r in result.service_requests)
 
