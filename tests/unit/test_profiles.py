@@ -186,8 +186,15 @@ def test_project_codings_emitted_exist_in_the_code_systems(
     code_systems = _of_type("CodeSystem")
     base = knowledge.ruleset.canonical_base
     seen = set()
+    consider = ("dm-screening", "consider")
     for resource in generated:
         for coding in _codings(resource):
+            # "consider" items are CarePlan activities, never orders (clinical-logic §13).
+            flag = (coding["system"], coding["code"]) == (
+                f"{base}/CodeSystem/dm-screening",
+                "consider",
+            )
+            assert not (flag and resource["resourceType"] == "ServiceRequest")
             if not coding["system"].startswith(f"{base}/CodeSystem/"):
                 continue
             cs = code_systems.get(coding["system"])
@@ -203,9 +210,9 @@ def test_project_codings_emitted_exist_in_the_code_systems(
     # CDS Hooks cards: checked below)
     emitted = {cs["id"] for cs in code_systems.values()} - {"dm-cds-override-reason"}
     assert {cs for cs, _ in seen} == emitted
-    # "consider" items are CarePlan activities, never orders (clinical-logic §13): the variety
-    # has some, and no ServiceRequest carries the 'consider' flag.
-    assert ("dm-screening", "consider") not in seen
+    # The variety has "consider" items: CarePlan activities marked with the 'consider' code in
+    # their status reason (1.2.0), never on a ServiceRequest (checked above).
+    assert consider in seen
     considered = [
         a["detail"]
         for r in generated
@@ -214,6 +221,12 @@ def test_project_codings_emitted_exist_in_the_code_systems(
         if "detail" in a and "Consider: " in a["detail"]["description"]
     ]
     assert considered
+    assert all(
+        d["statusReason"]["coding"][0]["code"] == "consider"
+        for d in considered
+        if d["status"] == "not-started"
+    )
+    assert any(d["status"] == "not-started" for d in considered)
     assert not any("asNeededCodeableConcept" in r for r in generated)
 
 
