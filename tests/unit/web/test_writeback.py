@@ -53,7 +53,10 @@ def test_a_closed_window_writes_the_completed_plan_once_and_no_order(
     client: FlaskClient, fhir_server: FakeFhirServer, rsps: responses.RequestsMock
 ) -> None:
     p = f.patient("closed-1", birth_date="1994-01-01")
-    fhir_server.put(p, f.iim_condition(p, id="closed-1-dm", onset="2020-01-15"))
+    # Anti-TIF1-gamma positive: a flare later gets its own round (1.2.0: only with a high-risk
+    # antibody or a past cancer).
+    tif1g = f.antibody(p, "tif1g", effective="2020-01-20")
+    fhir_server.put(p, f.iim_condition(p, id="closed-1-dm", onset="2020-01-15"), tif1g)
     url = "/Patient/closed-1/$dm-cancer-screening?now=2026-06-01"
     first = client.post(url).get_json()["entry"][0]["resource"]["issue"][0]["diagnostics"]
     assert first.endswith("; written") and "0 service requests" in first
@@ -64,15 +67,21 @@ def test_a_closed_window_writes_the_completed_plan_once_and_no_order(
     second = client.post(url).get_json()["entry"][0]["resource"]["issue"][0]["diagnostics"]
     assert "unchanged: the same plan is already completed" in second
     assert transaction_calls(rsps) == 1
-    # A flare after the window: the same plan is active again, with the flare round ordered.
+    # A flare after the window: the same plan is active again, with the flare round to
+    # consider (activities, never orders: 1.2.0).
     flare = f.condition(p, f.concept(f.LOCAL_PROBLEMS, "DM-FLARE"), onset="2026-05-20")
     fhir_server.put(flare)
     third = client.post(url).get_json()["entry"][0]["resource"]["issue"][0]["diagnostics"]
     assert "updated 1 care plan(s) in place" in third
     (reopened,) = fhir_server.all("CarePlan")
     assert reopened["id"] == plan["id"] and reopened["status"] == "active"
-    orders = fhir_server.all("ServiceRequest")
-    assert orders and all(".flare." in r["identifier"][0]["value"] for r in orders)
+    assert fhir_server.all("ServiceRequest") == []
+    open_details = [
+        a["detail"] for a in reopened["activity"] if a["detail"]["status"] == "not-started"
+    ]
+    assert open_details
+    assert all(d["scheduledPeriod"]["start"] == "2026-05-20" for d in open_details)
+    assert all(d["statusReason"]["coding"][0]["code"] == "consider" for d in open_details)
 
 
 def test_the_plan_completes_in_place_when_its_window_closes(
@@ -90,8 +99,16 @@ def test_the_plan_completes_in_place_when_its_window_closes(
     assert f"revoked 0 care plan(s) and {len(orders)} service request(s)" in text["diagnostics"]
     (closed,) = fhir_server.all("CarePlan")
     assert closed["id"] == plan["id"] and closed["status"] == "completed"
+    # The ILD screening lapsed long before (its round passed); the work-up with the window.
+    reasons = {}
     for r in fhir_server.all("ServiceRequest"):
-        assert r["status"] == "revoked" and "missed: window closed" in r["note"][-1]["text"]
+        assert r["status"] == "revoked"
+        round_id = r["identifier"][0]["value"].split(".")[-3]
+        reasons.setdefault(round_id, set()).add(r["note"][-1]["text"].partition("): ")[2])
+    assert reasons == {
+        "diagnosis": {"missed: window closed"},
+        "lung-baseline": {"missed: its round has passed"},
+    }
     # Later re-assessments find the completed plan: nothing is written again.
     again = client.post(url + "2027-06-01").get_json()["entry"][0]["resource"]["issue"][0]
     assert "unchanged: the same plan is already completed" in again["diagnostics"]

@@ -100,33 +100,43 @@ def test_a_cancer_found_revokes_the_open_orders_and_says_why(
     summary = _run(client, "onc-w1")
     assert "revoked 0 care plan(s) and " in summary
     assert "updated 1 care plan(s) in place" in summary and "created 0" in summary
-    # The one plan is revised in place; the screening orders are revoked with the reason.
+    # The one plan is revised in place; the screening orders are revoked with the reason: a
+    # cancer found after the diagnosis ends the IMACS rounds (1.2.0, cancer-associated).
     (plan,) = fhir_server.all("CarePlan")
     assert plan["id"] == old_plan["id"] and plan["status"] == "active"
     store = fhir_server.store["ServiceRequest"]
     assert set(store) == old_requests  # nothing new ordered
     revoked = [store[i] for i in old_requests if store[i]["status"] == "revoked"]
     assert revoked and f"and {len(revoked)} service request(s)" in summary
+    ended = "ended: a cancer was found (2024-04-10); the occult-cancer rounds answered"
     for r in revoked:
-        note = r["note"][-1]["text"]
-        assert 'now a "consider" item (management with oncology' in note
+        assert ended in r["note"][-1]["text"]
     (ct,) = _ct_requests(fhir_server)
     assert ct["status"] == "revoked"
-    # What is not cancer screening (the antibody panel) stays ordered, untouched.
+    # What is not cancer screening (the antibody panel, the ILD screening) stays ordered,
+    # untouched.
     kept = [store[i] for i in old_requests if store[i]["status"] != "revoked"]
-    assert [r["identifier"][0]["value"].split(".")[-2] for r in kept] == ["myositis-antibodies"]
-    assert kept[0]["meta"]["versionId"] == "1"
+    assert sorted(".".join(r["identifier"][0]["value"].split(".")[-3:-1]) for r in kept) == [
+        "diagnosis.myositis-antibodies",
+        "lung-baseline.hrct-chest",
+        "lung-baseline.pft-dlco",
+    ]
+    assert all(r["meta"]["versionId"] == "1" for r in kept)
     div = plan["text"]["div"]
     assert "management with oncology" in div
     assert "Malignant tumor of lung (disorder), Condition/onc-w1-ca" in div
-    # The CT is now a "consider" activity of the plan, not an order.
+    # The CT is now an ended activity of the plan, not an order, and says why; the later
+    # rounds are not planned.
     [ct_activity] = [
         a["detail"]
         for a in plan["activity"]
         if "detail" in a and a["detail"]["code"]["coding"][0]["code"] == CT_CODE
     ]
-    assert ct_activity["status"] == "not-started"
+    assert ct_activity["status"] == "cancelled"
+    assert ct_activity["statusReason"]["text"].startswith(ended)
     assert "Consider: management with oncology" in ct_activity["description"]
+    starts = {a["detail"]["scheduledPeriod"]["start"] for a in plan["activity"] if "detail" in a}
+    assert starts == {"2024-03-01"}
 
 
 def test_a_withdrawn_record_orders_the_test_again(
