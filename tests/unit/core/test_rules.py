@@ -154,6 +154,19 @@ def test_juvenile_by_code(engine: Engine) -> None:
     assert "Juvenile" in result.risk_assessment["prediction"][0]["rationale"]
 
 
+def test_juvenile_with_anti_mda5_gets_the_lung_plan_and_still_the_scope_reason(
+    engine: Engine,
+) -> None:
+    p = f.patient(birth_date="2012-01-01")
+    result = run_one(engine, p, f.iim_condition(p), f.antibody(p, "mda5"))
+    assert (result.plan.assessment.scope, result.tier) == ("juvenile", None)
+    assert result.plan.items and all(i.round_id.startswith("lung-") for i in result.plan.items)
+    assert result.care_plan is not None
+    prediction = result.risk_assessment["prediction"][0]
+    assert "qualitativeRisk" not in prediction
+    assert "Juvenile" in prediction["rationale"] and "whenPeriod" in prediction
+
+
 def test_juvenile_by_onset_age(engine: Engine) -> None:
     p = f.patient(birth_date="2010-01-01")
     result = run_one(engine, p, f.iim_condition(p))
