@@ -48,6 +48,8 @@ OPEN_REQUEST_STATUSES = frozenset(OPEN_STATUSES)
 READ_REQUEST_STATUSES = OPEN_REQUEST_STATUSES | {"completed"}
 REVOKED = "revoked"
 COMPLETED = "completed"
+# How our completion of an order begins its note (a clinician's completion has no such note).
+COMPLETED_BY_US = "Completed by the assessment of "
 # The patient's plan is revised whether open or completed (its window closed): one CarePlan for
 # the whole window, never a second one for a re-assessment after it closed (§13).
 REVISABLE_PLAN_STATUSES = OPEN_PLAN_STATUSES | {COMPLETED}
@@ -170,7 +172,7 @@ def _complete(request: Mapping[str, Any], evidence: Evidence, result: PatientRes
     entry = _end(
         request,
         COMPLETED,
-        f"Completed by the assessment of {a.now.isoformat()} (rule set {a.ruleset}): the test"
+        f"{COMPLETED_BY_US}{a.now.isoformat()} (rule set {a.ruleset}): the test"
         f" was done, see {evidence.reference} of {evidence.when.isoformat()}{note}",
     )
     resource = entry["resource"]
@@ -178,6 +180,22 @@ def _complete(request: Mapping[str, Any], evidence: Evidence, result: PatientRes
     if shown[0] not in (resource.get("supportingInfo") or []):
         resource["supportingInfo"] = [*(resource.get("supportingInfo") or []), *shown]
     return entry
+
+
+def _completion_withdrawn(request: Mapping[str, Any], result: PatientResult) -> bool:
+    """Completed by an earlier revision on a record the patient's data no longer shows done
+    (entered in error, deleted): that completion no longer stands and the test is owed again.
+    A completion by a clinician (no note of ours) always stands."""
+    notes = [str(n.get("text") or "") for n in request.get("note") or []]
+    if not any(t.startswith(COMPLETED_BY_US) for t in notes):
+        return False
+    shown = {
+        str(s.get("reference") or "")
+        for s in request.get("supportingInfo") or []
+        if not str(s.get("reference") or "").startswith(("RiskAssessment/", "urn:"))
+    }
+    current = {e.reference for e in result.plan.assessment.facts.screening_evidence}
+    return bool(shown) and not shown & current
 
 
 def _same_text(old: Any, new: Any) -> bool:
@@ -295,11 +313,14 @@ def plan_revision(
         key=lambda r: str(r["id"]),
     )
     # Our orders a clinician (or an earlier revision) completed: the item is not ordered again,
-    # and its activity points at the completed order.
+    # and its activity points at the completed order, unless the record an earlier revision
+    # completed it on has been withdrawn.
     finished: dict[ItemKey, str] = {}
     for r in existing_requests:
         key = _item_key(r, identity)
-        if r.get("status") == COMPLETED and r.get("id") and key is not None:
+        if r.get("status") != COMPLETED or not r.get("id") or key is None:
+            continue
+        if not _completion_withdrawn(r, result):
             finished.setdefault(key, f"ServiceRequest/{r['id']}")
     entries: list[Json] = []
     kept: dict[ItemKey, str] = {}
