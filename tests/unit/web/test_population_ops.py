@@ -157,9 +157,19 @@ def test_evaluate_measure_answers_the_lung_programme_in_item_units(
     report = answer.get_json()
     assert report["measure"].split("|")[0].endswith("/Measure/dm-lung-programme")
     counts = [p["count"] for p in report["group"][0]["population"]]
-    # Baseline HRCT and PFT, the 6-month PFT ended in the period (the 12-month one not yet);
-    # only the HRCT was done on time.
-    assert counts == [4, 3, 1]
+    # Rule set 1.2.0 (anti-MDA5): 16 lung items over three years; the baseline HRCT and PFT,
+    # the 1-3-month PFT, the 6-month PFT and desaturation test and the 9-month PFT ended in the
+    # period (the 12-month round not yet); only the HRCT was done on time.
+    assert counts == [16, 6, 1]
+    denominator = next(c for c in report["contained"] if c["id"] == "denominator-subjects")
+    assert sorted(e["flag"]["text"] for e in denominator["entry"]) == [
+        "Lung 1-3 months: Pulmonary function tests with DLCO",
+        "Lung 6 months: Ambulatory desaturation test (6-minute walk with pulse oximetry)",
+        "Lung 6 months: Pulmonary function tests with DLCO",
+        "Lung 9 months: Pulmonary function tests with DLCO",
+        "Lung baseline: High-resolution CT of the chest",
+        "Lung baseline: Pulmonary function tests with DLCO",
+    ]
     numerator = next(c for c in report["contained"] if c["id"] == "numerator-subjects")
     assert [e["item"]["reference"] for e in numerator["entry"]] == ["Patient/lung-1"]
     assert numerator["entry"][0]["flag"]["text"] == "Lung baseline: High-resolution CT of the chest"
