@@ -22,14 +22,15 @@ Json = dict[str, Any]
 
 def _clinic(fhir_server: FakeFhirServer) -> None:
     """A high-risk patient whose at-diagnosis round closed undone (overdue on 2024-09-15), a
-    moderate one diagnosed in July (due soon), and a patient without an IIM Condition."""
+    moderate one diagnosed in July (due soon; sex not recorded, so the sex-specific tests are
+    "consider" items inside their window), and a patient without an IIM Condition."""
     a = f.patient(
         "c-a",
         birth_date="1970-01-01",
         managingOrganization=NORTH,
         generalPractitioner=[{"reference": "Practitioner/p1"}],
     )
-    b = f.patient("c-b", birth_date="1990-01-01", managingOrganization=SOUTH)
+    b = f.patient("c-b", birth_date="1990-01-01", gender=None, managingOrganization=SOUTH)
     other = f.patient("c-other", birth_date="1970-01-01", managingOrganization=NORTH)
     fhir_server.put(
         a,
@@ -65,11 +66,14 @@ def test_the_clinic_lists_the_overdue_patient_first_and_writes_nothing(
     days = [w["days_overdue"] for w in items]
     assert days == sorted(days, reverse=True)
     assert any(w["patient"] == "Patient/c-b" and w["status"] == "due soon" for w in items)
-    # Then the high-risk patient's open "consider" add-ons, in a section of their own.
+    # Then the open "consider" items inside their window, in a section of their own: c-b's
+    # sex-specific tests; c-a's add-ons (PET-CT, endoscopy) are past theirs and not listed.
     sections = [w["status"] for w in items]
     assert sections == sorted(sections, key=("overdue", "due soon", "consider").index)
     consider = [w for w in items if w["status"] == "consider"]
-    assert consider and all(w["conditional"] and w["patient"] == "Patient/c-a" for w in consider)
+    assert consider and all(w["conditional"] and w["patient"] == "Patient/c-b" for w in consider)
+    assert all(w["due_end"] >= "2024-09-15" for w in consider)
+    assert not any(w["patient"] == "Patient/c-a" and w["conditional"] for w in items)
     assert not any(w["conditional"] for w in items if w["status"] != "consider")
     south = [w for w in items if w["patient"] == "Patient/c-b"]
     assert all(w["practitioner"] == view["noValue"] for w in south)
