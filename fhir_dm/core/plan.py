@@ -142,8 +142,12 @@ class Plan:
 
     @property
     def open(self) -> bool:
-        """Whether anything is still owed or open to consider (else the plan has run its course)."""
-        return any(self.status(i) in OWED_STATUSES for i in self.items)
+        """Whether the plan still runs: its window's end date has not passed, or a firm item is
+        still owed. "Consider" items never keep a plan open (clinical-logic §6, §13 rev 3)."""
+        window = self.assessment.window
+        if window is None or not self.items:
+            return False
+        return self.assessment.now <= window[1] or any(map(self.owed, self.items))
 
 
 class _Builder:

@@ -162,7 +162,7 @@ def patient_row(
     organization, practitioner = responsible(patient or {})
     items = tuple(_item(plan, i, knowledge) for i in plan.items)
     # As the CarePlan's status: completed once the window has closed and nothing is open.
-    plan_open = bool(items) and (a.scope != "window-closed" or plan.open)
+    plan_open = plan.open
     return PatientRow(
         patient=reference or result.patient_reference,
         in_scope=a.in_scope,

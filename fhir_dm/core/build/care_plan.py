@@ -107,7 +107,7 @@ def build_care_plan(
             {"system": ctx.identity.digest_system, "value": ctx.identity.digest_value()},
         ],
         "instantiatesCanonical": [plan_definition_url(k)],
-        "status": "completed" if a.scope == "window-closed" and not plan.open else "active",
+        "status": "active" if plan.open else "completed",
         "intent": k.site.orders.care_plan_intent,
         "category": [
             {"coding": [system_coding(k, *US_CORE_ASSESS_PLAN)]},

@@ -313,8 +313,15 @@ def test_red_flag_after_the_window_gets_a_round_dated_from_it(engine: Engine) ->
     assert "mammography" not in planned_tests(result, "red-flag")  # answered since
     assert {"ct-ncap", "fobt"} <= set(planned_tests(result, "red-flag"))
     assert "weight loss" in items[0].condition_text
-    # Open "consider" items keep the plan active (it completes when nothing is open).
-    assert result.care_plan is not None and result.care_plan["status"] == "active"
+    # "Consider" items never keep a plan open (§6 rev 3): the plan stays completed, and it
+    # carries the red-flag round as not-started "consider" activities, with the notice.
+    assert result.care_plan is not None and result.care_plan["status"] == "completed"
+    details = [a["detail"] for a in result.care_plan["activity"]]
+    assert any(
+        d["status"] == "not-started" and d["scheduledPeriod"]["start"] == "2024-02-10"
+        for d in details
+    )
+    assert any("Red flag recorded" in n for n in result.explanation.notices)
 
 
 def test_red_flag_mid_course_gets_its_own_round(engine: Engine) -> None:
@@ -347,10 +354,10 @@ def test_flare_after_the_window_gets_a_round_dated_from_the_flare(engine: Engine
     flare_items = [i for i in result.plan.items if i.round_id == "flare"]
     assert {"ct-ncap", "fobt"} <= {i.test_id for i in flare_items}
     assert all(i.labelled_not_imacs for i in flare_items)
-    # 1.2.0: flare items are "consider", never orders; open, they keep the plan active.
+    # 1.2.0: flare items are "consider", never orders, and never keep a plan open.
     assert all(i.done is None and i.conditional for i in flare_items)
     assert result.service_requests == ()
-    assert result.care_plan is not None and result.care_plan["status"] == "active"
+    assert result.care_plan is not None and result.care_plan["status"] == "completed"
     assert any("flare" in n for n in result.explanation.notices)
 
 

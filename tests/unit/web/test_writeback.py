@@ -67,14 +67,14 @@ def test_a_closed_window_writes_the_completed_plan_once_and_no_order(
     second = client.post(url).get_json()["entry"][0]["resource"]["issue"][0]["diagnostics"]
     assert "unchanged: the same plan is already completed" in second
     assert transaction_calls(rsps) == 1
-    # A flare after the window: the same plan is active again, with the flare round to
-    # consider (activities, never orders: 1.2.0).
+    # A flare after the window: the same plan is revised in place with the flare round to
+    # consider (activities, never orders: 1.2.0); "consider" items never re-open it.
     flare = f.condition(p, f.concept(f.LOCAL_PROBLEMS, "DM-FLARE"), onset="2026-05-20")
     fhir_server.put(flare)
     third = client.post(url).get_json()["entry"][0]["resource"]["issue"][0]["diagnostics"]
     assert "updated 1 care plan(s) in place" in third
     (reopened,) = fhir_server.all("CarePlan")
-    assert reopened["id"] == plan["id"] and reopened["status"] == "active"
+    assert reopened["id"] == plan["id"] and reopened["status"] == "completed"
     assert fhir_server.all("ServiceRequest") == []
     open_details = [
         a["detail"] for a in reopened["activity"] if a["detail"]["status"] == "not-started"
