@@ -9,6 +9,13 @@ from typing import Any
 
 import pytest
 import requests
+from flask import Flask
+
+from fhir_dm.fhir.client import FhirClient
+from fhir_dm.fhir.config import FhirServerConfig
+from fhir_dm.web.app import create_app
+from fhir_dm.web.settings import Settings
+from fhir_dm.web.trust import TrustConfig
 
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "profiles"
 START_TIMEOUT_S = 300
@@ -36,6 +43,24 @@ def fhir_base_url() -> Iterator[str]:
         yield base_url.rstrip("/")
     finally:
         server.stop()
+
+
+@pytest.fixture
+def open_app(fhir_base_url: str, tmp_path: Path) -> Flask:
+    """The web service on the test server with inbound trust off (a test's own lock dir)."""
+    settings = Settings(
+        fhir=FhirServerConfig(base_url=fhir_base_url),
+        trust=TrustConfig(mode="off"),
+        lock_dir=tmp_path / "locks",
+    )
+    return create_app(settings)
+
+
+@pytest.fixture
+def hapi(fhir_base_url: str) -> Iterator[FhirClient]:
+    """A FHIR client of the test server, for setting up records and reading results."""
+    with FhirClient(fhir_base_url) as client:
+        yield client
 
 
 @pytest.fixture(scope="session")

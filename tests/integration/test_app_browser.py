@@ -26,6 +26,7 @@ import requests
 from fhir_dm.fhir.client import FhirClient
 from fhir_dm.knowledge.load import load_knowledge
 from tests import factories as f
+from tests.integration.records import store
 from tools.hapi_server import free_port
 
 webdriver = pytest.importorskip("selenium.webdriver")
@@ -108,22 +109,12 @@ def hapi(fhir_base_url: str) -> Iterator[FhirClient]:
         yield client
 
 
-def _store(hapi: FhirClient, *resources: Json) -> None:
-    entries = [
-        {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
-        for r in resources
-    ]
-    hapi.transaction(
-        {"resourceType": "Bundle", "type": "transaction", "entry": entries}, idempotent=True
-    )
-
-
 def _high_risk_with_a_done_test(hapi: FhirClient) -> str:
     """A woman of 54 with DM and anti-TIF1-gamma, whose blood count was done at diagnosis."""
     pid = f"app-{uuid.uuid4().hex[:10]}"
     p = f.patient(pid, birth_date="1970-01-01")
     knowledge = load_knowledge()
-    _store(
+    store(
         hapi,
         p,
         f.iim_condition(p, id=f"{pid}-dm"),
@@ -237,7 +228,7 @@ def test_a_moderate_preliminary_patient_shows_the_preliminary_badge(
 ) -> None:
     pid = f"app-{uuid.uuid4().hex[:10]}"
     p = f.patient(pid, birth_date="1994-01-01")
-    _store(hapi, p, f.iim_condition(p, id=f"{pid}-dm"))
+    store(hapi, p, f.iim_condition(p, id=f"{pid}-dm"))
     _open(browser, service_url, fhir_base_url, pid)
     _shot(browser, "patient-page-moderate-preliminary")
     assert browser.find_element(By.ID, "tier").text == "Moderate risk"
@@ -256,7 +247,7 @@ def _clinic_patients(hapi: FhirClient) -> tuple[str, str, str, str]:
     a = f.patient(overdue, birth_date="1970-01-01", managingOrganization=org)
     b = f.patient(soon, birth_date="1990-01-01", managingOrganization=org)
     c = f.patient(elsewhere, birth_date="1970-01-01", managingOrganization={"display": "Other"})
-    _store(
+    store(
         hapi,
         a,
         f.iim_condition(a, id=f"{overdue}-dm"),

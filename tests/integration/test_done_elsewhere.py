@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,11 +10,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from fhir_dm.fhir.client import FhirClient
-from fhir_dm.fhir.config import FhirServerConfig
-from fhir_dm.web.app import create_app
-from fhir_dm.web.settings import Settings
-from fhir_dm.web.trust import TrustConfig
 from tests import factories as f
+from tests.integration.records import store
 
 pytestmark = pytest.mark.integration
 
@@ -26,29 +21,8 @@ Json = dict[str, Any]
 
 
 @pytest.fixture
-def app(fhir_base_url: str, tmp_path: Path) -> Flask:
-    settings = Settings(
-        fhir=FhirServerConfig(base_url=fhir_base_url),
-        trust=TrustConfig(mode="off"),
-        lock_dir=tmp_path / "locks",
-    )
-    return create_app(settings)
-
-
-@pytest.fixture
-def hapi(fhir_base_url: str) -> Iterator[FhirClient]:
-    with FhirClient(fhir_base_url) as c:
-        yield c
-
-
-def _store(hapi: FhirClient, *resources: Json) -> None:
-    entries = [
-        {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
-        for r in resources
-    ]
-    hapi.transaction(
-        {"resourceType": "Bundle", "type": "transaction", "entry": entries}, idempotent=True
-    )
+def app(open_app: Flask) -> Flask:
+    return open_app
 
 
 def _run(client: FlaskClient, patient_id: str) -> str:
@@ -75,7 +49,7 @@ def test_a_ct_report_completes_our_request_without_a_duplicate(
     client = app.test_client()
     patient_id = f"done-{uuid.uuid4().hex[:10]}"
     p = f.patient(patient_id, birth_date="1994-01-01", gender="female")
-    _store(
+    store(
         hapi,
         p,
         f.iim_condition(p, id=f"{patient_id}-dm"),
@@ -88,7 +62,7 @@ def test_a_ct_report_completes_our_request_without_a_duplicate(
     requests_before = len(hapi.search("ServiceRequest", {"subject": f"Patient/{patient_id}"}))
 
     report_id = f"{patient_id}-ct"
-    _store(
+    store(
         hapi,
         {
             "resourceType": "DiagnosticReport",

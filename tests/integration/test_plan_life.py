@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,11 +20,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from fhir_dm.fhir.client import FhirClient
-from fhir_dm.fhir.config import FhirServerConfig
-from fhir_dm.web.app import create_app
-from fhir_dm.web.settings import Settings
-from fhir_dm.web.trust import TrustConfig
 from tests import factories as f
+from tests.integration.records import store
 
 pytestmark = pytest.mark.integration
 
@@ -36,29 +31,8 @@ SCT = "http://snomed.info/sct"
 
 
 @pytest.fixture
-def app(fhir_base_url: str, tmp_path: Path) -> Flask:
-    settings = Settings(
-        fhir=FhirServerConfig(base_url=fhir_base_url),
-        trust=TrustConfig(mode="off"),
-        lock_dir=tmp_path / "locks",
-    )
-    return create_app(settings)
-
-
-@pytest.fixture
-def hapi(fhir_base_url: str) -> Iterator[FhirClient]:
-    with FhirClient(fhir_base_url) as c:
-        yield c
-
-
-def _store(hapi: FhirClient, *resources: Json) -> None:
-    entries = [
-        {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
-        for r in resources
-    ]
-    hapi.transaction(
-        {"resourceType": "Bundle", "type": "transaction", "entry": entries}, idempotent=True
-    )
+def app(open_app: Flask) -> Flask:
+    return open_app
 
 
 def _report(patient: Json, rid: str, system: str, code: str, when: str) -> Json:
@@ -91,7 +65,7 @@ class Timeline:
         self.hapi = hapi
         self.pid = f"life-{uuid.uuid4().hex[:10]}"
         self.patient = f.patient(self.pid, birth_date="1970-01-01", gender="female")
-        _store(
+        store(
             hapi,
             self.patient,
             f.iim_condition(self.patient, id=f"{self.pid}-dm"),
@@ -115,7 +89,7 @@ class Timeline:
         return {r["identifier"][0]["value"]: r for r in self.requests() if r["status"] == status}
 
     def record(self, *resources: Json) -> None:
-        _store(self.hapi, *resources)
+        store(self.hapi, *resources)
 
 
 def _round_test(value: str) -> tuple[str, str]:

@@ -20,12 +20,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from fhir_dm.fhir.client import FhirClient
-from fhir_dm.fhir.config import FhirServerConfig
 from fhir_dm.knowledge.models import Knowledge
-from fhir_dm.web.app import create_app
-from fhir_dm.web.settings import Settings
-from fhir_dm.web.trust import TrustConfig
 from tests import factories as f
+from tests.integration.records import store
 from tools.hapi_server import free_port
 
 pytestmark = pytest.mark.integration
@@ -39,35 +36,13 @@ Json = dict[str, Any]
 
 
 @pytest.fixture
-def app(fhir_base_url: str, tmp_path: Path) -> Flask:
-    settings = Settings(
-        fhir=FhirServerConfig(base_url=fhir_base_url),
-        trust=TrustConfig(mode="off"),
-        lock_dir=tmp_path / "locks",
-    )
-    return create_app(settings)
+def app(open_app: Flask) -> Flask:
+    return open_app
 
 
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
-
-
-@pytest.fixture
-def hapi(fhir_base_url: str) -> Iterator[FhirClient]:
-    with FhirClient(fhir_base_url) as c:
-        yield c
-
-
-def _store(hapi: FhirClient, *resources: Json) -> None:
-    """PUT the input with its ids, as an EHR holds it."""
-    entries = [
-        {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
-        for r in resources
-    ]
-    hapi.transaction(
-        {"resourceType": "Bundle", "type": "transaction", "entry": entries}, idempotent=True
-    )
 
 
 def _new_patient(hapi: FhirClient, tag: str) -> tuple[str, list[Json]]:
@@ -76,7 +51,7 @@ def _new_patient(hapi: FhirClient, tag: str) -> tuple[str, list[Json]]:
     patient_id = f"svc-{tag}-{suffix}"
     p = f.patient(patient_id, birth_date="1994-01-01")
     resources = [p, f.iim_condition(p, id=f"{patient_id}-dm"), f.ck(p, 900, id=f"{patient_id}-ck")]
-    _store(hapi, *resources)
+    store(hapi, *resources)
     return patient_id, resources
 
 
@@ -173,10 +148,10 @@ def test_new_antibodies_revise_the_plan_in_place_and_keep_completed_work(
     # without a result in the record is not evidence: it would be ordered again).
     p = resources[0]
     done = dict(by_test["cbc"], status="completed")
-    _store(hapi, f.done_request(p, knowledge, "cbc", "2024-04-05"), done)
+    store(hapi, f.done_request(p, knowledge, "cbc", "2024-04-05"), done)
     # Anti-TIF1-gamma positive (high risk); anti-NXP2 and anti-SAE1 negative: no cancer
     # antibody left untested, so the antibody panel is no longer proposed.
-    _store(
+    store(
         hapi,
         f.antibody(p, "tif1g", id=f"{patient_id}-tif1g"),
         f.antibody(p, "nxp2", "negative", id=f"{patient_id}-nxp2"),
@@ -345,7 +320,7 @@ def test_patients_sharing_an_identifier_each_get_their_own_plan(
     for tag in ("twin-a", "twin-b"):
         patient_id = f"svc-{tag}-{uuid.uuid4().hex[:10]}"
         p = f.patient(patient_id, birth_date="1994-01-01", identifier=mrn)
-        _store(hapi, p, f.iim_condition(p, id=f"{patient_id}-dm"))
+        store(hapi, p, f.iim_condition(p, id=f"{patient_id}-dm"))
         assert _diagnostics(_ok(client.post(_operation(patient_id)))).endswith("; written")
         ids.append(patient_id)
     for patient_id in ids:
