@@ -458,7 +458,7 @@ def _lung_items(b: _Builder, a: Assessment, knowledge: Knowledge) -> None:
                 b.add(test_id, rnd, rule, not_imacs=True)
         return
     screening = lung.screening
-    if screening is None or a.scope not in ("in-scope", "window-closed", "late-diagnosis"):
+    if screening is None or a.scope not in screening.scopes:
         return
     rule = FiredRule(
         "lung-screening",
@@ -490,7 +490,7 @@ def _outside_guideline_items(b: _Builder, a: Assessment, knowledge: Knowledge) -
     rule = FiredRule(
         "outside-guideline",
         "outside-guideline",
-        "Outside IMACS 2023: national screening and clinical judgement",
+        net.label,
         net.evidence,
         net.source,
         (a.scope_reason.strip(),),
@@ -531,8 +531,8 @@ def _red_flag_items(
     in another round is not proposed twice (§6, §13)."""
     rs = knowledge.ruleset
     facts = a.facts
-    if a.scope == "juvenile":
-        return
+    if a.scope in rs.red_flags.notice_only_scopes:
+        return  # the notice only (rules.py)
     red, latest = _red_flags(a, knowledge, b.anchor)
     if not red:
         return
@@ -607,7 +607,7 @@ def _flare_items(b: _Builder, a: Assessment, knowledge: Knowledge, open_tests: s
                 flare_rule.round,
                 rule,
                 conditional=flare_rule.conditional,
-                condition_text="flare after remission (not IMACS)",
+                condition_text=flare_rule.consider_text,
                 not_imacs=True,
             )
 

@@ -11,11 +11,10 @@ import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date
-from typing import Literal
 
 from fhir_dm.core.dates import add_months
 from fhir_dm.core.facts import UNKNOWN, CancerRecord, PatientFacts
-from fhir_dm.knowledge.models import Knowledge, Predicate, RuleSet
+from fhir_dm.knowledge.models import Knowledge, Predicate, RuleSet, ScopeId
 
 Tri = bool | None  # None = unknown
 
@@ -56,15 +55,8 @@ class Notice:
     headline: str = ""
 
 
-ScopeStatus = Literal[
-    "in-scope",
-    "no-iim",
-    "juvenile",
-    "excluded-subtype",
-    "late-diagnosis",
-    "window-closed",
-    "deceased",
-]
+# The scope of an assessment (the names config uses for it).
+ScopeStatus = ScopeId
 # Statuses whose patients still get rounds prompted by events (red flags, flare): the guideline
 # applies to them or did, and a red flag prompts screening whatever the timing.
 EVENT_ROUND_SCOPES = frozenset({"in-scope", "window-closed", "late-diagnosis"})

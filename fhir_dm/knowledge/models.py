@@ -30,6 +30,16 @@ PRELIMINARY_FACTS = ("onset_age", "sex", "subtype")
 TIER_CLASSES = ("high", "intermediate")
 
 Evidence = Literal["guideline", "provisional", "design", "not-imacs"]
+# The scopes an assessment can have (fhir_dm.core.rules), as config names them.
+ScopeId = Literal[
+    "in-scope",
+    "no-iim",
+    "juvenile",
+    "excluded-subtype",
+    "late-diagnosis",
+    "window-closed",
+    "deceased",
+]
 Confidence = Literal["seen-verbatim", "seen-indirect", "judgment"]
 Sex = Literal["female", "male"]
 TierId = str
@@ -496,6 +506,8 @@ class RedFlags(_Sourced):
     # Always shown: `{flags}`, `{since}` (" since <date>" of the latest, when dated).
     notice: str
     juvenile_notice: str
+    # Scopes where a red flag is a notice only, with no items (juvenile-onset).
+    notice_only_scopes: tuple[ScopeId, ...] = ()
 
 
 class ItemNote(_Sourced):
@@ -519,7 +531,8 @@ class CohortRates(_Sourced):
 class OutsideGuideline(_Sourced):
     """The safety net for patients outside the guideline: a notice and "consider" items."""
 
-    scopes: tuple[str, ...]
+    scopes: tuple[ScopeId, ...]
+    label: str
     notice: str
     round: Round
 
@@ -612,12 +625,16 @@ class FlareRule(_Sourced):
     # The panels only when this holds (a high-risk antibody or a past cancer); else the notice.
     targeted_when: Predicate | None = None
     review_notice: str = ""
+    # The condition text of the flare round's "consider" items.
+    consider_text: str = ""
 
 
 class LungScreening(_Sourced):
     label: str
     round: Round
     unless_done_within_months: int = Field(ge=0)
+    # The scopes screened (adults in or past the guideline's window, or diagnosed late).
+    scopes: tuple[ScopeId, ...]
 
 
 class LungEarly(_Sourced):
