@@ -30,12 +30,11 @@ from fhir_dm.core.build.bundle import full_url_for
 from fhir_dm.core.inputs import normalise_reference
 from fhir_dm.errors import FhirDmError, InputError, KnowledgeError, NotJsonError
 from fhir_dm.fhir.terminology import TerminologyServerConfig, engine_for
-from fhir_dm.knowledge.load import load_knowledge
+from fhir_dm.knowledge.load import CONFIG_DIR_VARIABLE, load_knowledge
 
 EXIT_OK = 0
 EXIT_INPUT = 1
 EXIT_CONFIG = 2
-CONFIG_DIR_VARIABLE = "FHIR_DM_CONFIG_DIR"
 # The same variable the web service reads (settings `terminology.base_url`).
 TERMINOLOGY_VARIABLE = "FHIR_DM_TERMINOLOGY__BASE_URL"
 WSGI_APP = "fhir_dm.web.wsgi:app"
@@ -461,16 +460,9 @@ def _demo(args: argparse.Namespace, config: Path | None) -> int:
 
 def _jobs_of(config: Path | None) -> tuple[Any, Any]:
     """The queue (`Jobs`) and the service's `Settings`; KnowledgeError without jobs.*."""
-    from fhir_dm.jobs.queue import Jobs, build_runtime, open_huey  # not needed by assess
-    from fhir_dm.web.settings import load_settings
+    from fhir_dm.jobs.queue import open_jobs  # not needed by assess
 
-    if config is not None:
-        os.environ[CONFIG_DIR_VARIABLE] = str(config)
-    settings = load_settings()
-    if settings.jobs is None:
-        raise KnowledgeError("settings: jobs is not configured (e.g. FHIR_DM_JOBS__BACKEND)")
-    jobs = Jobs(open_huey(settings.jobs), settings.jobs, lambda: build_runtime(settings))
-    return jobs, settings
+    return open_jobs(config)
 
 
 def _worker(args: argparse.Namespace, config: Path | None) -> int:

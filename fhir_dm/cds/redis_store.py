@@ -38,7 +38,7 @@ from fhir_dm.cds.feedback import (
     ReasonCount,
 )
 from fhir_dm.cds.models import FeedbackItem
-from fhir_dm.cds.state import replay_key
+from fhir_dm.cds.replay import replay_key
 from fhir_dm.errors import AuthError, KnowledgeError
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,6 @@ Usage::
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sqlite3
@@ -31,6 +30,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from fhir_dm.cds.feedback import BUSY_TIMEOUT_SECONDS, CdsStore, FeedbackStore
+from fhir_dm.cds.replay import replay_key
 from fhir_dm.errors import AuthError, KnowledgeError
 from fhir_dm.web.trust import ReplayGuard
 
@@ -80,11 +80,6 @@ class StateSettings(BaseModel):
         if self.backend == "redis" and self.redis_url is None:
             raise ValueError("state.backend 'redis' needs state.redis_url")
         return self
-
-
-def replay_key(iss: str, jti: str) -> str:
-    """A fixed-length key: both values come from the token, whatever their length."""
-    return hashlib.sha256(f"{iss}\n{jti}".encode()).hexdigest()
 
 
 class SqliteReplayStore:

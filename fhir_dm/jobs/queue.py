@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 import redis
@@ -51,9 +52,10 @@ from fhir_dm.errors import (
 )
 from fhir_dm.fhir.client import FhirClient, client_from_config
 from fhir_dm.jobs.settings import JobsSettings
+from fhir_dm.knowledge.load import CONFIG_DIR_VARIABLE
 from fhir_dm.knowledge.models import Knowledge
 from fhir_dm.locks import PatientLocks
-from fhir_dm.web.settings import Settings, load_engine
+from fhir_dm.web.settings import Settings, load_engine, load_settings
 from fhir_dm.writeback import WriteBack
 
 _log = logging.getLogger(__name__)
@@ -112,6 +114,17 @@ class Runtime:
     fhir: FhirClient
     plan_series_system: str
     knowledge: Knowledge | None = None  # for the population task's rows
+
+
+def open_jobs(config: Path | None = None) -> tuple[Jobs, Settings]:
+    """The queue and the service's settings, for a command line (`--config` names the
+    knowledge base); KnowledgeError when `jobs` is not configured."""
+    if config is not None:
+        os.environ[CONFIG_DIR_VARIABLE] = str(config)
+    settings = load_settings()
+    if settings.jobs is None:
+        raise KnowledgeError("settings: jobs is not configured (e.g. FHIR_DM_JOBS__BACKEND)")
+    return Jobs(open_huey(settings.jobs), settings.jobs, lambda: build_runtime(settings)), settings
 
 
 def build_runtime(settings: Settings) -> Runtime:

@@ -14,6 +14,8 @@ from fhir_dm.knowledge.models import Knowledge, RuleSet, Site, Terminology
 
 # The knowledge base shipped with the package; a site names its own (--config, FHIR_DM_CONFIG_DIR).
 DEFAULT_CONFIG_DIR = bundled_dir("config")
+# The environment variable naming a site's knowledge base directory.
+CONFIG_DIR_VARIABLE = "FHIR_DM_CONFIG_DIR"
 TERMINOLOGY_DIR = "terminology"
 RULESET_DIR = "ruleset"
 SITE_FILE = "site.yaml"

@@ -191,13 +191,13 @@ def _run_queued(args: argparse.Namespace, config: Path | None) -> int:
     """The run on the job queue: enqueue, wait for the workers' outcomes, summarise."""
     from rich.console import Console
 
-    from fhir_dm.cli import _jobs_of
     from fhir_dm.fhir.client import client_from_config
+    from fhir_dm.jobs.queue import open_jobs
     from fhir_dm.population.queued import QueuedRun, run_queued
 
     run_id = args.run_id or new_run_id()
     StateFile.check_run_id(run_id)
-    jobs, settings = _jobs_of(config)
+    jobs, settings = open_jobs(config)
     base = settings.fhir.base_url.rstrip("/")
     if args.server is not None and args.server.rstrip("/") != base:
         raise InputError("with --queue the workers use the service's FHIR server; omit --server")
@@ -209,7 +209,7 @@ def _run_queued(args: argparse.Namespace, config: Path | None) -> int:
     state = StateFile(args.state_dir, run_id)
     sys.stderr.write(
         f"run {run_id}: {len(patient_ids)} patient(s) with an IIM Condition; queued for"
-        f" `fhir-dm worker` ({settings.jobs.backend} queue)\n"
+        f" `fhir-dm worker` ({jobs.settings.backend} queue)\n"
     )
     try:
         result = run_queued(
