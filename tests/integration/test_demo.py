@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 from fhir_dm import demo
+
+pytestmark = pytest.mark.integration
 
 
 def test_demo_writes_then_changes_nothing_and_prints_the_app_links(fhir_base_url: str) -> None:

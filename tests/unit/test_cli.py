@@ -327,3 +327,18 @@ def test_assess_says_what_the_input_cannot_supply(
     assert cli.main(["assess", str(path), "--now", "2024-04-15"]) == 0
     err = capsys.readouterr().err
     assert "refers to 1 resource(s) the input does not hold (Encounter/e-1)" in err
+
+
+def test_python_dash_m_runs_the_same_command_line() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "fhir_dm", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "rule set imacs-2023" in done.stdout
