@@ -619,6 +619,10 @@ def test_two_worker_processes_and_a_burst_give_exactly_one_active_plan(
         on_redis.start_workers(2)
         _wait_for(lambda: _active_plans(client, waiting["id"]), "the queued plan")
         print(f"worker down: queued work written {time.monotonic() - started:.2f} s after start")
+        # The plan is on the server before the worker logs its run: count the burst's runs
+        # only once that run is logged and settled.
+        _wait_for(lambda: sum(_runs(on_redis.logs, "w")) >= 1, "the queued run logged")
+        _wait_for(lambda: _settled(jobs, waiting["id"]), "no run of the queued patient claimed")
 
         # A burst for one new patient, 20 changes in one commit: 20 notifications reach the
         # endpoint, both worker processes wait for work; one plan written, one run extra at most.
