@@ -230,9 +230,8 @@ def _describe(resource: Json, explanation: Explanation, summary_label: str) -> s
     if kind == "ServiceRequest":
         what = (resource.get("code") or {}).get("text") or "screening test"
         occurrence = resource.get("occurrencePeriod") or {}
-        verb = "Consider: propose" if "asNeededCodeableConcept" in resource else "Propose"
         due = f", due {occurrence.get('start')} to {occurrence.get('end')}" if occurrence else ""
-        return f"{verb} {what}{due} ({resource.get('intent', 'proposal')})"
+        return f"Propose {what}{due} ({resource.get('intent', 'proposal')})"
     if kind == "Provenance":
         return "Record where the plan came from (software, rule set, guideline, data used)"
     return f"Create a {kind}"

@@ -85,7 +85,7 @@ def evidence_text(item: PlanItem) -> str:
     """How outputs name the record that shows an item done (and what it covered)."""
     if item.done is None:
         return ""
-    note = getattr(item.done, "note", "")
+    note = item.done.note
     shown = f"{item.done.reference} ({item.done.when.isoformat()})"
     return f"{shown}: {note}" if note else shown
 

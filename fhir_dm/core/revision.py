@@ -167,8 +167,7 @@ def key_of(item: PlanItem) -> ItemKey:
 def _complete(request: Mapping[str, Any], evidence: Evidence, result: PatientResult) -> Json:
     """A PUT entry completing one of our requests whose test was done (versioned)."""
     a = result.plan.assessment
-    covered = getattr(evidence, "note", "")  # what a partial match covered (§10)
-    note = f" ({covered})" if covered else ""
+    note = f" ({evidence.note})" if evidence.note else ""  # what a partial match covered
     entry = _end(
         request,
         COMPLETED,

@@ -54,9 +54,9 @@ def done_activity(ctx: BuildContext, item: PlanItem) -> Json:
     assert item.done is not None
     activity = _detail(ctx, item, "completed")
     activity["outcomeReference"] = [reference(item.done.reference)]
-    note = getattr(item.done, "note", "")
-    if ctx.plan.status(item) == "done-late" or note:
-        said = ["done late" if ctx.plan.status(item) == "done-late" else "", note]
+    late = ctx.plan.status(item) == "done-late"
+    if late or item.done.note:
+        said = ["done late" if late else "", item.done.note]
         activity["detail"]["statusReason"] = {"text": "; ".join(s for s in said if s)}
     return activity
 

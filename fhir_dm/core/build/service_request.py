@@ -9,11 +9,12 @@ from fhir_dm.core.build.common import (
     period,
     reference,
     references,
-    system_coding,
 )
 from fhir_dm.core.build.narrative import render_request_narrative
 from fhir_dm.core.plan import PlanItem
 
+# The project's code for a conditional ("consider") item: carried by its CarePlan activity,
+# never by an order (a "consider" item is never a ServiceRequest, clinical-logic §13).
 CONSIDER_CODE = "consider"
 
 
@@ -82,13 +83,4 @@ def build_service_request(
             [n["text"] for n in data["note"]],
         ),
     }
-    if item.conditional:
-        data["asNeededCodeableConcept"] = {
-            "coding": [
-                system_coding(
-                    k, "dm-screening", CONSIDER_CODE, "Consider (conditional recommendation)"
-                )
-            ],
-            "text": item.condition_text,
-        }
     return ctx.finish(data)
