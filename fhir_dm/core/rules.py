@@ -390,21 +390,6 @@ def _preliminary_label(name: str, facts: PatientFacts, knowledge: Knowledge) -> 
     return f"{label} antibody" + (f" ({fact.note})" if fact.note else "")
 
 
-def _mentions(p: Predicate) -> frozenset[str]:
-    """The `preliminary_if_unknown` facts a predicate reads (antibodies, age, sex, subtype)."""
-    out: set[str] = set()
-    for q in p.walk():
-        out.update(f"antibody:{a}" for a in q.antibody_positive or ())
-        out.update(f"antibody:{a}" for a in q.antibody_negative or ())
-        if q.onset_age_gt is not None:
-            out.add("onset_age")
-        if q.sex_is is not None:
-            out.add("sex")
-        if q.subtype_in is not None:
-            out.add("subtype")
-    return frozenset(out)
-
-
 def _raising_unknowns(facts: PatientFacts, knowledge: Knowledge, tier: str) -> tuple[str, ...]:
     """The unknown facts some value of which would give a higher tier: each one that belongs to
     a smallest set of unknowns which, all positive, raise it (clinical-logic §4). An untested
@@ -415,7 +400,7 @@ def _raising_unknowns(facts: PatientFacts, knowledge: Knowledge, tier: str) -> t
         f.id: (int(f.factor_class == "high"), int(f.factor_class == "intermediate"))
         for f in rs.factors
     }
-    mentions = {f.id: _mentions(f.when) for f in rs.factors}
+    mentions = {f.id: frozenset(f.when.reads()) for f in rs.factors}
     recorded, _, _ = _count(Evaluator(facts, knowledge), rs)
     base = frozenset(r.id for r in recorded)
 

@@ -289,6 +289,21 @@ class Predicate(_Frozen):
             out.extend(child.walk())
         return out
 
+    def reads(self) -> tuple[str, ...]:
+        """The facts it reads that may be unknown, in order: `antibody:<id>`, `onset_age`,
+        `sex`, `subtype` (what can make a tier preliminary, clinical-logic §4)."""
+        out: list[str] = []
+        for p in self.walk():
+            antibodies = (*(p.antibody_positive or ()), *(p.antibody_negative or ()))
+            out.extend(f"antibody:{a}" for a in antibodies)
+            if p.onset_age_gt is not None or p.onset_age_lt is not None:
+                out.append("onset_age")
+            if p.sex_is is not None:
+                out.append("sex")
+            if p.subtype_in is not None:
+                out.append("subtype")
+        return tuple(dict.fromkeys(out))
+
 
 class Valued(_Sourced):
     value: float
@@ -711,20 +726,14 @@ class RuleSet(_Frozen):
     def tier_facts(self) -> tuple[str, ...]:
         """The unknowns that can raise a tier, read off the high- and intermediate-class factors
         (clinical-logic §4): their antibodies (`antibody:<id>`), age at onset, sex, subtype."""
-        antibodies: list[str] = []
-        others: set[str] = set()
-        for factor in self.factors:
-            if factor.factor_class not in TIER_CLASSES:
-                continue
-            for p in factor.when.walk():
-                antibodies.extend(f"antibody:{a}" for a in p.antibody_positive or ())
-                if p.onset_age_gt is not None:
-                    others.add("onset_age")
-                if p.sex_is is not None:
-                    others.add("sex")
-                if p.subtype_in is not None:
-                    others.add("subtype")
-        return (*dict.fromkeys(antibodies), *(f for f in PRELIMINARY_FACTS if f in others))
+        read = [
+            name
+            for factor in self.factors
+            if factor.factor_class in TIER_CLASSES
+            for name in factor.when.reads()
+        ]
+        antibodies = [n for n in read if n.startswith("antibody:")]
+        return (*dict.fromkeys(antibodies), *(f for f in PRELIMINARY_FACTS if f in read))
 
     def factor_antibodies(self, factor_class: str) -> tuple[str, ...]:
         """The antibodies whose being positive is a factor of this class, in factor order."""
