@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import date
 
 from fhir_dm.core.dates import add_months
-from fhir_dm.core.facts import UNKNOWN, CancerRecord, PatientFacts
+from fhir_dm.core.facts import UNKNOWN, PatientFacts
 from fhir_dm.knowledge.models import Knowledge, Predicate, RuleSet, ScopeId
 
 Tri = bool | None  # None = unknown
@@ -618,49 +618,20 @@ def _cancer_order_notices(facts: PatientFacts, knowledge: Knowledge) -> list[Not
     """Cancer-associated myositis, or a past cancer that may recur, by which came first
     (clinical-logic §6 rev 3): "recurrence" is said only of a cancer found before the myositis."""
     rs = knowledge.ruleset
-
-    def names(cancers: list[CancerRecord]) -> str:
-        return ", ".join(dict.fromkeys(c.name for c in cancers))
-
-    def refs(cancers: list[CancerRecord]) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(c.reference for c in cancers))
-
+    prior = rs.prior_malignancy
+    kinds = (
+        ("cancer-associated", rs.cancer_associated, rs.cancer_associated.message, "after", True),
+        ("prior-malignancy", prior, prior.message, "before", False),
+        ("prior-malignancy-order-unknown", prior, prior.order_unknown_message, "unknown", False),
+    )
     out = []
-    after = [c for c in facts.cancers if c.order == "after"]
-    if after:
-        rule_a = rs.cancer_associated
-        out.append(
-            Notice(
-                "cancer-associated",
-                rule_a.message.format(cancer=names(after)),
-                rule_a.evidence,
-                rule_a.source,
-                refs(after),
-            )
-        )
-    rule_p = rs.prior_malignancy
-    before = [c for c in facts.cancers if not c.active and c.order == "before"]
-    if before:
-        out.append(
-            Notice(
-                "prior-malignancy",
-                rule_p.message.format(cancer=names(before)),
-                rule_p.evidence,
-                rule_p.source,
-                refs(before),
-            )
-        )
-    unplaced = [c for c in facts.cancers if not c.active and c.order == "unknown"]
-    if unplaced:
-        out.append(
-            Notice(
-                "prior-malignancy-order-unknown",
-                rule_p.order_unknown_message.format(cancer=names(unplaced)),
-                rule_p.evidence,
-                rule_p.source,
-                refs(unplaced),
-            )
-        )
+    for notice_id, rule, template, order, with_active in kinds:
+        cancers = [c for c in facts.cancers if c.order == order and (with_active or not c.active)]
+        if cancers:
+            names = ", ".join(dict.fromkeys(c.name for c in cancers))
+            refs = tuple(dict.fromkeys(c.reference for c in cancers))
+            text = template.format(cancer=names)
+            out.append(Notice(notice_id, text, rule.evidence, rule.source, refs))
     return out
 
 
