@@ -24,6 +24,7 @@ import requests
 
 from fhir_dm.fhir.client import FhirClient
 from tests import factories as f
+from tests.integration.records import store
 from tools.hapi_server import free_port
 
 pytestmark = pytest.mark.integration
@@ -85,22 +86,12 @@ def hosts(fhir_base_url: str, tmp_path: Path) -> Iterator[list[str]]:
             log.close()
 
 
-def _put(hapi: FhirClient, *resources: Json) -> None:
-    entries = [
-        {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
-        for r in resources
-    ]
-    hapi.transaction(
-        {"resourceType": "Bundle", "type": "transaction", "entry": entries}, idempotent=True
-    )
-
-
 def test_two_hosts_many_calls_leave_one_active_plan(hosts: list[str], fhir_base_url: str) -> None:
     suffix = uuid.uuid4().hex[:10]
     patient_id = f"hosts-{suffix}"
     p = f.patient(patient_id, birth_date="1994-01-01")
     with FhirClient(fhir_base_url) as hapi:
-        _put(hapi, p, f.iim_condition(p, id=f"{patient_id}-dm"))
+        store(hapi, p, f.iim_condition(p, id=f"{patient_id}-dm"))
         figures: list[str] = []
         statuses: Counter[int] = Counter()
         started = time.monotonic()
@@ -110,7 +101,7 @@ def test_two_hosts_many_calls_leave_one_active_plan(hosts: list[str], fhir_base_
             changed = round_ % 2 == 1
             if changed:
                 result = "positive" if round_ % 4 == 1 else "negative"
-                _put(hapi, f.antibody(p, "tif1g", result, id=f"{patient_id}-tif1g"))
+                store(hapi, f.antibody(p, "tif1g", result, id=f"{patient_id}-tif1g"))
 
             def call(n: int) -> tuple[int, str]:
                 url = f"{hosts[n % HOSTS]}/Patient/{patient_id}/$dm-cancer-screening?now={NOW}"

@@ -15,6 +15,7 @@ from fhir_dm.core.revision import plan_revision, write_back_bundle
 from fhir_dm.fhir.client import FhirClient
 from fhir_dm.knowledge.models import Knowledge
 from tests import factories as f
+from tests.integration.records import store
 
 pytestmark = pytest.mark.integration
 
@@ -26,17 +27,6 @@ WRITTEN = datetime(2024, 4, 15, 9, 30, tzinfo=UTC)
 def client(fhir_base_url: str) -> Iterator[FhirClient]:
     with FhirClient(fhir_base_url) as c:
         yield c
-
-
-def _store(client: FhirClient, resources: list[dict[str, Any]]) -> None:
-    """Put the input on the server with its ids, as an EHR would hold it."""
-    entries = [
-        {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
-        for r in resources
-    ]
-    client.transaction(
-        {"resourceType": "Bundle", "type": "transaction", "entry": entries}, idempotent=True
-    )
 
 
 def _patient(tag: str, *, tif1g: bool = False) -> list[dict[str, Any]]:
@@ -68,7 +58,7 @@ def test_transaction_bundle_is_idempotent_for_several_patients(
 ) -> None:
     patients = [_patient("a", tif1g=True), _patient("b"), _patient("c", tif1g=True)]
     for resources in patients:
-        _store(client, resources)
+        store(client, *resources)
     run = engine.assess(f.bundle(*[r for p in patients for r in p]), now=NOW)
     bundle = run.bundle()
 
@@ -118,7 +108,7 @@ def test_changed_input_revises_the_one_plan_in_place_keeps_orders_and_leaves_com
     are kept untouched, a dropped one is revoked with the reason, a done one completed with its
     evidence, and an order completed on the server is left alone."""
     resources = _patient("rev")
-    _store(client, resources)
+    store(client, *resources)
     old = engine.assess(f.bundle(*resources), now=NOW).results[0]
     client.transaction(write_back_bundle(old, plan_revision(old, [], []), WRITTEN), idempotent=True)
     plans, requests = _series_state(client, old)
@@ -136,7 +126,7 @@ def test_changed_input_revises_the_one_plan_in_place_keeps_orders_and_leaves_com
     p = resources[0]
     tag = uuid.uuid4().hex[:8]
     cbc_result = dict(f.done_request(p, knowledge, "cbc", "2024-04-05"), id=f"wb-cbc-{tag}")
-    _store(client, [cbc_result])
+    store(client, cbc_result)
     _put_back(client, dict(by_test["cbc"], status="completed"))
     plans, requests = _series_state(client, old)
     before = {r["id"]: r for r in requests}
@@ -150,7 +140,7 @@ def test_changed_input_revises_the_one_plan_in_place_keeps_orders_and_leaves_com
         f.antibody(p, "sae1", "negative", id=f"wb-s-{tag}"),
         dict(f.done_request(p, knowledge, "esr", "2024-04-10"), id=f"wb-esr-{tag}"),
     ]
-    _store(client, new_facts)
+    store(client, *new_facts)
     new = engine.assess(f.bundle(*resources, *new_facts), now=NOW).results[0]
     assert (old.tier, new.tier) == ("moderate", "high")
     assert new.identity.series == old.identity.series  # the same plan, another content
