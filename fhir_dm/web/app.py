@@ -46,7 +46,12 @@ def create_app(settings: Settings | None = None) -> Flask:
         knowledge=knowledge,
         engine=engine,
         fhir=fhir,
-        auth=InboundAuth(settings.trust, session=requests.Session(), replay=_replay(settings)),
+        auth=InboundAuth(
+            settings.trust,
+            session=requests.Session(),
+            replay=_replay(settings),
+            fhir_base_url=settings.fhir.base_url,
+        ),
         locks=locks,
         writeback=WriteBack(fhir, engine, locks),
         capability_statement=system.build_capability_statement(

@@ -35,7 +35,9 @@ from fhir_dm.population.measures import NO_VALUE, measure_report
 from fhir_dm.population.rows import PatientRow
 from fhir_dm.population.run import PopulationRunner
 from fhir_dm.population.worklist import worklist
+from fhir_dm.web.authorize import require_patient, require_population
 from fhir_dm.web.settings import Service, current_service
+from fhir_dm.web.trust import Principal
 from fhir_dm.writeback import PatientWrite
 
 LAUNCH_PATH = "/app/launch"
@@ -118,13 +120,14 @@ def _now() -> date:
     return _date_arg("now") or datetime.now(UTC).date()
 
 
-def _authenticate(service: Service, allowed: set[str]) -> None:
+def _authenticate(service: Service, allowed: set[str]) -> Principal:
     """The caller's token, as for the operations; then refuse unknown query parameters."""
     audience = service.settings.public_base_url + request.path
-    service.auth.authenticate(request.headers.get("Authorization"), audience=audience)
+    principal = service.auth.authenticate(request.headers.get("Authorization"), audience=audience)
     unknown = sorted(set(request.args) - allowed)
     if unknown:
         raise InputError(f"unknown query parameter(s): {', '.join(unknown)}")
+    return principal
 
 
 def patient_view(write: PatientWrite) -> Json:
@@ -175,13 +178,11 @@ def patient_view(write: PatientWrite) -> Json:
 def view(id: str) -> Response:
     """Preview one patient's assessment (nothing is written) as the page's JSON."""
     service: Service = current_service()
-    audience = service.settings.public_base_url + request.path
-    service.auth.authenticate(request.headers.get("Authorization"), audience=audience)
+    principal = _authenticate(service, {"now"})
     if not _FHIR_ID.fullmatch(id):
         raise InputError("not a valid FHIR resource id")
-    unknown = sorted(set(request.args) - {"now"})
-    if unknown:
-        raise InputError(f"unknown query parameter(s): {', '.join(unknown)}")
+    # The token's scopes and patient context: a patient-scoped token sees its patient only.
+    require_patient(principal, id, write=False)
     write = service.writeback.assess_patient(id, now=_now(), preview=True)
     response = jsonify(patient_view(write))
     response.headers["Cache-Control"] = "no-store"
@@ -430,7 +431,9 @@ def clinic_page() -> Response:
 def clinic() -> Response:
     """Preview-assess the clinic's IIM patients (nothing is written); the clinic page's JSON."""
     service: Service = current_service()
-    _authenticate(service, {"now", "start"})
+    principal = _authenticate(service, {"now", "start"})
+    # Every IIM patient of the server: user- or system-level scopes only.
+    require_population(principal, write=False)
     now = _now()
     start = _date_arg("start") or now - timedelta(days=CLINIC_PERIOD_DAYS)
     if start > now:

@@ -165,7 +165,7 @@ class CdsSettings(BaseModel):
 
     @model_validator(mode="after")
     def _jwt_or_off(self) -> CdsSettings:
-        if self.trust.mode == "static":
+        if self.trust.mode in ("static", "smart"):
             raise ValueError(
                 "CDS clients authenticate with signed JWTs (CDS Hooks 2.0): set trust.mode to"
                 " 'jwt', or 'off' for development"

@@ -13,6 +13,7 @@ from flask import Blueprint, Response, request
 from fhir_dm.core.assess import AssessmentRun
 from fhir_dm.errors import InputError, NotFhirError
 from fhir_dm.web import limits
+from fhir_dm.web.authorize import require_patient, require_population
 from fhir_dm.web.outcomes import fhir_json, fhir_response, issue, outcome_of, read_json_body
 from fhir_dm.web.settings import Service, current_service
 from fhir_dm.web.trust import Principal
@@ -176,7 +177,7 @@ def _check_run_size(service: Service, run: AssessmentRun) -> None:
 def screen_bundle() -> Response:
     """Assess every patient of a posted Bundle; preview (default) or write to the FHIR server."""
     service = current_service()
-    authenticate(service)
+    principal = authenticate(service)
     body = read_json_body(service.settings.max_request_bytes, required=True)
     call = _merge(_body_call(body, bundle_allowed=True), _query_call())
     if call.bundle is None:
@@ -191,6 +192,8 @@ def screen_bundle() -> Response:
         paths = [call.bundle_path + e.removeprefix("Bundle") for e in exc.expression]
         raise NotFhirError(exc.message, expression=paths) from None
     preview = True if call.preview is None else call.preview
+    # A Bundle names any patients: a token needs user- or system-level scopes.
+    require_population(principal, write=not preview)
     if not preview:
         _check_run_size(service, run)
     if preview:
@@ -206,12 +209,13 @@ def screen_bundle() -> Response:
 def screen_patient(id: str) -> Response:
     """Read one patient from the FHIR server, assess, and write back (default) or preview."""
     service = current_service()
-    authenticate(service)
+    principal = authenticate(service)
     if not _FHIR_ID.fullmatch(id):
         raise InputError("not a valid FHIR resource id")
     body = read_json_body(service.settings.max_request_bytes, required=False)
     from_body = OperationCall() if body is None else _body_call(body, bundle_allowed=False)
     call = _merge(from_body, _query_call())
     preview = False if call.preview is None else call.preview
+    require_patient(principal, id, write=not preview)
     write = service.writeback.assess_patient(id, now=call.now or _today(), preview=preview)
     return _respond(service, [write])

@@ -23,6 +23,7 @@ from fhir_dm.population.measures import measure_report
 from fhir_dm.population.rows import patient_row
 from fhir_dm.population.run import Done, Failure, RunResult, StateFile, new_run_id
 from fhir_dm.web import limits
+from fhir_dm.web.authorize import require_population
 from fhir_dm.web.operations import OperationCall, authenticate, parse_parameters
 from fhir_dm.web.outcomes import fhir_json, fhir_response, issue, outcome_of, read_json_body
 from fhir_dm.web.settings import Service, current_service
@@ -182,9 +183,10 @@ def population_run() -> Response:
     from fhir_dm.population.queued import QueuedRun
 
     service = current_service()
-    authenticate(service)
+    principal = authenticate(service)
     call = _run_call()
     preview = True if call.preview is None else call.preview
+    require_population(principal, write=not preview)
     now = call.now or _today()
     patient_ids = _find(service)
     if service.settings.jobs is None:
@@ -213,7 +215,7 @@ def population_run_status(run_id: str) -> Response:
     from fhir_dm.population.queued import QueuedRun
 
     service = current_service()
-    authenticate(service)
+    require_population(authenticate(service), write=False)
     try:
         StateFile.check_run_id(run_id)
     except FhirDmError:
@@ -278,7 +280,7 @@ def _measure_inputs() -> tuple[date, date, bool]:
 def evaluate_measure(id: str) -> Response:
     """A MeasureReport of one §11 measure for a period (patients assessed at its last day)."""
     service = current_service()
-    authenticate(service)
+    require_population(authenticate(service), write=False)
     measure = next((m for m in _population().measures if m.id == id), None)
     if measure is None:
         raise NotFoundError("no Measure with this id")

@@ -45,11 +45,13 @@ DEFAULT_REQUEST_DEADLINE_SECONDS = 25.0
 DEFAULT_MAX_PATIENTS_PER_REQUEST = 100
 DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 DEFAULT_SMART_CLIENT_ID = "fhir-dm"
-# SMART App Launch 2 scopes: the patient in context, read what the page shows; `launch` is
-# added by the client library on an EHR launch.
+# SMART App Launch 2 scopes (docs/app.md): the patient in context and everything the
+# assessment reads (`patient/*.rs`); what the write button writes (create/update of the
+# assessment, plan, orders, provenance); `user/*.rs` for the clinic page, which reads every
+# IIM patient. `launch` is added on an EHR launch.
 DEFAULT_SMART_SCOPE = (
-    "launch/patient openid fhirUser patient/Patient.rs patient/CarePlan.rs "
-    "patient/RiskAssessment.rs patient/ServiceRequest.rs"
+    "launch/patient openid fhirUser patient/*.rs patient/RiskAssessment.c patient/CarePlan.cu "
+    "patient/ServiceRequest.cu patient/Provenance.c user/*.rs"
 )
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 DEFAULT_LOG_LEVEL: LogLevel = "INFO"

@@ -22,6 +22,9 @@ SYSTEM_OPERATION_ID = "dm-cancer-screening"
 PATIENT_OPERATION_ID = "Patient-dm-cancer-screening"
 OPERATION_NAME = "dm-cancer-screening"
 TRUST_DESCRIPTIONS = {
+    "smart": "Operations and the app require a SMART access token of the FHIR server's"
+    " authorization server (its .well-known/smart-configuration); scopes and the patient"
+    " context are enforced.",
     "jwt": "Operations require a bearer JWT signed by a trusted issuer (CDS Hooks 2.0 client"
     " trust); aud is the URL called.",
     "static": "Operations require a bearer token issued by the service operator.",

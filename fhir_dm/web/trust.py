@@ -1,4 +1,10 @@
-"""Inbound trust: decides who may call the CDS Hooks service and the FHIR operations."""
+"""Inbound trust: decides who may call the CDS Hooks service, the FHIR operations and the app.
+
+Modes: `smart` (SMART access tokens from the EHR's authorization server, see
+`access_tokens`; what they allow is checked in `authorize`), `jwt` (CDS Hooks 2.0 client JWTs:
+signed by a trusted issuer, one-shot, `aud` the endpoint called), `static` (operator tokens),
+`off` (development only).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,6 @@ import logging
 import math
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +23,15 @@ from urllib.parse import urlsplit
 
 import jwt
 import requests
+from cachetools import TLRUCache
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from fhir_dm.errors import AuthError, KnowledgeError
+from fhir_dm.web.access_tokens import AccessGrant, AccessTokenVerifier, SmartTrust
 
 logger = logging.getLogger(__name__)
 
-TrustMode = Literal["jwt", "static", "off"]
+TrustMode = Literal["smart", "jwt", "static", "off"]
 JkuPolicy = Literal["fetch", "ignore"]
 Clock = Callable[[], float]
 
@@ -156,8 +163,13 @@ class TrustConfig(BaseModel):
             issuers=(IssuerTrust(iss="https://ehr.example.org", jwks_url="https://..."),),
             algorithms=("ES384", "RS384"),
         )
+        TrustConfig(mode="smart")  # SMART access tokens of the FHIR server's authorization server
         TrustConfig(mode="static", static_tokens=("<at least 32 random characters>",))
         TrustConfig(mode="off")  # development only: every caller is anonymous
+
+    `smart` is for the clinician's app and REST clients of an EHR (access tokens, with scopes
+    and a patient context); `jwt` is CDS Hooks client trust (one-shot JWTs), the only mode
+    besides `off` for `cds.trust`.
 
     Only asymmetric algorithms are allowed: a shared-secret (HS*) algorithm would let anyone
     holding the issuer's public key forge tokens, and `none` has no signature at all.
@@ -173,6 +185,11 @@ class TrustConfig(BaseModel):
     max_token_age_seconds: int = Field(default=300, gt=0)
     leeway_seconds: int = Field(default=30, ge=0, le=300)
     replay_cache_size: int = Field(default=10000, gt=0)
+    smart: SmartTrust | None = Field(
+        default=None,
+        description="Mode `smart`: the authorization server and its tokens (default: all "
+        "discovered from the FHIR server's smart-configuration).",
+    )
 
     @field_validator("algorithms")
     @classmethod
@@ -209,7 +226,12 @@ class TrustConfig(BaseModel):
     @model_validator(mode="after")
     def _mode_is_usable(self) -> TrustConfig:
         if self.mode == "jwt" and not self.issuers:
-            raise ValueError("mode 'jwt' needs at least one trusted issuer")
+            raise ValueError(
+                "mode 'jwt' needs at least one trusted issuer (the clinician's app and an EHR's"
+                " REST clients use mode 'smart': SMART access tokens)"
+            )
+        if self.smart is not None and self.mode != "smart":
+            raise ValueError("trust.smart is read in mode 'smart' only")
         if self.mode == "static" and not self.static_tokens:
             raise ValueError("mode 'static' needs at least one static token")
         names = [issuer.iss for issuer in self.issuers]
@@ -220,11 +242,16 @@ class TrustConfig(BaseModel):
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """The authenticated caller, for audit and authorisation; never holds the token."""
+    """The authenticated caller, for audit and authorisation; never holds the token.
+
+    `grant` is what a SMART access token allows (mode `smart`); None means the caller is not
+    limited by scopes (an operator's static token, a CDS client JWT, or trust off).
+    """
 
     issuer: str | None
     subject: str | None
     mode: TrustMode
+    grant: AccessGrant | None = None
 
 
 @dataclass(slots=True)
@@ -387,45 +414,43 @@ class ReplayGuard(Protocol):
 class ReplayCache:
     """Remembers each `jti` per issuer until its token expires, so a token works only once.
 
-    Bounded: when full, expired entries go first, then the oldest live ones (logged, since
-    that reopens a replay window for those tokens).
+    A cachetools TLRU cache: each entry lives until its own token's `exp` (plus leeway), and
+    when full, expired entries go first, then the least recently seen live ones (logged,
+    since that reopens a replay window for those tokens). Per process: workers and hosts share
+    `fhir_dm.cds.state`'s stores instead.
     """
 
     def __init__(
         self, max_size: int, *, leeway_seconds: float = 0, clock: Clock = time.time
     ) -> None:
-        self._max_size = max_size
         self._leeway = leeway_seconds
         self._clock = clock
-        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._seen: _LoggingTlru = _LoggingTlru(
+            maxsize=max_size, ttu=lambda _key, until, _now: until, timer=clock
+        )
         self._lock = threading.Lock()
 
     def check_and_remember(self, iss: str, jti: str, exp: float) -> None:
         """Raise AuthError if (iss, jti) was seen and has not expired; else remember it."""
         key = (iss, jti)
         with self._lock:
-            now = self._clock()
-            remembered_until = self._seen.get(key)
-            if remembered_until is not None and remembered_until >= now:
+            if key in self._seen:
                 raise AuthError("jwt rejected: jti replayed")
-            self._seen.pop(key, None)
             self._seen[key] = exp + self._leeway
-            if len(self._seen) > self._max_size:
-                self._evict(now)
 
     def __len__(self) -> int:
         with self._lock:
+            self._seen.expire()
             return len(self._seen)
 
-    def _evict(self, now: float) -> None:
-        for key in [key for key, until in self._seen.items() if until < now]:
-            del self._seen[key]
-        evicted = 0
-        while len(self._seen) > self._max_size:
-            self._seen.popitem(last=False)
-            evicted += 1
-        if evicted:
-            logger.warning("replay cache full: evicted %d unexpired jti", evicted)
+
+class _LoggingTlru(TLRUCache[tuple[str, str], float]):
+    """A TLRU cache that logs when it must drop a live entry to make room."""
+
+    def popitem(self) -> tuple[tuple[str, str], float]:
+        item = super().popitem()
+        logger.warning("replay cache full: evicted an unexpired jti")
+        return item
 
 
 class JwtVerifier:
@@ -607,8 +632,11 @@ class InboundAuth:
 
     Usage::
 
-        auth = InboundAuth(config, session=requests.Session())
+        auth = InboundAuth(config, session=requests.Session(), fhir_base_url=fhir_base)
         principal = auth.authenticate(request.headers.get("Authorization"), audience=url)
+
+    `audience` is the URL called, checked for CDS Hooks client JWTs only; SMART access tokens
+    carry the FHIR server (or the service) as their audience.
     """
 
     def __init__(
@@ -618,8 +646,19 @@ class InboundAuth:
         session: requests.Session,
         clock: Clock = time.time,
         replay: ReplayGuard | None = None,
+        fhir_base_url: str | None = None,
     ) -> None:
         self._config = config
+        self._access_tokens: AccessTokenVerifier | None = None
+        if config.mode == "smart":
+            if fhir_base_url is None:
+                raise ValueError("mode 'smart' needs the FHIR server's base URL")
+            self._access_tokens = AccessTokenVerifier(
+                config.smart or SmartTrust(),
+                fhir_base_url=fhir_base_url,
+                session=session,
+                clock=clock,
+            )
         self._verifier = (
             JwtVerifier(config, session=session, clock=clock, replay=replay)
             if config.mode == "jwt"
@@ -641,6 +680,9 @@ class InboundAuth:
         if self._config.mode == "off":
             return Principal(issuer=None, subject=None, mode="off")
         token = _bearer_token(authorization_header)
+        if self._access_tokens is not None:
+            grant = self._access_tokens.verify(token)
+            return Principal(issuer=grant.issuer, subject=grant.subject, mode="smart", grant=grant)
         if self._verifier is not None:
             claims = self._verifier.verify(token, audience=audience)
             sub = claims.get("sub")

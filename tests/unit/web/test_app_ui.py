@@ -38,7 +38,11 @@ def test_the_app_settings_give_the_client_id_and_patient_scopes(client: FlaskCli
     config = client.get("/app/config.json").get_json()
     assert config["clientId"] == "fhir-dm"
     assert "launch/patient" in config["scope"].split()
-    assert "patient/CarePlan.rs" in config["scope"].split()
+    scopes = config["scope"].split()
+    # Read what the page shows, write what its button writes, read the clinic (user level).
+    assert {"patient/*.rs", "patient/CarePlan.cu", "patient/Provenance.c", "user/*.rs"} <= set(
+        scopes
+    )
 
 
 def test_the_view_is_the_explanation_with_item_statuses_and_writes_nothing(
