@@ -403,3 +403,19 @@ def test_an_expired_or_garbage_token_is_401(smart_client: FlaskClient, rsa_key: 
         assert answer.status_code == 401
         assert answer.get_json()["issue"][0]["code"] == "login"
         assert answer.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_smart_mode_is_for_the_service_not_for_cds_clients() -> None:
+    """CDS clients sign one-shot JWTs; `trust.smart` is read in mode smart only."""
+    from pydantic import ValidationError
+
+    from fhir_dm.web.cds_hooks import CdsSettings
+
+    with pytest.raises(ValidationError, match="signed JWTs"):
+        CdsSettings(trust=TrustConfig(mode="smart"))
+    with pytest.raises(ValidationError, match="mode 'smart' only"):
+        TrustConfig(mode="off", smart=SmartTrust())
+    with pytest.raises(ValidationError, match="HS256"):
+        SmartTrust(algorithms=("HS256",))
+    with pytest.raises(ValidationError, match="https"):
+        SmartTrust(smart_configuration_url="http://ehr.example.org/.well-known/smart-configuration")
