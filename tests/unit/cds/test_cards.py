@@ -324,3 +324,26 @@ def test_config_must_cover_every_tier(cds_config: CdsConfig, knowledge: Knowledg
     cards = cds_config.cards.model_copy(update={"indicators": {"high": "warning"}})
     with pytest.raises(KnowledgeError, match="no indicator for tier"):
         CardBuilder(knowledge, cds_config.model_copy(update={"cards": cards}))
+
+
+@pytest.mark.parametrize("months_later", [0, 12, 25])
+def test_plan_on_file_keeps_listing_what_is_due_and_overdue_through_the_years(
+    builder: CardBuilder, engine: Engine, months_later: int
+) -> None:
+    """Issue 19: once a plan was on file the card no longer said what was due, for 3 years."""
+    now = NOW.replace(year=NOW.year + (NOW.month - 1 + months_later) // 12).replace(
+        month=(NOW.month - 1 + months_later) % 12 + 1
+    )
+    [result] = engine.assess(f.bundle(*scenarios.high_risk()), now=now).results
+    [issued] = _cards(builder, result, existing_plans=[_stored_plan(result)])
+    assert issued.card_type == CARD_PLAN_ON_FILE
+    detail = issued.card.detail or ""
+    owed = [i for i in result.plan.items if result.plan.status(i) in ("due", "overdue")]
+    assert owed, "the scenario owes something at this date"
+    assert "**Overdue and due**:" in detail
+    items = [line for line in detail.splitlines() if line.startswith("- ")]
+    assert items and len([i for i in items if not i.startswith("- and ")]) <= 5
+    if any(result.plan.status(i) == "overdue" for i in owed):
+        assert items[0].startswith("- **Overdue**: ")
+        assert issued.card.indicator == "warning"
+    assert "overdue" in issued.card.summary or "due" in issued.card.summary
