@@ -501,7 +501,7 @@ def test_a_tier_rise_after_the_plan_is_written_is_a_warning_and_the_revision_is_
         return [e["resource"] for e in found.get("entry", [])]
 
     first = card_now()
-    assert first["summary"].startswith("IIM cancer screening: Moderate risk (preliminary)")
+    assert "Moderate risk" in first["summary"]
     assert accept(first, "2024-04-15T10:01:00Z")["plans"]["written"] == 1
     [plan] = plans()
     orders = sum(1 for a in plan["activity"] if "reference" in a)
