@@ -174,55 +174,6 @@ def render_detail(
     return "\n".join(lines)
 
 
-def render_concise_detail(
-    explanation: Explanation,
-    factors: Sequence[tuple[str, str]],
-    *,
-    orders: int | None,
-    unavailable: Sequence[str] = (),
-    max_next: int = 3,
-    max_unknown: int = 5,
-    app_link: bool = False,
-) -> str:
-    """A short card detail: tier, why in one line, the next due items; the rest is in the app.
-
-    `factors` are (label, evidence level) of the risk factors that set the tier.
-    """
-    e = explanation
-    lines = [f"**{md(e.headline)}**"]
-    if e.preliminary:
-        lines += ["", "*Preliminary*: the tier may rise once the missing results are known."]
-    why = "; ".join(f"{label} (evidence {evidence})" for label, evidence in factors)
-    lines += ["", "**Why**: " + md(why or "no risk factor was recorded") + "."]
-    pending = [r for r in e.attention_first() if r.status in ("overdue", "due", "upcoming")][
-        :max_next
-    ]
-    if pending:
-        lines += ["", "**Next**:"]
-        lines += [f"- {md(r.test)}: {r.status} ({r.due_start} to {r.due_end})" for r in pending]
-    if e.unknown_facts:
-        shown = ", ".join(e.unknown_facts[:max_unknown])
-        more = len(e.unknown_facts) - max_unknown
-        shown += f" and {more} more" if more > 0 else ""
-        lines += ["", "**Not recorded** (unknown, not negative): " + md(shown)]
-    if unavailable:
-        lines += [
-            "",
-            "**Not checked** (the EHR could not provide it): " + md(", ".join(unavailable)),
-        ]
-    if orders is not None:
-        made = f"{orders} proposed order{'' if orders == 1 else 's'} and " if orders else ""
-        lines += [
-            "",
-            "A proposal for a clinician to review: accepting it creates the care plan, "
-            f"{made}the risk assessment.",
-        ]
-    if app_link:
-        lines += ["", "The whole schedule and its timeline are in the app (link below)."]
-    lines += ["", f"Rule set {md(e.ruleset)}."]
-    return "\n".join(lines)
-
-
 # --- suggestion -----------------------------------------------------------------------------
 
 
