@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 import responses
 from flask import Flask
@@ -265,3 +266,17 @@ def test_feedback_summary_counts_cards_not_clicks(
         .get_json()
     )
     assert summary["cardTypes"]["screening-plan"]["accepted"] == 1
+
+
+@pytest.mark.parametrize(("missing", "card"), [("observations", False), ("conditions", True)])
+def test_a_patient_whose_complete_conditions_show_no_iim_gets_no_incomplete_card(
+    engine: Engine, rsps: responses.RequestsMock, ec_key: Any, missing: str, card: bool
+) -> None:
+    """No nagging: missing observations cannot make an IIM; missing conditions could."""
+    app = make_app(engine)
+    body = full_request(_templates(app), scenarios.no_iim())
+    del body["prefetch"][missing]
+    cards = _call(app, ec_key, body, f"h-{missing}")
+    assert (len(cards) == 1) is card
+    if card:
+        assert "assessment incomplete" in cards[0]["summary"]
