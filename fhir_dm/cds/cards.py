@@ -7,7 +7,12 @@ Card types (stable ids the feedback endpoint counts by):
   by default, the Provenance).
 - `plan-on-file`: an active plan of the same series (server patient, rule-set family) and
   rule-set version is already on the EHR's server, so nothing is proposed again (no nagging).
+- `plan-changed`: an active plan of the same series is on file, but the record now gives
+  another plan (its digest differs: another tier, other due orders): a warning naming both,
+  with a suggestion to revise it when the service writes accepted suggestions.
 - `not-applicable`: optional (config), for an IIM the guideline does not stratify.
+- `assessment-incomplete`: a required prefetch key could not be had completely; no tier and
+  no plan are given, and the card says why (an EHR shows nothing for an error answer).
 
 Patients without an IIM get no card at all.
 
@@ -27,12 +32,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fhir_dm.cds.models import Action, Card, Coding, Indicator, Link, Source, Suggestion
+from fhir_dm.cds.models import (
+    MAX_SUMMARY_CHARS,
+    Action,
+    Card,
+    Coding,
+    Indicator,
+    Link,
+    Source,
+    Suggestion,
+)
 from fhir_dm.cds.settings import CdsConfig
 from fhir_dm.core.assess import PatientResult
 from fhir_dm.core.build.common import plan_definition_url
 from fhir_dm.core.explain import Explanation, ScheduleRow
-from fhir_dm.core.plan import STATUS_ORDER
+from fhir_dm.core.plan import STATUS_ORDER, PlanItem
 from fhir_dm.errors import KnowledgeError
 from fhir_dm.knowledge.models import Knowledge
 
@@ -41,7 +55,15 @@ Json = dict[str, Any]
 CARD_SCREENING_PLAN = "screening-plan"
 CARD_PLAN_ON_FILE = "plan-on-file"
 CARD_NOT_APPLICABLE = "not-applicable"
-CARD_TYPES = (CARD_SCREENING_PLAN, CARD_PLAN_ON_FILE, CARD_NOT_APPLICABLE)
+CARD_PLAN_CHANGED = "plan-changed"
+CARD_INCOMPLETE = "assessment-incomplete"
+CARD_TYPES = (
+    CARD_SCREENING_PLAN,
+    CARD_PLAN_ON_FILE,
+    CARD_PLAN_CHANGED,
+    CARD_NOT_APPLICABLE,
+    CARD_INCOMPLETE,
+)
 
 # Namespace of card and suggestion UUIDs (uuid5 of service, hookInstance and card type).
 CARD_NAMESPACE = uuid.UUID("6f1d1c52-3a57-4d0c-9a52-51c7f0a0d3e1")
@@ -149,54 +171,6 @@ def render_detail(
             f"{'' if orders == 1 else 's'} and the risk assessment in the record.",
         ]
     lines += ["", f"Rule set {md(e.ruleset)}; {md(e.guideline)}."]
-    return "\n".join(lines)
-
-
-def render_concise_detail(
-    explanation: Explanation,
-    factors: Sequence[tuple[str, str]],
-    *,
-    orders: int | None,
-    unavailable: Sequence[str] = (),
-    max_next: int = 3,
-    max_unknown: int = 5,
-    app_link: bool = False,
-) -> str:
-    """A short card detail: tier, why in one line, the next due items; the rest is in the app.
-
-    `factors` are (label, evidence level) of the risk factors that set the tier.
-    """
-    e = explanation
-    lines = [f"**{md(e.headline)}**"]
-    if e.preliminary:
-        lines += ["", "*Preliminary*: the tier may rise once the missing results are known."]
-    why = "; ".join(f"{label} (evidence {evidence})" for label, evidence in factors)
-    lines += ["", "**Why**: " + md(why or "no risk factor was recorded") + "."]
-    pending = [r for r in e.attention_first() if r.status in ("overdue", "due", "upcoming")][
-        :max_next
-    ]
-    if pending:
-        lines += ["", "**Next**:"]
-        lines += [f"- {md(r.test)}: {r.status} ({r.due_start} to {r.due_end})" for r in pending]
-    if e.unknown_facts:
-        shown = ", ".join(e.unknown_facts[:max_unknown])
-        more = len(e.unknown_facts) - max_unknown
-        shown += f" and {more} more" if more > 0 else ""
-        lines += ["", "**Not recorded** (unknown, not negative): " + md(shown)]
-    if unavailable:
-        lines += [
-            "",
-            "**Not checked** (the EHR could not provide it): " + md(", ".join(unavailable)),
-        ]
-    if orders is not None:
-        lines += [
-            "",
-            f"A proposal for a clinician to review: accepting it creates the care plan, {orders}"
-            f" proposed order{'' if orders == 1 else 's'} and the risk assessment.",
-        ]
-    if app_link:
-        lines += ["", "The whole schedule and its timeline are in the app (link below)."]
-    lines += ["", f"Rule set {md(e.ruleset)}."]
     return "\n".join(lines)
 
 
@@ -308,7 +282,69 @@ def find_plan_on_file(
     )
 
 
+# --- plan on file: what it says ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PlanOnFile:
+    """What a stored plan says about itself: its tier (from its title) and order count."""
+
+    reference: str
+    created: str
+    tier_label: str | None
+    preliminary: bool
+    orders: int
+
+    def text(self) -> str:
+        tier = self.tier_label or "not stratified"
+        tier += " (preliminary)" if self.preliminary else ""
+        return f"{tier}, {self.orders} order{'' if self.orders == 1 else 's'}"
+
+
+def read_plan_on_file(plan: Mapping[str, Any], knowledge: Knowledge) -> PlanOnFile:
+    """The tier and orders of a plan this service wrote (its title names the tier's label)."""
+    title = str(plan.get("title") or "")
+    labels = sorted((t.label for t in knowledge.ruleset.tiers.levels), key=len, reverse=True)
+    tier = next((label for label in labels if label in title), None)
+    orders = sum(
+        1
+        for activity in plan.get("activity") or []
+        if isinstance(activity, Mapping)
+        and str((activity.get("reference") or {}).get("reference", "")).startswith(
+            ("ServiceRequest/", URN_UUID)
+        )
+    )
+    return PlanOnFile(
+        reference=f"CarePlan/{plan['id']}" if plan.get("id") else "a CarePlan",
+        created=str(plan.get("created") or (plan.get("meta") or {}).get("lastUpdated") or "")[:10],
+        tier_label=tier,
+        preliminary="(preliminary)" in title,
+        orders=orders,
+    )
+
+
 # --- cards ----------------------------------------------------------------------------------
+
+TIER_KINDS = ("factor-high", "factor-intermediate")
+NOW_STATUSES = ("overdue", "due")
+
+
+@dataclass(frozen=True, slots=True)
+class NextList:
+    """The "Next" lines of a card, and how many more items the plan holds."""
+
+    lines: tuple[str, ...]
+    more: int
+    overdue: int
+    due: int
+
+    def markdown(self, title: str = "Next") -> list[str]:
+        if not self.lines:
+            return []
+        out = ["", f"**{title}**:", *(f"- {line}" for line in self.lines)]
+        if self.more:
+            out.append(f"- and {self.more} more (the whole schedule is in the plan)")
+        return out
 
 
 class CardBuilder:
@@ -335,6 +371,12 @@ class CardBuilder:
             raise KnowledgeError(
                 f"cds.yaml: cards.topic.system: unknown alias '{cards.topic.system}'"
             )
+        unknown = [
+            t for t in (*cards.next.plan_changing_tests, *cards.next.key_tests) if t not in rs.tests
+        ]
+        if unknown:
+            raise KnowledgeError(f"cds.yaml: cards.next: unknown test id(s) {unknown}")
+        self.factor_labels = {f.id: f.shown for f in rs.factors}
         self.source = Source(
             label=cards.source_label,
             url=rs.guideline.url,
@@ -371,8 +413,13 @@ class CardBuilder:
         hook_instance: str,
         existing_plans: Sequence[Mapping[str, Any]] = (),
         unavailable: Sequence[str] = (),
+        revise_on_accept: bool = False,
     ) -> list[IssuedCard]:
-        """The cards for one patient: [], a plan-on-file card, or the screening-plan card."""
+        """The cards for one patient: [], a plan-on-file card, or the screening-plan card.
+
+        `revise_on_accept`: the service writes accepted suggestions for this call (the
+        write-back), so a changed plan's card can offer to revise it.
+        """
         a = result.plan.assessment
         # A plan exists in scope, and also for red-flag / flare rounds after the window.
         if result.care_plan is None:
@@ -381,18 +428,129 @@ class CardBuilder:
             return [self._not_applicable(result, hook_instance)]
         on_file = find_plan_on_file(result, existing_plans, self.knowledge)
         if on_file is not None:
-            return [self._plan_on_file(result, on_file, hook_instance)]
+            identity = result.identity
+            if _has_identifier(on_file, identity.digest_system, identity.digest_value()):
+                return [self._plan_on_file(result, on_file, hook_instance)]
+            return [self._plan_changed(result, on_file, hook_instance, revise_on_accept)]
         return [self._screening_plan(result, hook_instance, unavailable)]
+
+    # --- wording ------------------------------------------------------------------------
 
     def _tier_text(self, result: PatientResult) -> str:
         e = result.explanation
-        return (e.tier_label or "not stratified") + (", preliminary" if e.preliminary else "")
+        return (e.tier_label or "not stratified") + (" (preliminary)" if e.preliminary else "")
+
+    def why_items(self, result: PatientResult) -> list[str]:
+        """The one-line why, in clinical words: the factors that set the tier (high first)."""
+        a = result.plan.assessment
+        if a.tier is None:
+            return [a.scope_reason.strip().rstrip(".")] if a.scope_reason.strip() else []
+        factors = sorted(
+            (f for f in a.factors if f.kind in TIER_KINDS), key=lambda f: TIER_KINDS.index(f.kind)
+        )
+        items = list(dict.fromkeys(self.factor_labels.get(f.id, f.label) for f in factors))
+        if a.preliminary and a.preliminary_because:
+            items.append("untested: " + ", ".join(a.preliminary_because))
+        return items or ["no risk factor recorded"]
+
+    def _titled(self, head: str, items: Sequence[str]) -> str:
+        """`head: item, item +N more (label)`, as many items as the summary length allows."""
+        suffix = f" ({self.config.cards.summary_label})"
+        for n in range(len(items), 0, -1):
+            rest = len(items) - n
+            text = f"{head} — " + ", ".join(items[:n]) + (f" +{rest} more" if rest else "")
+            if len(text) + len(suffix) <= MAX_SUMMARY_CHARS:
+                return text + suffix
+        return head + suffix
+
+    def next_list(self, result: PatientResult) -> NextList:
+        """Overdue first, then what could change the plan, then key tests, then the rest.
+
+        Items due or overdue now; when none is, the items of the next round to open.
+        """
+        plan = result.plan
+        a = plan.assessment
+        cfg = self.config.cards.next
+        tests = self.knowledge.ruleset.tests
+        # "Consider" items only when the plan has nothing firm (a patient not stratified).
+        firm = [i for i in plan.items if not i.conditional] or list(plan.items)
+        now_items = [i for i in firm if plan.status(i) in NOW_STATUSES]
+        overdue = sum(1 for i in now_items if plan.status(i) == "overdue")
+        if now_items:
+            pool = now_items
+        else:
+            upcoming = [i for i in firm if plan.status(i) == "upcoming"]
+            first = min((i.due_start for i in upcoming), default=None)
+            pool = [i for i in upcoming if i.due_start == first]
+
+        def rank(item: PlanItem) -> tuple[int, int, str]:
+            if plan.status(item) == "overdue":
+                return (0, 0, item.due_end.isoformat())
+            if item.test_id in cfg.plan_changing_tests and a.preliminary:
+                return (1, cfg.plan_changing_tests.index(item.test_id), "")
+            if item.test_id in cfg.key_tests:
+                return (2, cfg.key_tests.index(item.test_id), "")
+            return (3, 0, "")
+
+        lines: list[str] = []
+        seen: set[str] = set()
+        for item in sorted(pool, key=rank):  # stable: plan order within a rank
+            if item.test_id in seen:
+                continue
+            seen.add(item.test_id)
+            status = plan.status(item)
+            name = md(tests[item.test_id].display)
+            if item.conditional:
+                line = f"Consider {name} (" + md(item.condition_text or item.round_label) + ")"
+            elif status == "overdue":
+                line = f"**Overdue**: {name} (was due by {item.due_end.isoformat()})"
+            elif status == "due":
+                line = f"{name}: due by {item.due_end.isoformat()}"
+            else:
+                line = f"{name}: {md(item.round_label)}, from {item.due_start.isoformat()}"
+            if item.test_id in cfg.plan_changing_tests and a.preliminary_because:
+                line += "; could raise the tier (" + md(", ".join(a.preliminary_because))
+                line += " untested)"
+            lines.append(line)
+        shown = tuple(lines[: cfg.max_items])
+        return NextList(shown, len(lines) - len(shown), overdue, len(now_items) - overdue)
+
+    def _details_line(self, result: PatientResult) -> list[str]:
+        """Where the rule ids and evidence are: the app (smart link), else a detail section."""
+        e = result.explanation
+        if self.app_link:
+            return ["", "Rules, evidence and the whole schedule: open the app (link below)."]
+        a = result.plan.assessment
+        rules = ", ".join(f"{f.id} ({f.evidence})" for f in a.factors)
+        lines = ["", "---", "", f"*Details*: rule set {md(e.ruleset)}; {md(e.guideline)}."]
+        if rules:
+            lines.append(f"Rules applied (evidence level): {md(rules)}.")
+        return lines
+
+    def _unknown_lines(self, result: PatientResult, unavailable: Sequence[str]) -> list[str]:
+        e = result.explanation
+        lines: list[str] = []
+        if e.unknown_facts:
+            shown = ", ".join(e.unknown_facts[:5])
+            more = len(e.unknown_facts) - 5
+            shown += f" and {more} more" if more > 0 else ""
+            lines += ["", "**Not recorded** (unknown, not negative): " + md(shown)]
+        if unavailable:
+            lines += [
+                "",
+                "**Not checked** (the EHR could not provide it): " + md(", ".join(unavailable)),
+            ]
+        return lines
+
+    # --- the cards ------------------------------------------------------------------------
 
     def _screening_plan(
         self, result: PatientResult, hook_instance: str, unavailable: Sequence[str]
     ) -> IssuedCard:
         cards = self.config.cards
+        e = result.explanation
         orders = len(result.service_requests)
+        why = self.why_items(result)
         suggestion_id = card_uuid(self.service_id, hook_instance, CARD_SCREENING_PLAN, "suggestion")
         suggestion = Suggestion(
             label=f"Create the screening plan ({orders} order{'' if orders == 1 else 's'})",
@@ -404,16 +562,23 @@ class CardBuilder:
                 summary_label=cards.summary_label,
             ),
         )
+        lines = [f"**{md(e.headline)}**"]
+        if e.preliminary:
+            lines += ["", "*Preliminary*: the tier may rise once the missing results are known."]
+        lines += ["", "**Why**: " + md("; ".join(why)) + "."]
+        lines += self.next_list(result).markdown()
+        lines += self._unknown_lines(result, unavailable)
+        made = f"{orders} proposed order{'' if orders == 1 else 's'} and " if orders else ""
+        lines += [
+            "",
+            "A proposal for a clinician to review: accepting it creates the care plan, "
+            f"{made}the risk assessment.",
+        ]
+        lines += self._details_line(result)
         card = Card(
             uuid=card_uuid(self.service_id, hook_instance, CARD_SCREENING_PLAN),
-            summary=self._summary(f"IIM cancer screening: {self._tier_text(result)}"),
-            detail=render_concise_detail(
-                result.explanation,
-                [(f.label, f.evidence) for f in result.plan.assessment.factors],
-                orders=orders,
-                unavailable=unavailable,
-                app_link=self.app_link,
-            ),
+            summary=self._titled(f"IIM cancer screening: {self._tier_text(result)}", why),
+            detail="\n".join(lines),
             indicator=self._indicator(result.tier),
             source=self.source,
             suggestions=[suggestion],
@@ -426,34 +591,102 @@ class CardBuilder:
     def _plan_on_file(
         self, result: PatientResult, plan: Mapping[str, Any], hook_instance: str
     ) -> IssuedCard:
-        e = result.explanation
-        when = str(plan.get("created") or (plan.get("meta") or {}).get("lastUpdated") or "")[:10]
-        ref = f"CarePlan/{plan.get('id')}" if plan.get("id") else "a CarePlan"
+        """The plan on file says what the record gives: what is overdue and due, for 3 years."""
+        on_file = read_plan_on_file(plan, self.knowledge)
+        nxt = self.next_list(result)
+        counts = []
+        if nxt.overdue:
+            counts.append(f"{nxt.overdue} overdue")
+        if nxt.due:
+            counts.append(f"{nxt.due} due")
+        state = ", ".join(counts) or "nothing due now"
         lines = [
-            f"An active IIM cancer screening plan is on file ({md(ref)}"
-            + (f", created {md(when)}" if when else "")
-            + f"), from rule set {md(e.ruleset)}. No new plan is proposed.",
+            f"**Plan on file: {md(self._tier_text(result))}**"
+            f" ({md(on_file.reference)}"
+            + (f", created {md(on_file.created)}" if on_file.created else "")
+            + "). No new plan is proposed.",
+            "",
+            "**Why**: " + md("; ".join(self.why_items(result))) + ".",
         ]
-        # The plan is revised in place; its version marker says which assessment it shows.
-        identity = result.identity
-        same = _has_identifier(plan, identity.digest_system, identity.digest_value())
-        if not same:
-            lines += [
-                "",
-                f"**The record now gives a different result**: {md(e.headline)}. "
-                "Review the plan on file; a re-assessment through the service's write-back "
-                "revises it.",
-            ]
-        lines += ["", f"Rule set {md(e.ruleset)}; {md(e.guideline)}."]
+        lines += nxt.markdown("Overdue and due" if nxt.overdue or nxt.due else "Next round")
+        lines += self._details_line(result)
         card = Card(
             uuid=card_uuid(self.service_id, hook_instance, CARD_PLAN_ON_FILE),
-            summary=self._summary(f"IIM cancer screening plan on file: {self._tier_text(result)}"),
+            summary=self._summary(f"Plan on file: {self._tier_text(result)}; {state}"),
             detail="\n".join(lines),
-            indicator=self.config.cards.plan_on_file_indicator,
+            indicator="warning" if nxt.overdue else self.config.cards.plan_on_file_indicator,
             source=self.source,
             links=self.links,
         )
         return IssuedCard(card, CARD_PLAN_ON_FILE, result.tier, None)
+
+    def _plan_changed(
+        self,
+        result: PatientResult,
+        plan: Mapping[str, Any],
+        hook_instance: str,
+        revise_on_accept: bool,
+    ) -> IssuedCard:
+        """The record now gives another plan: a warning naming both, offering the revision."""
+        on_file = read_plan_on_file(plan, self.knowledge)
+        orders = len(result.service_requests)
+        now_text = f"{self._tier_text(result)}, {orders} order{'' if orders == 1 else 's'}"
+        same_tier = (on_file.tier_label, on_file.preliminary) == (
+            result.explanation.tier_label,
+            result.explanation.preliminary,
+        )
+        summary = self._summary(
+            f"Plan on file: {on_file.text()}; record now gives: "
+            + (now_text if same_tier else self._tier_text(result))
+        )
+        lines = [
+            "**The record now gives a different plan than the one on file.**",
+            "",
+            f"- On file: {md(on_file.text())} ({md(on_file.reference)}"
+            + (f", created {md(on_file.created)}" if on_file.created else "")
+            + ")",
+            f"- Now: {md(now_text)}",
+            "",
+            "**Why**: " + md("; ".join(self.why_items(result))) + ".",
+        ]
+        lines += self.next_list(result).markdown()
+        suggestions: list[Suggestion] | None = None
+        suggestion_id: str | None = None
+        if revise_on_accept:
+            suggestion_id = card_uuid(self.service_id, hook_instance, CARD_PLAN_CHANGED, "revise")
+            suggestions = [
+                Suggestion(
+                    label=f"Revise the plan on file to {now_text}",
+                    uuid=suggestion_id,
+                    is_recommended=True,
+                )
+            ]
+            lines += [
+                "",
+                "Accepting the suggestion revises the plan on file in place (the service writes"
+                " it; orders no longer in the plan are revoked).",
+            ]
+        else:
+            lines += [
+                "",
+                "Review the plan on file: the app (link below) revises it."
+                if self.app_link
+                else "Review the plan on file: a re-assessment through the service's write-back"
+                " revises it.",
+            ]
+        lines += self._details_line(result)
+        card = Card(
+            uuid=card_uuid(self.service_id, hook_instance, CARD_PLAN_CHANGED),
+            summary=summary,
+            detail="\n".join(lines),
+            indicator=self.config.cards.plan_changed_indicator,
+            source=self.source,
+            suggestions=suggestions,
+            selection_behavior="at-most-one" if suggestions else None,
+            override_reasons=self.override_reasons if suggestions else None,
+            links=self.links,
+        )
+        return IssuedCard(card, CARD_PLAN_CHANGED, result.tier, suggestion_id)
 
     def _not_applicable(self, result: PatientResult, hook_instance: str) -> IssuedCard:
         e = result.explanation
@@ -467,10 +700,33 @@ class CardBuilder:
         )
         card = Card(
             uuid=card_uuid(self.service_id, hook_instance, CARD_NOT_APPLICABLE),
-            summary=self._summary("IIM cancer screening: not applicable"),
+            summary=self._titled("IIM cancer screening: not stratified", self.why_items(result)),
             detail=detail,
             indicator="info",
             source=self.source,
             links=self.links,
         )
         return IssuedCard(card, CARD_NOT_APPLICABLE, None, None)
+
+    def incomplete(self, hook_instance: str, why: Sequence[str]) -> IssuedCard:
+        """Data the assessment needs could not be had: say so, and why (never silence)."""
+        lines = [
+            "**The cancer-screening assessment is incomplete**: fhir-dm could not get all of"
+            " the record it needs, so it gives no tier and no plan (an assessment on part of"
+            " the record could understate the risk).",
+            "",
+            "**Why**:",
+            *(f"- {md(reason)}" for reason in why),
+            "",
+            "Ask the EHR's administrator to let fhir-dm read the rest (the FHIR server on its"
+            " allowed list, with an access token, or marked open), then reopen the chart.",
+        ]
+        card = Card(
+            uuid=card_uuid(self.service_id, hook_instance, CARD_INCOMPLETE),
+            summary=self._summary("IIM cancer screening: assessment incomplete, record not read"),
+            detail="\n".join(lines),
+            indicator=self.config.cards.incomplete_indicator,
+            source=self.source,
+            links=self.links,
+        )
+        return IssuedCard(card, CARD_INCOMPLETE, None, None)

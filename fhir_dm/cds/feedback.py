@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS issued_card (
     tier TEXT NOT NULL DEFAULT '',
     suggestion_uuid TEXT NOT NULL DEFAULT '',
     issued_at REAL NOT NULL,
-    patient_id TEXT NOT NULL DEFAULT ''
+    patient_id TEXT NOT NULL DEFAULT '',
+    write_note TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS issued_card_at ON issued_card (issued_at);
 CREATE TABLE IF NOT EXISTS feedback (
@@ -70,7 +71,12 @@ CREATE TABLE IF NOT EXISTS accepted_write (
 );
 """
 # Columns added after the first release: added to an older file when it is opened.
-_ADDED_COLUMNS = {"issued_card": {"patient_id": "TEXT NOT NULL DEFAULT ''"}}
+_ADDED_COLUMNS = {
+    "issued_card": {
+        "patient_id": "TEXT NOT NULL DEFAULT ''",
+        "write_note": "TEXT NOT NULL DEFAULT ''",
+    }
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +84,9 @@ class IssuedCardRecord:
     """What is remembered about a returned card.
 
     `patient_id` is kept only when the site writes accepted plans itself (`write_on_accept`),
-    and is cleared once that plan is written.
+    and is cleared once that plan is written. `write_note` says why an accepted suggestion of
+    the card will not be written (e.g. the call named another FHIR server): feedback answers
+    say it instead of pretending the plan was handled. It names servers, never patients.
     """
 
     card_uuid: str
@@ -86,6 +94,7 @@ class IssuedCardRecord:
     tier: str | None = None
     suggestion_uuid: str | None = None
     patient_id: str | None = None
+    write_note: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +240,7 @@ class FeedbackStore:
                 c.suggestion_uuid or "",
                 now,
                 c.patient_id or "",
+                c.write_note or "",
             )
             for c in cards
         ]
@@ -241,7 +251,8 @@ class FeedbackStore:
             try:
                 self._db.executemany(
                     "INSERT OR IGNORE INTO issued_card (card_uuid, service_id, card_type, tier,"
-                    " suggestion_uuid, issued_at, patient_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    " suggestion_uuid, issued_at, patient_id, write_note)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
                 self._db.execute(
@@ -320,8 +331,10 @@ class FeedbackStore:
                 " GROUP BY card_type",
                 (service_id,),
             ).fetchall()
+            # Per card, not per click: a card accepted twice (or sent twice) counts once.
             outcomes = self._db.execute(
-                "SELECT card_type, outcome, COUNT(*) FROM feedback WHERE service_id = ?"
+                "SELECT card_type, outcome, COUNT(DISTINCT card_uuid) FROM feedback"
+                " WHERE service_id = ?"
                 " GROUP BY card_type, outcome",
                 (service_id,),
             ).fetchall()
@@ -361,13 +374,15 @@ class FeedbackStore:
         """The record of a returned card, or None (unknown, or past retention)."""
         with self._lock:
             row = self._db.execute(
-                "SELECT card_type, tier, suggestion_uuid, patient_id FROM issued_card"
+                "SELECT card_type, tier, suggestion_uuid, patient_id, write_note FROM issued_card"
                 " WHERE card_uuid = ? AND service_id = ?",
                 (card_uuid, service_id),
             ).fetchone()
         if row is None:
             return None
-        return IssuedCardRecord(card_uuid, row[0], row[1] or None, row[2] or None, row[3] or None)
+        return IssuedCardRecord(
+            card_uuid, row[0], row[1] or None, row[2] or None, row[3] or None, row[4] or None
+        )
 
     def claim_write(self, service_id: str, card_uuid: str, *, stale_after: float) -> bool:
         """Atomically claim writing the card's plan: True for exactly one caller.

@@ -15,6 +15,7 @@ server's base path would hand the token (or the EHR's data) to someone else. So:
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -64,7 +65,92 @@ def url_under(url: str, base: str) -> bool:
     return _path_under(path, urlsplit(base).path)
 
 
-def fhir_server_allowed(url: str, allowed: tuple[str, ...], *, development: bool) -> bool:
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def normalise_base(url: str) -> str | None:
+    """A base URL in one spelling: scheme and host in lower case, no default port, no trailing
+    slash (the path keeps its case: FHIR paths are case-sensitive); None for a URL not to be
+    trusted (see `url_origin`)."""
+    origin = url_origin(url)
+    if origin is None:
+        return None
+    scheme, host, port = origin
+    shown = f"[{host}]" if ":" in host else host
+    if port is not None and port != _DEFAULT_PORTS.get(scheme):
+        shown += f":{port}"
+    return f"{scheme}://{shown}{urlsplit(url).path.rstrip('/')}"
+
+
+class ServerNames:
+    """Which base URLs name the same FHIR server: normalisation, then a configured alias list.
+
+    An EHR and a site may spell one server differently (`localhost` and `127.0.0.1`, a proxy
+    name and an internal name); only the site knows which names are the same server, so
+    `localhost` is never equated with `127.0.0.1` unless an alias group says so.
+
+    Usage::
+
+        names = ServerNames([("http://localhost:8080/fhir", "http://127.0.0.1:8080/fhir")])
+        names.same("http://LOCALHOST:8080/fhir/", "http://127.0.0.1:8080/fhir")   # True
+    """
+
+    def __init__(self, groups: Iterable[Sequence[str]] = ()) -> None:
+        self._canonical: dict[str, str] = {}
+        self._groups: dict[str, tuple[str, ...]] = {}
+        for group in groups:
+            bases = tuple(b for b in (normalise_base(u) for u in group) if b is not None)
+            if not bases:
+                continue
+            first = self._canonical.get(bases[0], bases[0])
+            for base in bases:
+                self._canonical.setdefault(base, first)
+            members = tuple(dict.fromkeys((*self._groups.get(first, ()), *bases)))
+            self._groups[first] = members
+
+    def canonical(self, url: str) -> str | None:
+        """The group's first name for `url`'s server, with `url`'s path below that base."""
+        base = normalise_base(url)
+        if base is None:
+            return None
+        best = ""
+        for alias in self._canonical:
+            if _path_under(base, alias) and base.startswith(alias) and len(alias) > len(best):
+                best = alias
+        if not best:
+            return base
+        return self._canonical[best] + base[len(best) :]
+
+    def aliases(self, url: str) -> tuple[str, ...]:
+        """Every name of `url`'s base (itself first), for sessions that follow `next` links."""
+        base = normalise_base(url)
+        if base is None:
+            return ()
+        canonical = self.canonical(url) or base
+        out = [base]
+        for first, members in self._groups.items():
+            for member in members:
+                if canonical == first or canonical.startswith(first + "/"):
+                    out.append(member + canonical[len(first) :])
+        return tuple(dict.fromkeys(out))
+
+    def same(self, first: str, second: str) -> bool:
+        """The same server base, after normalisation and aliases."""
+        a, b = self.canonical(first), self.canonical(second)
+        return a is not None and a == b
+
+    def under(self, url: str, base: str) -> bool:
+        """`url` under `base` (origin exact, path a segment prefix), after aliases."""
+        a, b = self.canonical(url), self.canonical(base)
+        return a is not None and b is not None and url_under(a, b)
+
+
+NO_ALIASES = ServerNames()
+
+
+def fhir_server_allowed(
+    url: str, allowed: tuple[str, ...], *, development: bool, names: ServerNames = NO_ALIASES
+) -> bool:
     """Whether the EHR's token may be sent to `url` (an SSRF and token-leak guard).
 
     An empty allowlist accepts any server without dot segments, in development only.
@@ -73,17 +159,12 @@ def fhir_server_allowed(url: str, allowed: tuple[str, ...], *, development: bool
         return False
     if not allowed:
         return development
-    return any(url_under(url, entry) for entry in allowed)
+    return any(names.under(url, entry) for entry in allowed)
 
 
-def same_base(first: str, second: str) -> bool:
-    """The same server base: origin and path equal (a trailing slash aside)."""
-    origin = url_origin(first)
-    return (
-        origin is not None
-        and origin == url_origin(second)
-        and urlsplit(first).path.rstrip("/") == urlsplit(second).path.rstrip("/")
-    )
+def same_base(first: str, second: str, names: ServerNames = NO_ALIASES) -> bool:
+    """The same server base: normalised (case, default port, trailing slash) and aliased."""
+    return names.same(first, second)
 
 
 class OutsideAllowedServerError(requests.RequestException):
@@ -102,9 +183,10 @@ class AllowedServerSession(requests.Session):
     `next` links and anything a caller builds; `FhirClient` maps the refusal to UpstreamError.
     """
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, aliases: Sequence[str] = ()) -> None:
+        """`aliases`: other names of the same base (a server's `next` links may use one)."""
         super().__init__()
-        self._base_url = base_url.rstrip("/")
+        self._bases = tuple(dict.fromkeys((base_url.rstrip("/"), *aliases)))
         self.max_redirects = 0
 
     def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> Any:
@@ -114,7 +196,8 @@ class AllowedServerSession(requests.Session):
 
     def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
         """Refuse (before any byte is sent) a URL outside the base; send the rest unchanged."""
-        if not url_under(str(request.url or ""), self._base_url):
+        url = str(request.url or "")
+        if not any(url_under(url, base) for base in self._bases):
             # The URL is not logged: it may hold patient ids in its query.
             logger.warning("CDS fetch refused: a request would leave the allowed FHIR server")
             raise OutsideAllowedServerError("request outside the allowed FHIR server")

@@ -4,9 +4,11 @@ The EHR may satisfy any subset of the templates. Per key, a value is used as it 
 a resource, a complete searchset Bundle or `null` (no data). The key is fetched from the EHR's
 FHIR server when it is missing, an OperationOutcome (the EHR's prefetch failed) or a paged
 searchset (a `next` link): the whole query is then run again and every page followed, because
-a first page is not guaranteed to agree with pages fetched later. When a required key cannot be
-had (no fhirServer or token, a server not on the allowed list, or a failed fetch) resolution
-raises PreconditionFailedError, which the web edge answers with 412.
+a first page is not guaranteed to agree with pages fetched later. When a required data key
+cannot be had (no fhirServer, no token for a server not marked open, a server not on the allowed
+list, or a failed fetch) the resolution says so (`ResolvedPrefetch.incomplete`): the web edge
+answers with a card saying the assessment is incomplete and why, because an EHR shows an error
+answer as no card at all ("All clear"). Only the context patient itself is still a 412.
 
 The only I/O goes through the injected `FetcherFactory`.
 """
@@ -90,6 +92,9 @@ class ResolvedPrefetch:
     existing_plans: tuple[Json, ...]
     fetched: tuple[str, ...]
     unavailable: tuple[str, ...]
+    # Why required data is missing (empty when complete), and the resource types it holds.
+    incomplete: tuple[str, ...] = ()
+    incomplete_types: tuple[str, ...] = ()
 
     def bundle(self) -> Json:
         """A collection Bundle of the patient and its data, as the core reads input."""
@@ -387,11 +392,15 @@ def resolve_prefetch(
                 unavailable.append(key)
                 continue
             usable[key] = outcome
+    incomplete: tuple[str, ...] = ()
     if failed:
-        raise PreconditionFailedError(
-            _incomplete_message(failed, reasons, templates, given),
-            expression=[f"prefetch.{key}" for key, _ in failed],
-        ) from failed[0][1]
+        message = _incomplete_message(failed, reasons, templates, given)
+        if any(t.use == "patient" for t in templates if t.key in dict(failed)):
+            raise PreconditionFailedError(
+                message, expression=[f"prefetch.{key}" for key, _ in failed]
+            ) from failed[0][1]
+        logger.warning("CDS prefetch incomplete: %s", ", ".join(key for key, _ in failed))
+        incomplete = (message,)
 
     patient_id = context.get("patientId")
     patient: Json | None = None
@@ -430,4 +439,8 @@ def resolve_prefetch(
         existing_plans=tuple(plans),
         fetched=tuple(t.key for t in to_fetch if t.key in usable),
         unavailable=tuple(unavailable),
+        incomplete=incomplete,
+        incomplete_types=tuple(
+            dict.fromkeys(t.resource_type for t in templates if t.key in dict(failed))
+        ),
     )

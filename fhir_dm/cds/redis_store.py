@@ -6,7 +6,8 @@ Keys (all under `prefix`, e.g. `fhir-dm`):
 - `{p}:card:{service}:{uuid}`            hash of an issued card, expires after retention
 - `{p}:issued:{service}:{type}`          sorted set of card uuids by time issued (counts)
 - `{p}:feedback:{service}:{sha256}`      de-duplication mark of one feedback item
-- `{p}:counts:{service}`                 hash of counters (outcomes per card type, reasons)
+- `{p}:counts:{service}`                 hash of counters (reasons, comments)
+- `{p}:cards:{service}:{type}:{outcome}` set of card uuids with that outcome (counted per card)
 - `{p}:reason-display:{service}`         hash of the display of each override reason
 - `{p}:comments:{service}`               list of override comments (only if kept)
 - `{p}:write:{service}:{uuid}`           claim of writing an accepted plan (pending/done)
@@ -148,6 +149,7 @@ class RedisFeedbackStore:
             pipe.hsetnx(key, "tier", card.tier or "")
             pipe.hsetnx(key, "suggestion", card.suggestion_uuid or "")
             pipe.hsetnx(key, "patient", card.patient_id or "")
+            pipe.hsetnx(key, "note", card.write_note or "")
             pipe.expire(key, self._retention)
             issued = self._key("issued", service_id, card.card_type)
             pipe.zadd(issued, {card.card_uuid: now}, nx=True)
@@ -204,6 +206,12 @@ class RedisFeedbackStore:
             )
             if result == 1:
                 stored += 1
+                # Per card, not per click: the same card accepted twice counts once.
+                outcome_cards = self._key("cards", service_id, card_type, item.outcome)
+                pipe = self._client.pipeline(transaction=True)
+                pipe.sadd(outcome_cards, item.card)
+                pipe.expire(outcome_cards, self._retention)
+                pipe.execute()
             else:
                 duplicates += 1
         return FeedbackReceipt(stored, duplicates, unattributed)
@@ -227,10 +235,11 @@ class RedisFeedbackStore:
             if kind == "outcome":
                 card_type, _, outcome = rest.partition("\n")
                 entry = counts.setdefault(card_type, CardTypeCounts())
+                cards = int(self._client.scard(self._key("cards", service_id, card_type, outcome)))
                 if outcome == "accepted":
-                    entry.accepted = int(value)
+                    entry.accepted = cards
                 else:
-                    entry.overridden = int(value)
+                    entry.overridden = cards
             elif kind == "reason":
                 system, _, code = rest.partition("\n")
                 reasons.append(ReasonCount(system, code, displays.get(name, ""), int(value)))
@@ -254,6 +263,7 @@ class RedisFeedbackStore:
             data.get("tier") or None,
             data.get("suggestion") or None,
             data.get("patient") or None,
+            data.get("note") or None,
         )
 
     def claim_write(self, service_id: str, card_uuid: str, *, stale_after: float) -> bool:

@@ -106,6 +106,20 @@ class TopicConfig(_Frozen):
     display: str
 
 
+class NextConfig(_Frozen):
+    """What a card lists under "Next" (clinical ordering, so it is knowledge, not code).
+
+    Overdue items come first, then the tests whose result could change the plan
+    (`plan_changing_tests`, e.g. the antibody panel of a preliminary tier), then the plan's
+    due tests in the order of `key_tests` (imaging and tests that matter most first), then
+    the other due tests; at most `max_items`, the rest counted as "and N more".
+    """
+
+    max_items: int = Field(default=5, ge=2, le=10)
+    plan_changing_tests: tuple[str, ...] = ()
+    key_tests: tuple[str, ...] = ()
+
+
 class CardsConfig(_Frozen):
     source_label: str = Field(min_length=1)
     summary_label: str = Field(min_length=1, max_length=40)
@@ -114,6 +128,11 @@ class CardsConfig(_Frozen):
     topic: TopicConfig
     indicators: dict[str, Indicator]
     plan_on_file_indicator: Indicator = "info"
+    # The plan on file differs from what the record now gives (tier or due orders).
+    plan_changed_indicator: Indicator = "warning"
+    # Data the assessment needs could not be had: never silence ("All clear").
+    incomplete_indicator: Indicator = "warning"
+    next: NextConfig = Field(default_factory=NextConfig)
     not_applicable_card: bool = False
     max_findings: int = Field(default=10, ge=0)
     include_provenance: bool = True

@@ -386,7 +386,14 @@ class Factor(_Sourced):
     id: str
     factor_class: Literal["high", "intermediate", "low"] = Field(alias="class")
     label: str
+    # How a clinician reads the factor (cards): `label` may carry rule-writing notes.
+    clinical_label: str | None = None
     when: Predicate
+
+    @property
+    def shown(self) -> str:
+        """The clinical wording: `clinical_label`, else `label`."""
+        return self.clinical_label or self.label
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

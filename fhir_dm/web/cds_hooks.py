@@ -31,9 +31,14 @@ from redis import RedisError
 from werkzeug.exceptions import NotFound
 
 from fhir_dm import deadline as deadlines
-from fhir_dm.cds.cards import CardBuilder
+from fhir_dm.cds.cards import CardBuilder, IssuedCard
 from fhir_dm.cds.feedback import CdsStore, IssuedCardRecord
-from fhir_dm.cds.fetch import AllowedServerSession, fhir_server_allowed, has_dot_segment, same_base
+from fhir_dm.cds.fetch import (
+    AllowedServerSession,
+    ServerNames,
+    fhir_server_allowed,
+    has_dot_segment,
+)
 from fhir_dm.cds.models import (
     CdsRequest,
     CdsResponse,
@@ -119,9 +124,14 @@ class CdsSettings(BaseModel):
         CdsSettings(trust=TrustConfig(mode="off"))   # development: any fhirServer, no JWT
 
     `public_base_url` is the externally visible URL of the app root: JWT audiences are it plus
-    the path called. `allowed_fhir_servers` lists base URLs the EHR's access token may be sent
-    to (scheme, host and port exact, path a segment prefix); an empty list accepts any server
-    only when trust is off.
+    the path called. Within `Settings` it is always the top-level `public_base_url` (one
+    setting for every link); setting `cds.public_base_url` there is deprecated. Standalone
+    (tests, embedding) it is set here. `allowed_fhir_servers` lists base URLs the EHR's access
+    token may be sent to (scheme, host and port exact after normalisation, path a segment
+    prefix); an empty list accepts any server only when trust is off. `open_fhir_servers`
+    (each under an allowed entry) are read without a token when the EHR sends none.
+    `fhir_server_aliases` lists groups of base URLs that name the same server (`localhost` and
+    `127.0.0.1` are different names unless a group says they are the same).
 
     `state` is where seen JWT ids, issued cards and feedback live, shared by all workers (a
     SQLite file per host, or Redis for several hosts). `write_on_accept` (off by default) makes
@@ -138,6 +148,8 @@ class CdsSettings(BaseModel):
     trust: TrustConfig
     discovery_requires_auth: bool = True
     allowed_fhir_servers: tuple[str, ...] = ()
+    open_fhir_servers: tuple[str, ...] = ()
+    fhir_server_aliases: tuple[tuple[str, ...], ...] = ()
     fetch_connect_timeout: float = Field(default=DEFAULT_FETCH_TIMEOUT[0], gt=0)
     fetch_read_timeout: float = Field(default=DEFAULT_FETCH_TIMEOUT[1], gt=0)
     fetch_max_retries: int = Field(default=DEFAULT_FETCH_MAX_RETRIES, ge=0, le=5)
@@ -158,10 +170,40 @@ class CdsSettings(BaseModel):
         check_http_url(value, "public_base_url")
         return value.rstrip("/")
 
-    @field_validator("allowed_fhir_servers")
+    @field_validator("allowed_fhir_servers", "open_fhir_servers")
     @classmethod
     def _server_entries(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(_check_server_entry(v) for v in value)
+
+    @field_validator("fhir_server_aliases")
+    @classmethod
+    def _alias_groups(cls, value: tuple[tuple[str, ...], ...]) -> tuple[tuple[str, ...], ...]:
+        for group in value:
+            if len(group) < 2:
+                raise ValueError("each alias group names at least two base URLs")
+        return tuple(tuple(_check_server_entry(v) for v in group) for group in value)
+
+    @model_validator(mode="after")
+    def _open_servers_are_allowed(self) -> CdsSettings:
+        names = self.server_names
+        for entry in self.open_fhir_servers:
+            if not any(names.under(entry, allowed) for allowed in self.allowed_fhir_servers):
+                raise ValueError(
+                    f"open_fhir_servers: {entry} is not under an allowed_fhir_servers entry"
+                )
+        return self
+
+    @property
+    def server_names(self) -> ServerNames:
+        """Base URLs compared after normalisation and through the configured aliases."""
+        return ServerNames(self.fhir_server_aliases)
+
+    def server_open(self, url: str) -> bool:
+        """Whether fhir-dm may read `url` without the EHR's token (marked open by the site)."""
+        names = self.server_names
+        return fhir_server_allowed(
+            url, self.allowed_fhir_servers, development=self.development, names=names
+        ) and any(names.under(url, entry) for entry in self.open_fhir_servers)
 
     @model_validator(mode="after")
     def _jwt_or_off(self) -> CdsSettings:
@@ -345,25 +387,34 @@ def _fetcher_factory(service: CdsHooksService, call: CdsRequest) -> FetcherFacto
                 if call.fhir_authorization is None
                 else "the request sent no fhirServer"
             )
-        if call.fhir_authorization is None:
+        names = settings.server_names
+        if call.fhir_authorization is None and not settings.server_open(call.fhir_server):
             raise PreconditionFailedError(
                 "the request sent fhirServer but no fhirAuthorization (no access token to"
-                " read with)"
+                " read with), and that server is not marked open (open_fhir_servers)"
             )
         if not fhir_server_allowed(
-            call.fhir_server, settings.allowed_fhir_servers, development=settings.development
+            call.fhir_server,
+            settings.allowed_fhir_servers,
+            development=settings.development,
+            names=names,
         ):
             logger.warning("CDS call names a fhirServer that is not allowed; not contacted")
             raise PreconditionFailedError(
-                "the request sent fhirServer and fhirAuthorization, but that fhirServer is not"
-                " on this service's allowed list (allowed_fhir_servers)"
+                "the request sent fhirServer, but that fhirServer is not on this service's"
+                " allowed list (allowed_fhir_servers)"
             )
-        token = call.fhir_authorization.access_token.get_secret_value()
+        token = (
+            None
+            if call.fhir_authorization is None
+            else call.fhir_authorization.access_token.get_secret_value()
+        )
         return FhirClient(
             call.fhir_server,
-            # Every URL sent (next links too) must stay under fhirServer; no redirects.
-            session=AllowedServerSession(call.fhir_server),
-            auth=BearerAuth(token),
+            # Every URL sent (next links too) must stay under fhirServer or one of its
+            # configured aliases; no redirects.
+            session=AllowedServerSession(call.fhir_server, names.aliases(call.fhir_server)),
+            auth=BearerAuth(token) if token is not None else None,
             timeout=(settings.fetch_connect_timeout, settings.fetch_read_timeout),
             retry=RetryPolicy(max_retries=settings.fetch_max_retries, max_backoff=1.0),
             page_size=settings.fetch_page_size,
@@ -430,13 +481,27 @@ def call_service(service_id: str) -> Response:
     fetched_ms = (time.perf_counter() - started) * 1000
     run = service.engine.assess(data.bundle(), now=service.clock())
     result = run.results[0]
-    issued = service.cards.cards(
-        result,
-        hook_instance=call.hook_instance,
-        existing_plans=data.existing_plans,
-        unavailable=data.unavailable,
+    write_note = _write_note(service, call)
+    issued: list[IssuedCard]
+    if data.incomplete:
+        # Part of the record is missing: no tier, no plan; say so unless the data at hand
+        # already shows no IIM and the Conditions were read in full.
+        no_iim = result.plan.assessment.facts.iim is None
+        if no_iim and "Condition" not in data.incomplete_types:
+            issued = []
+        else:
+            issued = [service.cards.incomplete(call.hook_instance, data.incomplete)]
+    else:
+        issued = service.cards.cards(
+            result,
+            hook_instance=call.hook_instance,
+            existing_plans=data.existing_plans,
+            unavailable=data.unavailable,
+            revise_on_accept=service.plan_writer is not None and write_note is None,
+        )
+    patient_to_write = (
+        call.context.patient_id if service.plan_writer is not None and write_note is None else None
     )
-    patient_to_write = call.context.patient_id if _writes_plans_for(service, call) else None
     try:
         service.store.record_issued(
             service.service_id,
@@ -447,6 +512,7 @@ def call_service(service_id: str) -> Response:
                     i.tier,
                     i.suggestion_uuid,
                     patient_to_write if i.suggestion_uuid else None,
+                    write_note if i.suggestion_uuid and service.plan_writer is not None else None,
                 )
                 for i in issued
                 if i.card.uuid
@@ -486,55 +552,83 @@ def feedback(service_id: str) -> Response:
     )
     answer: dict[str, Any] = {"stored": receipt.stored, "duplicates": receipt.duplicates}
     if service.plan_writer is not None:
-        plans = {"written": 0, "unchanged": 0, "alreadyHandled": 0, "failed": 0}
+        plans = {"written": 0, "unchanged": 0, "alreadyHandled": 0, "skipped": 0, "failed": 0}
+        details: list[dict[str, str]] = []
         for item in body.feedback:
             outcome = _write_accepted_plan(service, service.plan_writer, item)
             if outcome is not None:
-                plans[outcome] += 1
+                plans[outcome.outcome] += 1
+                details.append({"card": item.card, **outcome.as_json()})
         answer["plans"] = plans
+        answer["details"] = details
     return _json(answer)
 
 
-def _writes_plans_for(service: CdsHooksService, call: CdsRequest) -> bool:
-    """Whether an accepted card of this call will be written by fhir-dm (write_on_accept).
+@dataclass(frozen=True, slots=True)
+class WriteOutcome:
+    """What was done with one accepted suggestion, and why (said in the feedback answer)."""
 
-    Only when the call's patient lives on the write-back's server: a call naming another
-    fhirServer has patient ids of another server.
+    outcome: str  # written / unchanged / alreadyHandled / skipped / failed
+    reason: str
+
+    def as_json(self) -> dict[str, str]:
+        return {"outcome": self.outcome, "reason": self.reason}
+
+
+def _write_note(service: CdsHooksService, call: CdsRequest) -> str | None:
+    """Why accepted suggestions of this call will not be written by fhir-dm, or None.
+
+    Only a call whose patient lives on the write-back's server is written: a call naming
+    another fhirServer has patient ids of another server. Servers are compared after
+    normalisation and through `fhir_server_aliases`.
     """
     writer = service.plan_writer
     if writer is None:
-        return False
-    if call.fhir_server is not None and not same_base(call.fhir_server, writer.fhir_base_url):
+        return "this service does not write accepted suggestions (write_on_accept is off)"
+    if call.fhir_server is not None and not service.settings.server_names.same(
+        call.fhir_server, writer.fhir_base_url
+    ):
         logger.warning(
             "CDS write_on_accept: the call's fhirServer is not the write-back's FHIR server;"
             " accepted plans of this call will not be written"
         )
-        return False
-    return True
+        return (
+            f"FHIR server differs: the EHR named {call.fhir_server}, this service writes to"
+            f" {writer.fhir_base_url} (add both to cds.fhir_server_aliases if they are the"
+            " same server)"
+        )
+    return None
 
 
 def _write_accepted_plan(
     service: CdsHooksService, writer: PlanWriter, item: FeedbackItem
-) -> str | None:
+) -> WriteOutcome | None:
     """Write the plan of an accepted suggestion once; None when the item asks for nothing.
 
     The claim in the shared store makes exactly one worker write; a failed write releases it,
     so a later accepted feedback tries again. The write-back itself writes nothing when the
-    same plan is already on the server.
+    same plan is already on the server. `alreadyHandled` only when a write was done (or is
+    under way) for this card; a card whose plan will not be written is `skipped`, with why.
     """
     if item.outcome != "accepted":
         return None
     record = service.store.issued_card(service.service_id, item.card)
     accepted = {s.id for s in item.accepted_suggestions or ()}
-    if record is None or not record.suggestion_uuid or record.suggestion_uuid not in accepted:
+    if record is None:
+        return WriteOutcome(
+            "skipped", "unknown card (not issued by this service, or past retention)"
+        )
+    if not record.suggestion_uuid or record.suggestion_uuid not in accepted:
         return None
+    if record.patient_id is None and record.write_note is not None:
+        return WriteOutcome("skipped", record.write_note)
     if not service.store.claim_write(
         service.service_id, item.card, stale_after=service.settings.write_claim_seconds
     ):
-        return "alreadyHandled"
-    if record.patient_id is None:  # written before (the id is forgotten then) or never kept
+        return WriteOutcome("alreadyHandled", "the plan of this card was written before")
+    if record.patient_id is None:  # written before (the id is forgotten then)
         service.store.release_write(service.service_id, item.card)
-        return "alreadyHandled"
+        return WriteOutcome("alreadyHandled", "the plan of this card was written before")
     try:
         write = writer.writeback.assess_patient(
             record.patient_id, now=service.clock(), preview=False
@@ -542,7 +636,7 @@ def _write_accepted_plan(
     except FhirDmError as exc:
         service.store.release_write(service.service_id, item.card)
         logger.error("CDS accepted plan not written: %s", exc.message)
-        return "failed"
+        return WriteOutcome("failed", f"the write-back failed: {exc.message}")
     except BaseException:
         service.store.release_write(service.service_id, item.card)
         raise
@@ -554,7 +648,9 @@ def _write_accepted_plan(
             record.tier,
         )
     logger.info("CDS accepted plan: %s", write.status)
-    return "written" if write.status == "written" else "unchanged"
+    if write.status == "written":
+        return WriteOutcome("written", f"the plan was written to {writer.fhir_base_url}")
+    return WriteOutcome("unchanged", "the same plan is already on the FHIR server")
 
 
 @bp.get(f"{DISCOVERY_PATH}/<service_id>/feedback/summary")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from fhir_dm.writeback import WriteBack
 ENV_PREFIX = "FHIR_DM_"
 SETTINGS_FILE_VARIABLE = "FHIR_DM_SETTINGS_FILE"
 EXTENSION_KEY = "fhir_dm"
+logger = logging.getLogger(__name__)
+
 DEFAULT_PUBLIC_BASE_URL = "http://127.0.0.1:8080"
 DEFAULT_MAX_REQUEST_BYTES = 5 * 1024 * 1024
 # Below gunicorn's worker timeout (30 s in fhir_dm.web.gunicorn_conf), so the service always
@@ -145,6 +148,43 @@ class Settings(BaseSettings):
         if isinstance(data, dict) and "trust" not in data:
             return {**data, "trust": {}}
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_public_base_url(cls, data: Any) -> Any:
+        """One public base URL for every link: `cds.public_base_url` is deprecated.
+
+        Set alone, it fills in the top-level value (a warning says so); set to another value
+        than the top-level one, start-up stops. Either way the CDS edge uses the top-level one.
+        """
+        if not isinstance(data, dict) or data.get("cds") is None:
+            return data
+        cds = data["cds"]
+        given = (
+            cds.get("public_base_url")
+            if isinstance(cds, dict)
+            else cds.public_base_url
+            if isinstance(cds, CdsSettings) and "public_base_url" in cds.model_fields_set
+            else None
+        )
+        top = data.get("public_base_url")
+        if given is not None:
+            if top is not None and str(top).rstrip("/") != str(given).rstrip("/"):
+                raise ValueError(
+                    "cds.public_base_url is deprecated and differs from public_base_url: set"
+                    " only public_base_url (one URL for every link, the app's and the cards')"
+                )
+            if top is None:
+                logger.warning(
+                    "settings: cds.public_base_url is deprecated; set public_base_url instead"
+                )
+                top = given
+        top = top if top is not None else DEFAULT_PUBLIC_BASE_URL
+        if isinstance(cds, dict):
+            cds = {**cds, "public_base_url": top}
+        elif isinstance(cds, CdsSettings):
+            cds = cds.model_copy(update={"public_base_url": str(top).rstrip("/")})
+        return {**data, "public_base_url": top, "cds": cds}
 
     @field_validator("public_base_url")
     @classmethod

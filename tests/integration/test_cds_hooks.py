@@ -241,7 +241,7 @@ def test_sandbox_call_suggestion_applies_as_one_transaction_and_validates(
     response = call_hook(client, ec_key, body)
     assert response.status_code == 200, response.get_data(as_text=True)
     [card] = response.get_json()["cards"]
-    assert card["summary"] == "IIM cancer screening: High risk (IMACS 2023)"
+    assert card["summary"].startswith("IIM cancer screening: High risk — ")
     [suggestion] = card["suggestions"]
 
     bundle = transaction_from_suggestion(suggestion, fhir_base_url)
@@ -275,7 +275,7 @@ def test_sandbox_call_suggestion_applies_as_one_transaction_and_validates(
     assert len(prefetch["existingPlans"]["entry"]) == 1
     again = call_hook(client, ec_key, scenarios.hook_request(patient_id, prefetch))
     [card] = again.get_json()["cards"]
-    assert card["summary"] == "IIM cancer screening plan on file: High risk (IMACS 2023)"
+    assert card["summary"].startswith("Plan on file: High risk; ")
     assert "suggestions" not in card
     assert f"CarePlan/{plan['id']}" in card["detail"]
 
@@ -306,13 +306,13 @@ def test_missing_prefetch_is_read_from_the_fhir_server_with_the_ehr_token(
     assert response.status_code == 200, response.get_data(as_text=True)
     [card] = response.get_json()["cards"]
     # DM and anti-TIF1-gamma, both read from HAPI: high risk.
-    assert card["summary"] == "IIM cancer screening: High risk (IMACS 2023)"
+    assert card["summary"].startswith("IIM cancer screening: High risk — ")
     with client.application.app_context():
         keys = len(current_cds().templates)
     assert len(sent) >= keys and set(sent) == {"Bearer dummy-ehr-token"}
 
 
-def test_missing_prefetch_without_a_token_is_412(
+def test_missing_prefetch_without_a_token_is_412_for_the_patient_itself(
     client: FlaskClient, fhir: requests.Session, fhir_base_url: str, ec_key: Any
 ) -> None:
     resources = scenarios.high_risk()
@@ -321,6 +321,52 @@ def test_missing_prefetch_without_a_token_is_412(
     response = call_hook(client, ec_key, body)
     assert response.status_code == 412
     assert response.get_json()["issue"][0]["code"] == "incomplete"
+
+
+def _many_conditions(patient: Json, count: int) -> list[Json]:
+    return [
+        {
+            "resourceType": "Condition",
+            "id": f"{patient['id']}-many-{n}",
+            "subject": {"reference": f"Patient/{patient['id']}"},
+            "code": {"text": f"Unrelated finding {n}"},
+        }
+        for n in range(count)
+    ]
+
+
+@pytest.mark.parametrize("server_open", [True, False])
+def test_more_than_200_results_in_one_key_without_a_token(
+    engine: Engine,
+    fhir: requests.Session,
+    fhir_base_url: str,
+    loaded_profiles: dict[str, Json],
+    ec_key: Any,
+    tmp_path: Path,
+    server_open: bool,
+) -> None:
+    """The sandbox on HAPI: 200 is HAPI's page cap, the sandbox forwards the first page with
+    its `next` link and no fhirAuthorization. An open server is read for the rest; otherwise
+    the card says the assessment is incomplete and why (it was a 412, shown as "All clear")."""
+    extra = {"open_fhir_servers": (fhir_base_url,)} if server_open else {}
+    client = make_app(engine, fhir_base_url, ec_key, tmp_path, **extra).test_client()
+    resources = scenarios.high_risk()
+    patient = resources[0]
+    store(fhir, fhir_base_url, [*resources, *_many_conditions(patient, 205)])
+    prefetch = sandbox_prefetch(client, fhir, fhir_base_url, ec_key, patient["id"])
+    conditions = prefetch["conditions"]
+    assert len(conditions["entry"]) == 200
+    assert any(link["relation"] == "next" for link in conditions.get("link", []))
+    body = scenarios.hook_request(patient["id"], prefetch, fhir_server=fhir_base_url)
+    response = call_hook(client, ec_key, body)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    [card] = response.get_json()["cards"]
+    if server_open:
+        assert card["summary"].startswith("IIM cancer screening: High risk — ")
+    else:
+        assert card["indicator"] == "warning"
+        assert "assessment incomplete" in card["summary"]
+        assert "conditions" in card["detail"] and "next link" in card["detail"]
 
 
 def test_more_than_a_default_page_of_results_reaches_the_service_in_one_prefetch(
@@ -400,3 +446,79 @@ def test_an_accepted_suggestion_is_written_by_fhir_dm_once_when_the_site_asks(
     again = call_hook(client, ec_key, scenarios.hook_request(patient_id, prefetch))
     [on_file] = again.get_json()["cards"]
     assert "suggestions" not in on_file
+
+
+def test_a_tier_rise_after_the_plan_is_written_is_a_warning_and_the_revision_is_written(
+    engine: Engine,
+    fhir: requests.Session,
+    fhir_base_url: str,
+    loaded_profiles: dict[str, Json],
+    ec_key: Any,
+    tmp_path: Path,
+) -> None:
+    """The sandbox run: a Moderate plan was written, then a TIF1-gamma result arrives. The card
+    was a blue info card with nothing to do; it is a warning naming both plans, and accepting
+    its suggestion revises the plan on file (write_on_accept)."""
+    client = make_app(engine, fhir_base_url, ec_key, tmp_path, write_on_accept=True).test_client()
+    resources = scenarios.moderate_preliminary()
+    patient = resources[0]
+    store(fhir, fhir_base_url, resources)
+    url = f"/cds-services/{SERVICE}/feedback"
+
+    def card_now() -> Json:
+        prefetch = sandbox_prefetch(client, fhir, fhir_base_url, ec_key, patient["id"])
+        body = scenarios.hook_request(patient["id"], prefetch, fhir_server=fhir_base_url)
+        response = call_hook(client, ec_key, body)
+        assert response.status_code == 200, response.get_data(as_text=True)
+        [card] = response.get_json()["cards"]
+        return dict(card)
+
+    def accept(card: Json, at: str) -> Json:
+        feedback = {
+            "feedback": [
+                {
+                    "card": card["uuid"],
+                    "outcome": "accepted",
+                    "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}],
+                    "outcomeTimestamp": at,
+                }
+            ]
+        }
+        answer = client.post(
+            url,
+            json=feedback,
+            headers={"Authorization": f"Bearer {sandbox_jwt(ec_key, PUBLIC + url)}"},
+        )
+        assert answer.status_code == 200, answer.get_data(as_text=True)
+        return dict(answer.get_json())
+
+    def plans(**params: str) -> list[Json]:
+        found = fhir.get(
+            f"{fhir_base_url}/CarePlan",
+            params={"subject": f"Patient/{patient['id']}", **params},
+            timeout=60,
+        ).json()
+        return [e["resource"] for e in found.get("entry", [])]
+
+    first = card_now()
+    assert "Moderate risk" in first["summary"]
+    assert accept(first, "2024-04-15T10:01:00Z")["plans"]["written"] == 1
+    [plan] = plans()
+    orders = sum(1 for a in plan["activity"] if "reference" in a)
+
+    store(fhir, fhir_base_url, [f.antibody(patient, "tif1g", "positive")])
+    changed = card_now()
+    assert changed["indicator"] == "warning"
+    assert changed["summary"].startswith(
+        f"Plan on file: Moderate risk (preliminary), {orders} orders; record now gives: High risk"
+    )
+    [suggestion] = changed["suggestions"]
+    assert suggestion["label"].startswith("Revise the plan on file to High risk")
+
+    answer = accept(changed, "2024-04-15T10:02:00Z")
+    assert answer["plans"]["written"] == 1, answer
+    [active] = plans(status="active")
+    assert "High risk" in active["title"]
+    after = card_now()
+    assert after["summary"].startswith("Plan on file: High risk; ")
+    assert "suggestions" not in after

@@ -61,7 +61,7 @@ def test_high_risk_card_is_a_warning_with_a_recommended_suggestion(
     card = issued.card.dump()
 
     assert issued.card_type == CARD_SCREENING_PLAN
-    assert card["summary"] == "IIM cancer screening: High risk (IMACS 2023)"
+    assert card["summary"].startswith("IIM cancer screening: High risk — Dermatomyositis, anti")
     assert card["indicator"] == "warning"
     assert card["selectionBehavior"] == "any"
     assert card["uuid"] == card_uuid("dm-cancer-screening", HOOK, CARD_SCREENING_PLAN)
@@ -95,24 +95,46 @@ def test_high_risk_card_is_a_warning_with_a_recommended_suggestion(
     assert suggestion["actions"][-1]["type"] == "update"
 
 
-def test_detail_is_concise_tier_why_next_due_and_rule_set(
+def test_detail_is_concise_tier_why_in_clinical_words_and_next(
     builder: CardBuilder, high: PatientResult
 ) -> None:
     detail = _cards(builder, high)[0].card.detail or ""
     assert detail.startswith("**High risk of IIM-associated cancer**")
     why = next(line for line in detail.splitlines() if line.startswith("**Why**"))
-    assert "anti-TIF1-gamma positive (evidence " in why
-    # The next items needing attention, at most three; the full schedule is in the app.
-    next_items = [line for line in detail.splitlines() if line.startswith("- ")]
-    assert 1 <= len(next_items) <= 3
-    assert all(": due (" in line or ": overdue (" in line for line in next_items)
+    assert "anti-TIF1-gamma positive" in why
+    # Clinical words: no rule-writing notes, source tags or rule ids in the reasons.
+    for noise in ("exact age", "counts)", "[BMJ]", "[AT]", "(evidence ", "ab-tif1g"):
+        assert noise not in why, noise
+    # Next: key imaging first (not the same three basic items for every tier), at most five.
+    start = detail.splitlines().index("**Next**:")
+    next_items = [line for line in detail.splitlines()[start + 1 :] if line.startswith("- ")]
+    # Overdue first (the lung baseline here), then the tier's key imaging.
+    overdue = [i for i in next_items if i.startswith("- **Overdue**")]
+    assert next_items[: len(overdue)] == overdue
+    rest = next_items[len(overdue) :]
+    assert not overdue or rest == [] or rest[0].startswith("- CT of neck, chest, abdomen")
+    assert len([i for i in next_items if not i.startswith("- and ")]) <= 5
     assert "| When | Due | Status | Tests | Consider |" not in detail
-    assert f"Rule set {high.plan.assessment.ruleset}" in detail
     assert "proposal for a clinician" in detail
     assert "**Not recorded** (unknown, not negative)" in detail
-    assert "anti-NXP2 antibody" in detail and " more" in detail
-    assert len(detail) < 1500  # the full detail is about 3,000 characters
-    assert "(link below)" not in detail  # no app link configured
+    # Rule ids and evidence sit in the detail section behind a rule, not in the reasons.
+    details = detail.split("\n---\n", 1)[1]
+    assert "ab-tif1g (guideline)" in details
+    assert f"rule set {high.plan.assessment.ruleset}" in details
+    assert len(detail) < 1800
+
+
+def test_moderate_preliminary_next_starts_with_the_antibody_panel_and_ct(
+    builder: CardBuilder, engine: Engine
+) -> None:
+    """Issue 19: for a moderate, preliminary patient "Next" left out the two orders that matter."""
+    result = run_one(engine, *scenarios.moderate_preliminary())
+    detail = _cards(builder, result)[0].card.detail or ""
+    lines = detail.splitlines()
+    items = [i for i in lines[lines.index("**Next**:") + 1 :] if "**Overdue**" not in i]
+    assert items[0].startswith("- Myositis-specific antibody panel")
+    assert "could raise the tier" in items[0]
+    assert items[1].startswith("- CT of neck, chest, abdomen and pelvis")
 
 
 def test_with_an_app_the_card_links_to_it_as_a_smart_link(
@@ -140,7 +162,7 @@ def test_the_full_detail_still_renders_the_schedule_table(high: PatientResult) -
 def test_moderate_preliminary_card_says_preliminary(builder: CardBuilder, engine: Engine) -> None:
     result = run_one(engine, *scenarios.moderate_preliminary())
     [issued] = _cards(builder, result)
-    assert issued.card.summary == "IIM cancer screening: Moderate risk, preliminary (IMACS 2023)"
+    assert issued.card.summary.startswith("IIM cancer screening: Moderate risk (preliminary) — ")
     assert issued.card.indicator == "warning"
     assert "*Preliminary*" in (issued.card.detail or "")
     assert issued.tier == "moderate"
@@ -152,7 +174,7 @@ def test_moderate_preliminary_card_says_preliminary(builder: CardBuilder, engine
 def test_standard_card_is_info(builder: CardBuilder, engine: Engine) -> None:
     result = run_one(engine, *scenarios.standard_risk())
     [issued] = _cards(builder, result)
-    assert issued.card.summary == "IIM cancer screening: Standard risk (IMACS 2023)"
+    assert issued.card.summary.startswith("IIM cancer screening: Standard risk — ")
     assert issued.card.indicator == "info"
 
 
@@ -234,11 +256,10 @@ def test_plan_on_file_replaces_the_suggestion(builder: CardBuilder, high: Patien
     [issued] = _cards(builder, high, existing_plans=[_stored_plan(high)])
     card = issued.card
     assert issued.card_type == CARD_PLAN_ON_FILE
-    assert card.indicator == "info"
     assert card.suggestions is None and card.override_reasons is None
-    assert card.summary == "IIM cancer screening plan on file: High risk (IMACS 2023)"
+    assert card.summary.startswith("Plan on file: High risk; ")
     assert "CarePlan/cp-1" in (card.detail or "")
-    assert "different result" not in (card.detail or "")
+    assert "different plan" not in (card.detail or "")
 
 
 def test_plan_on_file_of_a_changed_plan_says_so(builder: CardBuilder, high: PatientResult) -> None:
@@ -246,8 +267,11 @@ def test_plan_on_file_of_a_changed_plan_says_so(builder: CardBuilder, high: Pati
     marker = next(i for i in plan["identifier"] if i["system"].endswith("/sid/plan-digest"))
     marker["value"] = f"{high.identity.series}.olderdigest"  # same plan, an older assessment
     [issued] = _cards(builder, high, existing_plans=[plan])
-    assert issued.card_type == CARD_PLAN_ON_FILE
-    assert "**The record now gives a different result**" in (issued.card.detail or "")
+    assert issued.card_type == "plan-changed"
+    assert issued.card.indicator == "warning"
+    assert "**The record now gives a different plan than the one on file.**" in (
+        issued.card.detail or ""
+    )
 
 
 @pytest.mark.parametrize(
@@ -300,3 +324,26 @@ def test_config_must_cover_every_tier(cds_config: CdsConfig, knowledge: Knowledg
     cards = cds_config.cards.model_copy(update={"indicators": {"high": "warning"}})
     with pytest.raises(KnowledgeError, match="no indicator for tier"):
         CardBuilder(knowledge, cds_config.model_copy(update={"cards": cards}))
+
+
+@pytest.mark.parametrize("months_later", [0, 12, 25])
+def test_plan_on_file_keeps_listing_what_is_due_and_overdue_through_the_years(
+    builder: CardBuilder, engine: Engine, months_later: int
+) -> None:
+    """Issue 19: once a plan was on file the card no longer said what was due, for 3 years."""
+    now = NOW.replace(year=NOW.year + (NOW.month - 1 + months_later) // 12).replace(
+        month=(NOW.month - 1 + months_later) % 12 + 1
+    )
+    [result] = engine.assess(f.bundle(*scenarios.high_risk()), now=now).results
+    [issued] = _cards(builder, result, existing_plans=[_stored_plan(result)])
+    assert issued.card_type == CARD_PLAN_ON_FILE
+    detail = issued.card.detail or ""
+    owed = [i for i in result.plan.items if result.plan.status(i) in ("due", "overdue")]
+    assert owed, "the scenario owes something at this date"
+    assert "**Overdue and due**:" in detail
+    items = [line for line in detail.splitlines() if line.startswith("- ")]
+    assert items and len([i for i in items if not i.startswith("- and ")]) <= 5
+    if any(result.plan.status(i) == "overdue" for i in owed):
+        assert items[0].startswith("- **Overdue**: ")
+        assert issued.card.indicator == "warning"
+    assert "overdue" in issued.card.summary or "due" in issued.card.summary

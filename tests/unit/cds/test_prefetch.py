@@ -288,15 +288,17 @@ def test_many_missing_keys_are_fetched_in_parallel(templates: tuple[PrefetchTemp
 
 
 @pytest.mark.parametrize("failure", ["no-server", "fetch-fails"])
-def test_required_key_that_cannot_be_had_is_412(
+def test_required_key_that_cannot_be_had_is_reported_incomplete(
     templates: tuple[PrefetchTemplate, ...], failure: str
 ) -> None:
     resources = scenarios.high_risk()
     prefetch = scenarios.full_prefetch(templates, resources)
     del prefetch["conditions"]
     factory = no_server if failure == "no-server" else factory_for(resources, [], fail=True)
-    with pytest.raises(PreconditionFailedError, match="prefetch key 'conditions' is missing"):
-        resolve_prefetch(templates, prefetch, context(resources), factory)
+    resolved = resolve_prefetch(templates, prefetch, context(resources), factory)
+    [why] = resolved.incomplete
+    assert "prefetch key 'conditions' is missing" in why
+    assert resolved.incomplete_types == ("Condition",)
 
 
 def test_optional_key_that_cannot_be_had_is_reported(

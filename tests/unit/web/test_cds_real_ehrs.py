@@ -51,6 +51,7 @@ from tests.unit.web.test_cds_hooks import (
     auth,
     ec_key,
     full_request,
+    incomplete_detail,
     make_app,
     rsps,
 )
@@ -81,7 +82,7 @@ def test_every_search_template_in_discovery_asks_for_a_page_size(
     assert searches and all("&_count=200" in query for query in searches.values())
 
 
-def test_a_first_page_without_a_token_is_412_naming_the_key_and_what_was_sent(
+def test_a_first_page_without_a_token_is_an_incomplete_card_naming_the_key_and_what_was_sent(
     engine: Engine, rsps: responses.RequestsMock, ec_key: Any
 ) -> None:
     """The sandbox on HAPI: 21 conditions, page 1 of 20 forwarded, fhirServer but no token."""
@@ -93,15 +94,13 @@ def test_a_first_page_without_a_token_is_412_naming_the_key_and_what_was_sent(
         next_url=f"{EHR_FHIR}?_getpages=abc&_getpagesoffset=20&_count=20",
     )
     response = app.test_client().post(f"/cds-services/{SERVICE}", json=body, headers=auth(ec_key))
-    assert response.status_code == 412
-    [issue] = response.get_json()["issue"]
-    text = issue["diagnostics"]
+    text = incomplete_detail(response).replace("\\", "")
     assert "prefetch key 'conditions' is incomplete" in text
     assert "next link" in text
     assert "sent fhirServer but no fhirAuthorization" in text
     assert "no fhirServer" not in text and "is missing" not in text
     assert f"had {len(templates_of(app))} of {len(templates_of(app))} keys" in text
-    assert issue["expression"] == ["prefetch.conditions"]
+    assert "All clear" not in text
 
 
 def test_missing_keys_and_nothing_to_fetch_with_are_named_each(
@@ -113,14 +112,11 @@ def test_missing_keys_and_nothing_to_fetch_with_are_named_each(
     del body["prefetch"]["conditions"]
     body["prefetch"]["procedures"] = {"resourceType": "OperationOutcome", "issue": []}
     response = app.test_client().post(f"/cds-services/{SERVICE}", json=body, headers=auth(ec_key))
-    assert response.status_code == 412
-    [issue] = response.get_json()["issue"]
-    text = issue["diagnostics"]
+    text = incomplete_detail(response).replace("\\", "")
     assert "prefetch key 'conditions' is missing" in text
     assert "prefetch key 'procedures' holds an OperationOutcome" in text
     assert "sent neither fhirServer nor fhirAuthorization" in text
     assert "(not sent: conditions)" in text
-    assert sorted(issue["expression"]) == ["prefetch.conditions", "prefetch.procedures"]
 
 
 def test_a_server_not_on_the_list_is_named_as_such(
@@ -133,8 +129,7 @@ def test_a_server_not_on_the_list_is_named_as_such(
     )
     del body["prefetch"]["conditions"]
     response = app.test_client().post(f"/cds-services/{SERVICE}", json=body, headers=auth(ec_key))
-    assert response.status_code == 412
-    assert "not on this service's allowed list" in response.get_json()["issue"][0]["diagnostics"]
+    assert "not on this service's allowed list" in incomplete_detail(response)
 
 
 def test_a_fetch_follows_every_page_under_the_fhir_server(
@@ -269,6 +264,24 @@ def test_the_documented_sandbox_example_is_valid_settings() -> None:
     assert keys is not None and "44823f3d-0b01-4a6c-a80e-b9d3e8a7226f" in keys
 
 
+def test_the_sandbox_example_keeps_security_and_one_public_base_url(tmp_path: Path) -> None:
+    """The sandbox signs discovery: the example must not switch its JWT check off, nor set a
+    CDS-only base URL that the card's smart link (the top-level one) does not use."""
+    text = (DOCS / "examples" / "cds-sandbox.yaml").read_text()
+    example = yaml.safe_load(text)
+    assert "discovery_requires_auth" not in example["cds"]
+    assert "public_base_url" not in example["cds"]
+    assert "without a JWT" not in text
+    settings = Settings(**example, lock_dir=tmp_path / "locks")
+    assert settings.cds is not None
+    assert settings.cds.discovery_requires_auth is True
+    assert settings.cds.public_base_url == settings.public_base_url == "http://localhost:8000"
+    # The sandbox's server under either name is the same one, and it is read without a token.
+    names = settings.cds.server_names
+    assert names.same("http://127.0.0.1:8080/fhir/", "http://localhost:8080/fhir")
+    assert settings.cds.server_open("http://127.0.0.1:8080/fhir")
+
+
 # --- write on accept ------------------------------------------------------------------------
 
 
@@ -332,8 +345,11 @@ def test_an_accepted_suggestion_is_written_once_when_the_site_asks_for_it(
         "written": 1,
         "unchanged": 0,
         "alreadyHandled": 0,
+        "skipped": 0,
         "failed": 0,
     }
+    [done] = first.get_json()["details"]
+    assert done["outcome"] == "written" and BASE in done["reason"]
     assert transaction_calls(rsps) == 1
     [plan] = fhir.all("CarePlan")
     suggested = next(
@@ -347,6 +363,7 @@ def test_an_accepted_suggestion_is_written_once_when_the_site_asks_for_it(
         url, json=_accept(card, "2024-04-15T10:05:00Z"), headers=auth(ec_key, aud=PUBLIC + url)
     )
     assert again.get_json()["plans"]["alreadyHandled"] == 1
+    assert again.get_json()["details"][0]["reason"] == "the plan of this card was written before"
     assert transaction_calls(rsps) == 1
     assert len(fhir.all("CarePlan")) == 1
     # The next chart opening shows the plan on file, not the same suggestion again.

@@ -263,3 +263,40 @@ def test_the_redis_store_counts_like_the_sqlite_store(redis_url: str) -> None:
     assert summaries[0]["cardTypes"]["unknown"] == {"issued": 0, "accepted": 0, "overridden": 1}
     assert summaries[0]["overrideReasons"][0]["count"] == 1
     client.close()
+
+
+def test_both_stores_count_cards_not_clicks_and_keep_the_write_note(redis_url: str) -> None:
+    """The sandbox sends `accepted` on every click: one card accepted three times counts once."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    stores = [
+        FeedbackStore(clock=lambda: NOW_EPOCH),
+        RedisFeedbackStore(client, prefix=f"t-{uuid.uuid4().hex}", clock=lambda: NOW_EPOCH),
+    ]
+    note = "FHIR server differs: the EHR named http://a/fhir, this service writes to http://b/fhir"
+    for store in stores:
+        store.record_issued(
+            SERVICE_ID,
+            [
+                IssuedCardRecord("c1", "screening-plan", "high", "s1", None, note),
+                IssuedCardRecord("c2", "screening-plan", "high", "s2"),
+            ],
+        )
+        clicks = [
+            {
+                "card": "c1",
+                "outcome": "accepted",
+                "acceptedSuggestions": [{"id": "s1"}],
+                "outcomeTimestamp": f"2024-04-15T10:0{n}:00Z",
+            }
+            for n in range(3)
+        ]
+        store.record_feedback(SERVICE_ID, _items(*clicks))
+        summary = store.summary(SERVICE_ID).as_json()
+        assert summary["cardTypes"]["screening-plan"] == {
+            "issued": 2,
+            "accepted": 1,
+            "overridden": 0,
+        }
+        record = store.issued_card(SERVICE_ID, "c1")
+        assert record is not None and record.write_note == note and record.patient_id is None
+    client.close()

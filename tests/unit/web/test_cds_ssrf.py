@@ -22,6 +22,7 @@ from tests.unit.web.test_cds_hooks import (
     auth,
     ec_key,
     full_request,
+    incomplete_detail,
     make_app,
     rsps,
 )
@@ -118,8 +119,7 @@ def test_a_redirect_is_not_followed(
     body = full_request(app_templates(app), resources, fhir_server=EHR_FHIR, token=FHIR_TOKEN)
     del body["prefetch"]["conditions"]
     response = post(app, ec_key, body)
-    assert response.status_code == 412
-    assert "conditions" in response.get_json()["issue"][0]["diagnostics"]
+    assert "conditions" in incomplete_detail(response)
     assert outside.hits == []
 
 
@@ -143,8 +143,7 @@ def test_a_next_link_outside_the_base_path_is_not_followed(
     body = full_request(app_templates(app), resources, fhir_server=EHR_FHIR, token=FHIR_TOKEN)
     del body["prefetch"]["conditions"]
     response = post(app, ec_key, body)
-    assert response.status_code == 412
-    assert "conditions" in response.get_json()["issue"][0]["diagnostics"]
+    assert "conditions" in incomplete_detail(response)
     assert outside.hits == []
 
 

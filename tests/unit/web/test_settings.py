@@ -172,3 +172,42 @@ def test_cds_hooks_are_served_only_when_configured(
     response = create_app(settings).test_client().get("/cds-services")
     assert response.status_code == 200
     assert response.get_json()["services"][0]["hook"] == "patient-view"
+
+
+# --- one public base URL for every link -----------------------------------------------------
+
+CDS_OFF_TRUST = {"trust": {"mode": "off"}}
+
+
+def test_the_cds_edge_and_the_smart_link_use_the_one_public_base_url(tmp_path: Path) -> None:
+    """The sandbox run: the smart link used `public_base_url`, the example set only
+    `cds.public_base_url`, so the card linked to a dead port."""
+    settings = Settings(
+        fhir=FhirServerConfig(base_url="http://hapi.local/fhir"),
+        trust=TrustConfig(mode="off"),
+        lock_dir=tmp_path / "locks",
+        cds={**CDS_OFF_TRUST, "public_base_url": "http://localhost:8000/"},
+    )
+    assert settings.public_base_url == "http://localhost:8000"
+    assert settings.cds is not None and settings.cds.public_base_url == "http://localhost:8000"
+
+
+def test_the_top_level_public_base_url_is_the_cds_audience_too(tmp_path: Path) -> None:
+    settings = Settings(
+        fhir=FhirServerConfig(base_url="http://hapi.local/fhir"),
+        trust=TrustConfig(mode="off"),
+        lock_dir=tmp_path / "locks",
+        public_base_url="https://dm.example.org",
+        cds=CDS_OFF_TRUST,
+    )
+    assert settings.cds is not None and settings.cds.public_base_url == "https://dm.example.org"
+
+
+def test_two_different_public_base_urls_stop_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FHIR_DM_FHIR__BASE_URL", "http://hapi.local/fhir")
+    monkeypatch.setenv("FHIR_DM_TRUST__MODE", "off")
+    monkeypatch.setenv("FHIR_DM_PUBLIC_BASE_URL", "https://dm.example.org")
+    monkeypatch.setenv("FHIR_DM_CDS__TRUST__MODE", "off")
+    monkeypatch.setenv("FHIR_DM_CDS__PUBLIC_BASE_URL", "http://localhost:8000")
+    with pytest.raises(KnowledgeError, match=r"cds\.public_base_url is deprecated and differs"):
+        load_settings()
