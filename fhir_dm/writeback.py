@@ -15,6 +15,7 @@ from urllib.parse import urljoin, urlsplit
 
 from fhir_dm import deadline as deadlines
 from fhir_dm.core.assess import AssessmentRun, Engine, PatientResult
+from fhir_dm.core.ids import FHIR_ID_PATTERN, is_fhir_id
 from fhir_dm.core.inputs import (
     Pair,
     group_by_patient,
@@ -54,7 +55,6 @@ WriteStatus = Literal["preview", "written", "unchanged"]
 CONFLICT_STATUSES = frozenset({409, 412})
 MAX_WRITE_ATTEMPTS = 4
 CONFLICT_PAUSE_SECONDS = 0.1
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 # What a patient's assessment reads, each searched with `patient=<id>` (paging followed).
 PATIENT_SEARCHES = (
@@ -68,7 +68,9 @@ PATIENT_SEARCHES = (
     "ServiceRequest",
     "ImagingStudy",
 )
-_LOCATION = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/([^/]+))?/?$")
+_LOCATION = re.compile(
+    r"(?:^|/)([A-Z][A-Za-z]+)/(" + FHIR_ID_PATTERN + r")(?:/_history/([^/]+))?/?$"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +211,7 @@ class WriteBack:
         system the server Patient also uses must be one of the server's values for it.
         """
         patient_id = patient.get("id")
-        if not isinstance(patient_id, str) or not _FHIR_ID.fullmatch(patient_id):
+        if not is_fhir_id(patient_id):
             raise InputError(
                 "to write back, every Patient in the Bundle needs its id on the FHIR server"
                 " (Patient.id); use preview, or the Patient operation"

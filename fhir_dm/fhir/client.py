@@ -16,10 +16,10 @@ import requests
 from requests.auth import AuthBase
 
 from fhir_dm import deadline as deadlines
+from fhir_dm.core.ids import check_fhir_id
 from fhir_dm.deadline import Deadline
 from fhir_dm.errors import (
     DeadlineExceededError,
-    InputError,
     UpstreamError,
     UpstreamRejectedError,
     UpstreamThrottledError,
@@ -40,7 +40,6 @@ DEFAULT_PAGE_SIZE = 200
 DEFAULT_MAX_PAGES = 100
 MAX_DIAGNOSTICS_CHARS = 300
 _RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
-_RESOURCE_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 Resource = dict[str, Any]
@@ -107,8 +106,7 @@ class FhirClient:
     def read(self, resource_type: str, id: str) -> Resource | None:
         """GET one resource; None when the server says it does not exist (404) or is gone (410)."""
         _check_resource_type(resource_type)
-        if not _RESOURCE_ID.fullmatch(id):
-            raise InputError("not a valid FHIR resource id")
+        check_fhir_id(id, f"{resource_type} id")
         response = self._request(
             "GET",
             f"{self._base_url}/{resource_type}/{id}",

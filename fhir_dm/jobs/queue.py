@@ -42,13 +42,14 @@ from huey.consumer import Consumer
 from huey.exceptions import CancelExecution, RetryTask
 
 from fhir_dm.core.identifiers import Identity
+from fhir_dm.core.ids import FHIR_ID_PATTERN, is_fhir_id
 from fhir_dm.errors import (
     FhirDmError,
     InputError,
     KnowledgeError,
     PatientBusyError,
     PatientNotFoundError,
-    UpstreamUnavailableError,
+    QueueUnavailableError,
 )
 from fhir_dm.fhir.client import FhirClient, client_from_config
 from fhir_dm.jobs.settings import JobsSettings
@@ -69,10 +70,13 @@ DEAD_PREFIX = "fhir-dm:dead:"
 SWEPT_PREFIX = "fhir-dm:swept:"
 LOCK_PREFIX = "fhir-dm:patient-lock:"
 KEY_NAMESPACE = b"fhir-dm queue key\x00"
+READY_KEY = "fhir-dm:ready"  # read by the readiness probe; never written
+# What the queue's storage raises when it cannot be reached (a Redis or SQLite outage).
+QUEUE_ERRORS: tuple[type[Exception], ...] = (redis.exceptions.RedisError, sqlite3.Error, OSError)
+QUEUE_RETRY_AFTER_SECONDS = 5
 # Failures retrying cannot mend: the patient is gone, the input or the configuration is wrong.
 PERMANENT_ERRORS: tuple[type[Exception], ...] = (InputError, PatientNotFoundError, KnowledgeError)
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-_PATIENT_REFERENCE = re.compile(r"(?:^|/)Patient/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
+_PATIENT_REFERENCE = re.compile(r"(?:^|/)Patient/(" + FHIR_ID_PATTERN + r")(?:/_history/[^/]+)?$")
 
 Json = dict[str, Any]
 
@@ -84,7 +88,7 @@ def patient_key(patient_id: str) -> str:
 
 def is_patient_id(value: object) -> bool:
     """Whether `value` is a FHIR logical id (what `reassess` accepts)."""
-    return isinstance(value, str) and _FHIR_ID.fullmatch(value) is not None
+    return is_fhir_id(value)
 
 
 def patient_id_of(reference: object, base_url: str) -> str | None:
@@ -182,6 +186,23 @@ class RedisPatientLock:
                 _log.warning("patient lock lease ended before the re-assessment did")
 
 
+@contextmanager
+def queue_available() -> Iterator[None]:
+    """Turn an outage of the queue's storage into QueueUnavailableError (503, Retry-After).
+
+    So a caller (the FHIR server's notification, an operator's population run) is told to come
+    back later rather than given a 500, and nothing is half-enqueued silently.
+    """
+    try:
+        yield
+    except QUEUE_ERRORS:
+        _log.warning("job queue unavailable")
+        raise QueueUnavailableError(
+            "the job queue is unavailable; try again later",
+            retry_after=QUEUE_RETRY_AFTER_SECONDS,
+        ) from None
+
+
 def open_huey(settings: JobsSettings, *, immediate: bool = False) -> Huey:
     """The Huey of the configured backend; results are not kept (tasks return nothing)."""
     if settings.backend == "redis":
@@ -194,6 +215,12 @@ def open_huey(settings: JobsSettings, *, immediate: bool = False) -> Huey:
         utc=True,
         immediate=immediate,
     )
+
+
+def open_huey_checked(settings: JobsSettings) -> Huey:
+    """`open_huey`, with a storage that cannot be opened as QueueUnavailableError (503)."""
+    with queue_available():
+        return open_huey(settings)
 
 
 def patient_lock_for(settings: JobsSettings) -> PatientLock:
@@ -260,13 +287,13 @@ class Jobs:
         """
         if not is_patient_id(patient_id):
             raise InputError("not a valid FHIR Patient id")
-        try:
+        with queue_available():
             return self._request(patient_id)
-        except (redis.exceptions.RedisError, sqlite3.Error, OSError):
-            _log.warning("job queue unavailable")
-            raise UpstreamUnavailableError(
-                "the re-assessment queue is unavailable; try again later", retry_after=5
-            ) from None
+
+    def ping(self) -> None:
+        """Read one key of the queue's storage; QueueUnavailableError (503) when it is down."""
+        with queue_available():
+            self.huey.storage.peek_data(READY_KEY)
 
     def _request(self, patient_id: str) -> bool:
         claim, again = _keys(patient_id)
@@ -292,9 +319,9 @@ class Jobs:
                 self.reassess.schedule(args=(patient_id,), delay=delay)
             else:
                 self.reassess(patient_id)
-        except (redis.exceptions.RedisError, sqlite3.Error, OSError):
+        except QUEUE_ERRORS:
             # Not enqueued: drop our claim (if we still can), so the next notification tries.
-            with suppress(redis.exceptions.RedisError, sqlite3.Error, OSError):
+            with suppress(*QUEUE_ERRORS):
                 self.huey.storage.delete_data(claim)
             raise
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import suppress
 from datetime import datetime
 from typing import Any
 
@@ -11,8 +12,10 @@ from flask import Blueprint, Response, jsonify
 from fhir_dm import __version__
 from fhir_dm.core.assess import SOFTWARE_NAME
 from fhir_dm.errors import FhirDmError
+from fhir_dm.jobs.queue import Jobs, Runtime, open_huey_checked
+from fhir_dm.jobs.settings import JobsSettings
 from fhir_dm.knowledge.models import Knowledge
-from fhir_dm.web.outcomes import fhir_response, outcome_response
+from fhir_dm.web.outcomes import fhir_response, issue, outcome_of
 from fhir_dm.web.settings import Settings, current_service
 
 bp = Blueprint("system", __name__)
@@ -88,13 +91,41 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> Response:
-    """Ready: the FHIR server answers its metadata call (once, no retries: the probe repeats)."""
+    """Ready: every configured backend answers, each asked once (no retries: the probe repeats).
+
+    The FHIR server (its metadata call) always; the job queue's storage (Redis, or the SQLite
+    file) when `jobs` is configured. A 503 names every backend that is not ready.
+    """
     service = current_service()
+    problems: list[tuple[str, str]] = []
     try:
         service.fhir.capabilities(retry=False)
     except FhirDmError as exc:
-        return outcome_response(503, exc.issue_code, f"FHIR server not ready: {exc.message}")
+        problems.append((exc.issue_code, f"FHIR server not ready: {exc.message}"))
+    if service.settings.jobs is not None:
+        try:
+            _ping_queue(service.settings.jobs)
+        except FhirDmError as exc:
+            problems.append((exc.issue_code, f"job queue not ready: {exc.message}"))
+    if problems:
+        return fhir_response(
+            outcome_of([issue("error", code, text) for code, text in problems]), 503
+        )
     return jsonify(status="ready")
+
+
+def _ping_queue(settings: JobsSettings) -> None:
+    """Open the queue's storage and read one key; QueueUnavailableError when it is down."""
+    jobs = Jobs(open_huey_checked(settings), settings, _no_runtime)
+    try:
+        jobs.ping()
+    finally:
+        with suppress(Exception):
+            jobs.close()
+
+
+def _no_runtime() -> Runtime:
+    raise RuntimeError("the readiness probe runs no task")
 
 
 @bp.get("/metadata")
