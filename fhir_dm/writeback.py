@@ -44,6 +44,7 @@ from fhir_dm.errors import (
 from fhir_dm.fhir.client import FhirClient, upstream_status
 from fhir_dm.fhir.retry import is_idempotent_bundle
 from fhir_dm.locks import PatientLocks
+from fhir_dm.metrics import ASSESSMENTS, counting_assessment
 
 _log = logging.getLogger(__name__)
 
@@ -175,6 +176,7 @@ class WriteBack:
 
     def preview_run(self, run: AssessmentRun) -> list[PatientWrite]:
         """The results of an assessed Bundle as they would be written; reads nothing."""
+        ASSESSMENTS.labels(outcome="previewed").inc(len(run.results))
         return [
             PatientWrite(r, "preview", True, None, self._collection_entries(r.entries))
             for r in run.results
@@ -211,7 +213,7 @@ class WriteBack:
         system the server Patient also uses must be one of the server's values for it.
         """
         patient_id = patient.get("id")
-        if not is_fhir_id(patient_id):
+        if not isinstance(patient_id, str) or not is_fhir_id(patient_id):
             raise InputError(
                 "to write back, every Patient in the Bundle needs its id on the FHIR server"
                 " (Patient.id); use preview, or the Patient operation"
@@ -231,6 +233,20 @@ class WriteBack:
         return patient_id
 
     def _write_patient(
+        self,
+        patient_id: str,
+        posted: Sequence[Pair],
+        *,
+        now: date | datetime,
+        preview: bool,
+    ) -> PatientWrite:
+        """`_assess_and_write`, counted by outcome for the operators' metrics."""
+        with counting_assessment() as report:
+            write = self._assess_and_write(patient_id, posted, now=now, preview=preview)
+            report(write.status)
+        return write
+
+    def _assess_and_write(
         self,
         patient_id: str,
         posted: Sequence[Pair],

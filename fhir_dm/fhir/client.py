@@ -29,6 +29,7 @@ from fhir_dm.errors import (
 from fhir_dm.fhir.auth import NoAuth, auth_from_config
 from fhir_dm.fhir.config import FhirServerConfig
 from fhir_dm.fhir.retry import RetryPolicy, is_idempotent_bundle, parse_retry_after
+from fhir_dm.metrics import FHIR_ERRORS
 
 __all__ = ["FhirClient", "client_from_config", "upstream_status"]
 
@@ -416,6 +417,7 @@ def _upstream_error(cls: type[UpstreamError], message: str, status: int | None) 
     """An UpstreamError with `upstream_status` set, for callers that care about the code."""
     exc = cls(message)
     setattr(exc, "upstream_status", status)  # noqa: B010 - not declared in errors.py
+    FHIR_ERRORS.labels(error=cls.__name__).inc()
     return exc
 
 

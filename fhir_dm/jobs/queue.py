@@ -56,6 +56,7 @@ from fhir_dm.jobs.settings import JobsSettings
 from fhir_dm.knowledge.load import CONFIG_DIR_VARIABLE
 from fhir_dm.knowledge.models import Knowledge
 from fhir_dm.locks import PatientLocks
+from fhir_dm.metrics import NOTIFICATION_LAG
 from fhir_dm.web.settings import Settings, load_engine, load_settings
 from fhir_dm.writeback import WriteBack
 
@@ -310,15 +311,15 @@ class Jobs:
             # A claim older than its run could be: that run was lost (a worker killed mid-run,
             # a flushed queue). Take it over rather than block the patient.
             storage.put_data(claim, _number(now + delay))
-        self._enqueue(patient_id, claim, delay)
+        self._enqueue(patient_id, claim, delay, now)
         return True
 
-    def _enqueue(self, patient_id: str, claim: str, delay: float) -> None:
+    def _enqueue(self, patient_id: str, claim: str, delay: float, requested_at: float) -> None:
         try:
             if delay > 0:
-                self.reassess.schedule(args=(patient_id,), delay=delay)
+                self.reassess.schedule(args=(patient_id, requested_at), delay=delay)
             else:
-                self.reassess(patient_id)
+                self.reassess(patient_id, requested_at)
         except QUEUE_ERRORS:
             # Not enqueued: drop our claim (if we still can), so the next notification tries.
             with suppress(*QUEUE_ERRORS):
@@ -335,9 +336,12 @@ class Jobs:
         claim, again = _keys(patient_id)
         storage = self.huey.storage
         while True:
-            if storage.pop_data(again) is not EmptyData:
-                storage.put_data(claim, _number(self._clock()))
-                self._enqueue(patient_id, claim, 0.0)
+            marked = storage.pop_data(again)
+            if marked is not EmptyData:
+                now = self._clock()
+                storage.put_data(claim, _number(now))
+                requested = _read_number(marked)
+                self._enqueue(patient_id, claim, 0.0, now if requested is None else requested)
                 return
             storage.delete_data(claim)
             if storage.peek_data(again) is EmptyData:
@@ -352,11 +356,15 @@ class Jobs:
 
     # -- the tasks ---------------------------------------------------------------------------
 
-    def _reassess(self, patient_id: str, task: Any = None) -> None:
+    def _reassess(
+        self, patient_id: str, requested_at: float | None = None, task: Any = None
+    ) -> None:
         """Re-assess one patient and write the revision; retry, or record, on failure.
 
         The run holds the patient's claim (refreshed now: it is alive) and clears the "again"
-        mark before it reads, since it reads what those notifications announced.
+        mark before it reads, since it reads what those notifications announced. A run that
+        ends with the plan up to date observes the notification-to-plan lag (`requested_at`:
+        when the change was notified; absent from tasks queued by an older version).
         """
         claim, again = _keys(patient_id)
         self.huey.storage.put_data(claim, _number(self._clock()))
@@ -374,6 +382,8 @@ class Jobs:
             # an upstream URL naming the patient).
             raise CancelExecution(retry=False) from None
         _log.info("re-assessed: %s", write.status)
+        if requested_at is not None:
+            NOTIFICATION_LAG.observe(max(0.0, self._clock() - requested_at))
         self._release(patient_id)
 
     def _failed(self, patient_id: str, task: Any, exc: Exception) -> None:
