@@ -75,6 +75,7 @@ READY_KEY = "fhir-dm:ready"  # read by the readiness probe; never written
 # What the queue's storage raises when it cannot be reached (a Redis or SQLite outage).
 QUEUE_ERRORS: tuple[type[Exception], ...] = (redis.exceptions.RedisError, sqlite3.Error, OSError)
 QUEUE_RETRY_AFTER_SECONDS = 5
+REDIS_CONNECT_TIMEOUT_SECONDS = 5.0
 # Failures retrying cannot mend: the patient is gone, the input or the configuration is wrong.
 PERMANENT_ERRORS: tuple[type[Exception], ...] = (InputError, PatientNotFoundError, KnowledgeError)
 _PATIENT_REFERENCE = re.compile(r"(?:^|/)Patient/(" + FHIR_ID_PATTERN + r")(?:/_history/[^/]+)?$")
@@ -206,8 +207,13 @@ def queue_available() -> Iterator[None]:
 
 def open_huey(settings: JobsSettings, *, immediate: bool = False) -> Huey:
     """The Huey of the configured backend; results are not kept (tasks return nothing)."""
-    if settings.backend == "redis":
-        return RedisHuey(settings.queue_name, url=settings.redis_url, results=False, utc=True)
+    if settings.backend == "redis" and settings.redis_url is not None:  # validated as a pair
+        # A connect timeout, so an unreachable Redis fails fast (503) instead of hanging a
+        # request thread; reads keep no timeout (a worker's blocking pop waits on purpose).
+        pool = redis.ConnectionPool.from_url(
+            settings.redis_url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECONDS
+        )
+        return RedisHuey(settings.queue_name, connection_pool=pool, results=False, utc=True)
     settings.sqlite_file.parent.mkdir(parents=True, exist_ok=True)
     return SqliteHuey(
         settings.queue_name,

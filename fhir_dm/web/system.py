@@ -6,6 +6,7 @@ from contextlib import suppress
 from datetime import datetime
 from typing import Any
 
+import redis
 from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 from flask import Blueprint, Response, jsonify
 
@@ -21,6 +22,7 @@ from fhir_dm.web.settings import Settings, current_service
 bp = Blueprint("system", __name__)
 
 FHIR_VERSION = "4.0.1"
+REDIS_PROBE_SECONDS = 2.0
 SYSTEM_OPERATION_ID = "dm-cancer-screening"
 PATIENT_OPERATION_ID = "Patient-dm-cancer-screening"
 OPERATION_NAME = "dm-cancer-screening"
@@ -94,7 +96,8 @@ def readyz() -> Response:
     """Ready: every configured backend answers, each asked once (no retries: the probe repeats).
 
     The FHIR server (its metadata call) always; the job queue's storage (Redis, or the SQLite
-    file) when `jobs` is configured. A 503 names every backend that is not ready.
+    file) when `jobs` is configured; CDS Hooks' shared state when it is on Redis. A 503 names
+    every backend that is not ready.
     """
     service = current_service()
     problems: list[tuple[str, str]] = []
@@ -107,6 +110,12 @@ def readyz() -> Response:
             _ping_queue(service.settings.jobs)
         except FhirDmError as exc:
             problems.append((exc.issue_code, f"job queue not ready: {exc.message}"))
+    cds = service.settings.cds
+    if cds is not None and cds.state.backend == "redis" and cds.state.redis_url is not None:
+        try:
+            _ping_redis(cds.state.redis_url.get_secret_value())
+        except redis.exceptions.RedisError:
+            problems.append(("transient", "CDS Hooks state (Redis) not ready: cannot reach it"))
     if problems:
         return fhir_response(
             outcome_of([issue("error", code, text) for code, text in problems]), 503
@@ -122,6 +131,17 @@ def _ping_queue(settings: JobsSettings) -> None:
     finally:
         with suppress(Exception):
             jobs.close()
+
+
+def _ping_redis(url: str) -> None:
+    """One PING with short timeouts; RedisError when Redis does not answer."""
+    client = redis.Redis.from_url(
+        url, socket_connect_timeout=REDIS_PROBE_SECONDS, socket_timeout=REDIS_PROBE_SECONDS
+    )
+    try:
+        client.ping()
+    finally:
+        client.close()
 
 
 def _no_runtime() -> Runtime:

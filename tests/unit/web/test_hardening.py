@@ -300,3 +300,23 @@ def test_the_app_csp_names_its_frame_ancestors_and_fhir_servers(tmp_path: Path) 
         csp = page.headers["Content-Security-Policy"]
     assert "frame-ancestors 'self' https://ehr.example.org" in csp
     assert "connect-src 'self' https://fhir.example.org https://auth.example.org" in csp
+
+
+def test_readyz_checks_the_cds_state_on_redis(tmp_path: Path, fhir_server: FakeFhirServer) -> None:
+    from fhir_dm.cds.state import StateSettings
+    from fhir_dm.web.cds_hooks import CdsSettings
+    from tests.redis_server import RedisServer
+
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis")
+    url = server.start()
+    try:
+        state = StateSettings(backend="redis", redis_url=url)
+        cds = CdsSettings(enabled=False, trust=TrustConfig(mode="off"), state=state)
+        client = _client(tmp_path, cds=cds)
+        assert client.get("/readyz").status_code == 200
+    finally:
+        server.stop()
+    answer = client.get("/readyz")
+    assert answer.status_code == 503
+    assert "CDS Hooks state" in _outcome(answer)
