@@ -184,29 +184,49 @@ def _queue(service: Service) -> Any:
     return Jobs(open_huey_checked(jobs), jobs, lambda: build_runtime(settings))
 
 
+def _running(jobs: Any) -> str | None:
+    """The id of the recorded active run while it still has patients queued; else None."""
+    from fhir_dm.population.queued import QueuedRun
+
+    raw = jobs.huey.storage.peek_data(ACTIVE_RUN_KEY)
+    current = bytes(raw).decode("ascii", "replace") if isinstance(raw, bytes) else ""
+    if not RUN_ID.fullmatch(current):
+        return None
+    result = QueuedRun(jobs, current).status()
+    if result is None or len(result.done) + len(result.failures) >= result.total:
+        return None  # finished, or its manifest is gone: it may be taken over
+    return current
+
+
 def _claim_active(jobs: Any, run_id: str) -> str | None:
     """Make `run_id` the one active run; the id of another run still going, else None.
 
     One key in the queue's storage, set atomically, so the limit holds across workers and
     hosts. A recorded run that has finished (or whose manifest is gone) is taken over.
     """
-    from fhir_dm.population.queued import QueuedRun
-
     storage = jobs.huey.storage
     for _ in range(3):
         if storage.put_if_empty(ACTIVE_RUN_KEY, run_id.encode("ascii")):
             return None
-        raw = storage.peek_data(ACTIVE_RUN_KEY)
-        current = bytes(raw).decode("ascii", "replace") if isinstance(raw, bytes) else ""
-        running = None
-        if RUN_ID.fullmatch(current):
-            running = QueuedRun(jobs, current).status()
-        if running is not None and len(running.done) + len(running.failures) < running.total:
-            return current
+        running = _running(jobs)
+        if running is not None:
+            return running
         popped = storage.pop_data(ACTIVE_RUN_KEY)
-        if isinstance(popped, bytes) and popped.decode("ascii", "replace") != current:
+        if isinstance(popped, bytes) and _running(jobs) is None:
+            continue  # the finished run's claim is gone: claim again
+        if isinstance(popped, bytes):
             storage.put_if_empty(ACTIVE_RUN_KEY, popped)  # a newer claim: put it back
-    return current
+    return _running(jobs) or "unknown"
+
+
+def _conflict(service: Service, running: str) -> Response:
+    location = _run_location(service, running)
+    return outcome_response(
+        409,
+        "conflict",
+        f"population run {running} is still in progress; one run at a time (status at {location})",
+        headers={"Content-Location": location},
+    )
 
 
 def _run_location(service: Service, run_id: str) -> str:
@@ -223,8 +243,8 @@ def population_run() -> Response:
     call = _run_call()
     preview = True if call.preview is None else call.preview
     now = call.now or _today()
-    patient_ids = _find(service)
     if service.settings.jobs is None:
+        patient_ids = _find(service)
         _check_size(service, len(patient_ids))
         result = _assess_all(service, patient_ids, now=now, preview=preview)
         return fhir_response(_summary(result, preview=preview, complete=True))
@@ -233,20 +253,20 @@ def population_run() -> Response:
     jobs = _queue(service)
     try:
         with queue_available():
+            # Refused before the population search when a run is going (the cheap check);
+            # the claim below decides for requests racing past it.
+            running = _running(jobs)
+        if running is not None:
+            return _conflict(service, running)
+        patient_ids = _find(service)
+        with queue_available():
             run = QueuedRun(jobs, new_run_id())
             # The manifest first: a run another request sees as active can always be read.
             run.save_manifest(patient_ids, now=now, preview=preview)
             running = _claim_active(jobs, run.run_id)
             if running is not None:
                 run.forget([])
-                location = _run_location(service, running)
-                return outcome_response(
-                    409,
-                    "conflict",
-                    f"population run {running} is still in progress; one run at a time"
-                    f" (status at {location})",
-                    headers={"Content-Location": location},
-                )
+                return _conflict(service, running)
             run.submit(patient_ids, now=now, preview=preview)
     finally:
         jobs.close()

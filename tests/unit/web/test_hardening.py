@@ -223,6 +223,17 @@ def test_a_second_population_run_while_one_is_queued_is_409_naming_it(
         assert again.headers["Content-Location"] == first.headers["Location"]
 
 
+def test_a_finished_run_lets_the_next_one_start(
+    tmp_path: Path, fhir_server: FakeFhirServer
+) -> None:
+    client = _client(tmp_path, jobs=JobsSettings(sqlite_file=tmp_path / "q.sqlite3"))
+    # No IIM patient: each run has nothing queued, so it has finished when the next comes.
+    first = client.post(RUN, headers=AUTH)
+    second = client.post(RUN, headers=AUTH)
+    assert (first.status_code, second.status_code) == (202, 202)
+    assert first.headers["Location"] != second.headers["Location"]
+
+
 def test_a_notification_naming_too_many_patients_is_refused_whole(tmp_path: Path) -> None:
     client = _notify_client(tmp_path, max_patients_per_notification=5)
     bundle = {
