@@ -18,7 +18,8 @@ FhirDmError                       status  issue_code
 │   ├── UpstreamTimeoutError      504     timeout
 │   │   └── DeadlineExceededError 504     timeout        the request's time budget ran out
 │   ├── UpstreamUnavailableError  503     transient      503 from the server (Retry-After)
-│   │   └── UpstreamThrottledError 503    throttled      429 from the server (Retry-After)
+│   │   ├── UpstreamThrottledError 503    throttled      429 from the server (Retry-After)
+│   │   └── QueueUnavailableError  503    transient      the job queue's storage is down
 │   └── UpstreamRejectedError     502     processing     quotes the server's OperationOutcome
 ├── PatientBusyError              503     lock-error     the patient's lock stayed held
 ├── PreconditionFailedError       412     incomplete     CDS Hooks: prefetch missing, unfetchable
@@ -160,6 +161,10 @@ class UpstreamThrottledError(UpstreamUnavailableError):
     """Raised when the FHIR server throttles us (429) for longer than we may wait."""
 
     issue_code = "throttled"
+
+
+class QueueUnavailableError(UpstreamUnavailableError):
+    """Raised when the job queue's storage (Redis, the SQLite file) cannot be reached."""
 
 
 class UpstreamRejectedError(UpstreamError):

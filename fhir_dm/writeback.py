@@ -15,6 +15,7 @@ from urllib.parse import urljoin, urlsplit
 
 from fhir_dm import deadline as deadlines
 from fhir_dm.core.assess import AssessmentRun, Engine, PatientResult
+from fhir_dm.core.ids import FHIR_ID_PATTERN, is_fhir_id
 from fhir_dm.core.inputs import (
     Pair,
     group_by_patient,
@@ -43,6 +44,7 @@ from fhir_dm.errors import (
 from fhir_dm.fhir.client import FhirClient, upstream_status
 from fhir_dm.fhir.retry import is_idempotent_bundle
 from fhir_dm.locks import PatientLocks
+from fhir_dm.metrics import ASSESSMENTS, counting_assessment
 
 _log = logging.getLogger(__name__)
 
@@ -54,7 +56,6 @@ WriteStatus = Literal["preview", "written", "unchanged"]
 CONFLICT_STATUSES = frozenset({409, 412})
 MAX_WRITE_ATTEMPTS = 4
 CONFLICT_PAUSE_SECONDS = 0.1
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 # What a patient's assessment reads, each searched with `patient=<id>` (paging followed).
 PATIENT_SEARCHES = (
@@ -68,7 +69,9 @@ PATIENT_SEARCHES = (
     "ServiceRequest",
     "ImagingStudy",
 )
-_LOCATION = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/([^/]+))?/?$")
+_LOCATION = re.compile(
+    r"(?:^|/)([A-Z][A-Za-z]+)/(" + FHIR_ID_PATTERN + r")(?:/_history/([^/]+))?/?$"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +176,7 @@ class WriteBack:
 
     def preview_run(self, run: AssessmentRun) -> list[PatientWrite]:
         """The results of an assessed Bundle as they would be written; reads nothing."""
+        ASSESSMENTS.labels(outcome="previewed").inc(len(run.results))
         return [
             PatientWrite(r, "preview", True, None, self._collection_entries(r.entries))
             for r in run.results
@@ -209,7 +213,7 @@ class WriteBack:
         system the server Patient also uses must be one of the server's values for it.
         """
         patient_id = patient.get("id")
-        if not isinstance(patient_id, str) or not _FHIR_ID.fullmatch(patient_id):
+        if not isinstance(patient_id, str) or not is_fhir_id(patient_id):
             raise InputError(
                 "to write back, every Patient in the Bundle needs its id on the FHIR server"
                 " (Patient.id); use preview, or the Patient operation"
@@ -229,6 +233,20 @@ class WriteBack:
         return patient_id
 
     def _write_patient(
+        self,
+        patient_id: str,
+        posted: Sequence[Pair],
+        *,
+        now: date | datetime,
+        preview: bool,
+    ) -> PatientWrite:
+        """`_assess_and_write`, counted by outcome for the operators' metrics."""
+        with counting_assessment() as report:
+            write = self._assess_and_write(patient_id, posted, now=now, preview=preview)
+            report(write.status)
+        return write
+
+    def _assess_and_write(
         self,
         patient_id: str,
         posted: Sequence[Pair],

@@ -8,7 +8,6 @@ fields) but strictly about the fields the service relies on.
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -16,6 +15,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from fhir_dm.cds.fetch import has_dot_segment
+from fhir_dm.core.ids import NOT_A_SAFE_ID, is_fhir_id
 
 Indicator = Literal["info", "warning", "critical"]
 ActionType = Literal["create", "update", "delete"]
@@ -23,18 +23,11 @@ ActionType = Literal["create", "update", "delete"]
 MAX_SUMMARY_CHARS = 139  # the spec: a "<140-character summary"
 MAX_HOOK_INSTANCE_CHARS = 256
 MAX_FEEDBACK_ITEMS = 100
-FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-# Ids the FHIR id pattern allows but that are URL dot segments: as a path segment they would
-# climb out of the resource type (`Patient/..`), so they are never accepted.
-DOT_SEGMENT_IDS = frozenset({".", ".."})
-
-
-NOT_A_SAFE_ID = "must be a FHIR id (1-64 letters, digits, '-' or '.'), not '.' or '..'"
 
 
 def is_safe_fhir_id(value: str) -> bool:
-    """A FHIR id that is safe as a URL path segment (not `.` or `..`)."""
-    return bool(FHIR_ID.fullmatch(value)) and value not in DOT_SEGMENT_IDS
+    """A FHIR id that is safe as a URL path segment (not `.` or `..`): the one shared check."""
+    return is_fhir_id(value)
 
 
 class _Wire(BaseModel):

@@ -20,13 +20,14 @@ import uuid
 from dataclasses import dataclass
 from datetime import date
 
+from fhir_dm.core.ids import FHIR_ID_PATTERN
 from fhir_dm.core.plan import Plan
 from fhir_dm.knowledge.models import RuleSet
 
 DIGEST_LENGTH = 12
 PATIENT_KEY_LENGTH = 16
 # A patient known by its logical id (on the server it is written to): `Patient/<id>`.
-_PATIENT_ID_REFERENCE = re.compile(r"Patient/[A-Za-z0-9\-.]{1,64}")
+_PATIENT_ID_REFERENCE = re.compile(r"Patient/" + FHIR_ID_PATTERN)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,10 +16,10 @@ import requests
 from requests.auth import AuthBase
 
 from fhir_dm import deadline as deadlines
+from fhir_dm.core.ids import check_fhir_id
 from fhir_dm.deadline import Deadline
 from fhir_dm.errors import (
     DeadlineExceededError,
-    InputError,
     UpstreamError,
     UpstreamRejectedError,
     UpstreamThrottledError,
@@ -29,6 +29,7 @@ from fhir_dm.errors import (
 from fhir_dm.fhir.auth import NoAuth, auth_from_config
 from fhir_dm.fhir.config import FhirServerConfig
 from fhir_dm.fhir.retry import RetryPolicy, is_idempotent_bundle, parse_retry_after
+from fhir_dm.metrics import FHIR_ERRORS
 
 __all__ = ["FhirClient", "client_from_config", "upstream_status"]
 
@@ -40,7 +41,6 @@ DEFAULT_PAGE_SIZE = 200
 DEFAULT_MAX_PAGES = 100
 MAX_DIAGNOSTICS_CHARS = 300
 _RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
-_RESOURCE_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 Resource = dict[str, Any]
@@ -107,8 +107,7 @@ class FhirClient:
     def read(self, resource_type: str, id: str) -> Resource | None:
         """GET one resource; None when the server says it does not exist (404) or is gone (410)."""
         _check_resource_type(resource_type)
-        if not _RESOURCE_ID.fullmatch(id):
-            raise InputError("not a valid FHIR resource id")
+        check_fhir_id(id, f"{resource_type} id")
         response = self._request(
             "GET",
             f"{self._base_url}/{resource_type}/{id}",
@@ -418,6 +417,7 @@ def _upstream_error(cls: type[UpstreamError], message: str, status: int | None) 
     """An UpstreamError with `upstream_status` set, for callers that care about the code."""
     exc = cls(message)
     setattr(exc, "upstream_status", status)  # noqa: B010 - not declared in errors.py
+    FHIR_ERRORS.labels(error=cls.__name__).inc()
     return exc
 
 

@@ -42,19 +42,21 @@ from huey.consumer import Consumer
 from huey.exceptions import CancelExecution, RetryTask
 
 from fhir_dm.core.identifiers import Identity
+from fhir_dm.core.ids import FHIR_ID_PATTERN, is_fhir_id
 from fhir_dm.errors import (
     FhirDmError,
     InputError,
     KnowledgeError,
     PatientBusyError,
     PatientNotFoundError,
-    UpstreamUnavailableError,
+    QueueUnavailableError,
 )
 from fhir_dm.fhir.client import FhirClient, client_from_config
 from fhir_dm.jobs.settings import JobsSettings
 from fhir_dm.knowledge.load import CONFIG_DIR_VARIABLE
 from fhir_dm.knowledge.models import Knowledge
 from fhir_dm.locks import PatientLocks
+from fhir_dm.metrics import NOTIFICATION_LAG
 from fhir_dm.web.settings import Settings, load_engine, load_settings
 from fhir_dm.writeback import WriteBack
 
@@ -69,10 +71,14 @@ DEAD_PREFIX = "fhir-dm:dead:"
 SWEPT_PREFIX = "fhir-dm:swept:"
 LOCK_PREFIX = "fhir-dm:patient-lock:"
 KEY_NAMESPACE = b"fhir-dm queue key\x00"
+READY_KEY = "fhir-dm:ready"  # read by the readiness probe; never written
+# What the queue's storage raises when it cannot be reached (a Redis or SQLite outage).
+QUEUE_ERRORS: tuple[type[Exception], ...] = (redis.exceptions.RedisError, sqlite3.Error, OSError)
+QUEUE_RETRY_AFTER_SECONDS = 5
+REDIS_CONNECT_TIMEOUT_SECONDS = 5.0
 # Failures retrying cannot mend: the patient is gone, the input or the configuration is wrong.
 PERMANENT_ERRORS: tuple[type[Exception], ...] = (InputError, PatientNotFoundError, KnowledgeError)
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-_PATIENT_REFERENCE = re.compile(r"(?:^|/)Patient/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
+_PATIENT_REFERENCE = re.compile(r"(?:^|/)Patient/(" + FHIR_ID_PATTERN + r")(?:/_history/[^/]+)?$")
 
 Json = dict[str, Any]
 
@@ -84,7 +90,7 @@ def patient_key(patient_id: str) -> str:
 
 def is_patient_id(value: object) -> bool:
     """Whether `value` is a FHIR logical id (what `reassess` accepts)."""
-    return isinstance(value, str) and _FHIR_ID.fullmatch(value) is not None
+    return is_fhir_id(value)
 
 
 def patient_id_of(reference: object, base_url: str) -> str | None:
@@ -182,10 +188,32 @@ class RedisPatientLock:
                 _log.warning("patient lock lease ended before the re-assessment did")
 
 
+@contextmanager
+def queue_available() -> Iterator[None]:
+    """Turn an outage of the queue's storage into QueueUnavailableError (503, Retry-After).
+
+    So a caller (the FHIR server's notification, an operator's population run) is told to come
+    back later rather than given a 500, and nothing is half-enqueued silently.
+    """
+    try:
+        yield
+    except QUEUE_ERRORS:
+        _log.warning("job queue unavailable")
+        raise QueueUnavailableError(
+            "the job queue is unavailable; try again later",
+            retry_after=QUEUE_RETRY_AFTER_SECONDS,
+        ) from None
+
+
 def open_huey(settings: JobsSettings, *, immediate: bool = False) -> Huey:
     """The Huey of the configured backend; results are not kept (tasks return nothing)."""
-    if settings.backend == "redis":
-        return RedisHuey(settings.queue_name, url=settings.redis_url, results=False, utc=True)
+    if settings.backend == "redis" and settings.redis_url is not None:  # validated as a pair
+        # A connect timeout, so an unreachable Redis fails fast (503) instead of hanging a
+        # request thread; reads keep no timeout (a worker's blocking pop waits on purpose).
+        pool = redis.ConnectionPool.from_url(
+            settings.redis_url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECONDS
+        )
+        return RedisHuey(settings.queue_name, connection_pool=pool, results=False, utc=True)
     settings.sqlite_file.parent.mkdir(parents=True, exist_ok=True)
     return SqliteHuey(
         settings.queue_name,
@@ -194,6 +222,12 @@ def open_huey(settings: JobsSettings, *, immediate: bool = False) -> Huey:
         utc=True,
         immediate=immediate,
     )
+
+
+def open_huey_checked(settings: JobsSettings) -> Huey:
+    """`open_huey`, with a storage that cannot be opened as QueueUnavailableError (503)."""
+    with queue_available():
+        return open_huey(settings)
 
 
 def patient_lock_for(settings: JobsSettings) -> PatientLock:
@@ -260,13 +294,13 @@ class Jobs:
         """
         if not is_patient_id(patient_id):
             raise InputError("not a valid FHIR Patient id")
-        try:
+        with queue_available():
             return self._request(patient_id)
-        except (redis.exceptions.RedisError, sqlite3.Error, OSError):
-            _log.warning("job queue unavailable")
-            raise UpstreamUnavailableError(
-                "the re-assessment queue is unavailable; try again later", retry_after=5
-            ) from None
+
+    def ping(self) -> None:
+        """Read one key of the queue's storage; QueueUnavailableError (503) when it is down."""
+        with queue_available():
+            self.huey.storage.peek_data(READY_KEY)
 
     def _request(self, patient_id: str) -> bool:
         claim, again = _keys(patient_id)
@@ -283,18 +317,18 @@ class Jobs:
             # A claim older than its run could be: that run was lost (a worker killed mid-run,
             # a flushed queue). Take it over rather than block the patient.
             storage.put_data(claim, _number(now + delay))
-        self._enqueue(patient_id, claim, delay)
+        self._enqueue(patient_id, claim, delay, now)
         return True
 
-    def _enqueue(self, patient_id: str, claim: str, delay: float) -> None:
+    def _enqueue(self, patient_id: str, claim: str, delay: float, requested_at: float) -> None:
         try:
             if delay > 0:
-                self.reassess.schedule(args=(patient_id,), delay=delay)
+                self.reassess.schedule(args=(patient_id, requested_at), delay=delay)
             else:
-                self.reassess(patient_id)
-        except (redis.exceptions.RedisError, sqlite3.Error, OSError):
+                self.reassess(patient_id, requested_at)
+        except QUEUE_ERRORS:
             # Not enqueued: drop our claim (if we still can), so the next notification tries.
-            with suppress(redis.exceptions.RedisError, sqlite3.Error, OSError):
+            with suppress(*QUEUE_ERRORS):
                 self.huey.storage.delete_data(claim)
             raise
 
@@ -308,9 +342,12 @@ class Jobs:
         claim, again = _keys(patient_id)
         storage = self.huey.storage
         while True:
-            if storage.pop_data(again) is not EmptyData:
-                storage.put_data(claim, _number(self._clock()))
-                self._enqueue(patient_id, claim, 0.0)
+            marked = storage.pop_data(again)
+            if marked is not EmptyData:
+                now = self._clock()
+                storage.put_data(claim, _number(now))
+                requested = _read_number(marked)
+                self._enqueue(patient_id, claim, 0.0, now if requested is None else requested)
                 return
             storage.delete_data(claim)
             if storage.peek_data(again) is EmptyData:
@@ -325,11 +362,15 @@ class Jobs:
 
     # -- the tasks ---------------------------------------------------------------------------
 
-    def _reassess(self, patient_id: str, task: Any = None) -> None:
+    def _reassess(
+        self, patient_id: str, requested_at: float | None = None, task: Any = None
+    ) -> None:
         """Re-assess one patient and write the revision; retry, or record, on failure.
 
         The run holds the patient's claim (refreshed now: it is alive) and clears the "again"
-        mark before it reads, since it reads what those notifications announced.
+        mark before it reads, since it reads what those notifications announced. A run that
+        ends with the plan up to date observes the notification-to-plan lag (`requested_at`:
+        when the change was notified; absent from tasks queued by an older version).
         """
         claim, again = _keys(patient_id)
         self.huey.storage.put_data(claim, _number(self._clock()))
@@ -347,6 +388,8 @@ class Jobs:
             # an upstream URL naming the patient).
             raise CancelExecution(retry=False) from None
         _log.info("re-assessed: %s", write.status)
+        if requested_at is not None:
+            NOTIFICATION_LAG.observe(max(0.0, self._clock() - requested_at))
         self._release(patient_id)
 
     def _failed(self, patient_id: str, task: Any, exc: Exception) -> None:

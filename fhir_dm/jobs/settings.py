@@ -48,6 +48,13 @@ class JobsSettings(BaseModel):
     sweep_hour: int = Field(default=2, ge=0, le=23)
     sweep_minute: int = Field(default=30, ge=0, le=59)
     notification_secret: SecretStr | None = None
+    max_patients_per_notification: int = Field(
+        default=20,
+        gt=0,
+        le=10_000,
+        description="Patients one notification may name; over it the whole notification is"
+        " refused (413, nothing queued, a warning logged). A change notifies one resource.",
+    )
     notification_base_url: str | None = None
 
     @field_validator("notification_secret")

@@ -17,6 +17,7 @@ from fhir_dm.web import (
     cds_hooks,
     limits,
     logs,
+    metrics,
     notifications,
     operations,
     outcomes,
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions[EXTENSION_KEY] = service
     logs.init_app(app)
+    metrics.init_app(app)
     limits.init_app(app)
     outcomes.init_app(app)
     app.register_blueprint(system.bp)

@@ -17,11 +17,11 @@ same rows (a past round's window and done dates are in today's assessment).
 from __future__ import annotations
 
 import calendar
-import re
 from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import Blueprint, Flask, Response, jsonify, request, send_from_directory
 
@@ -36,21 +36,14 @@ from fhir_dm.population.rows import PatientRow
 from fhir_dm.population.run import PopulationRunner
 from fhir_dm.population.worklist import worklist
 from fhir_dm.web.authorize import require_patient, require_population
-from fhir_dm.web.settings import Service, current_service
+from fhir_dm.web.params import check_fhir_id, parse_date
+from fhir_dm.web.settings import Service, Settings, current_service
 from fhir_dm.web.trust import Principal
 from fhir_dm.writeback import PatientWrite
 
 LAUNCH_PATH = "/app/launch"
 bp = Blueprint("app_ui", __name__, url_prefix="/app", static_folder="static")
 
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-# The pages load scripts and styles from the service only; the SMART client talks to the EHR's
-# FHIR and authorisation servers, whose origins are known only at launch.
-_CSP = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "connect-src 'self' https: http:; frame-ancestors *; base-uri 'none'; form-action 'none'"
-)
 Json = dict[str, Any]
 # Patients one clinic call assesses (each a preview: about eight FHIR searches). 50 stay well
 # inside the request deadline on a local server; a larger clinic belongs to an offline run
@@ -70,9 +63,28 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(bp)
 
 
+def content_security_policy(settings: Settings) -> str:
+    """The pages' CSP: scripts and styles from the service only; calls to the service, the FHIR
+    server and `app_connect_origins` (the SMART client talks to the EHR's FHIR and
+    authorisation servers); framed only by the service itself and `app_frame_ancestors`."""
+    connect = ["'self'", _origin(settings.fhir.base_url), *settings.app_connect_origins]
+    frame = ["'self'", *settings.app_frame_ancestors]
+    return (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        f"connect-src {' '.join(dict.fromkeys(connect))}; "
+        f"frame-ancestors {' '.join(dict.fromkeys(frame))}; base-uri 'none'; form-action 'none'"
+    )
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 @bp.after_request
 def _headers(response: Response) -> Response:
-    response.headers.setdefault("Content-Security-Policy", _CSP)
+    csp = content_security_policy(current_service().settings)
+    response.headers.setdefault("Content-Security-Policy", csp)
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     response.headers.setdefault("Referrer-Policy", "no-referrer")
     return response
@@ -108,12 +120,7 @@ def _date_arg(name: str) -> date | None:
     raw = request.args.get(name)
     if raw is None:
         return None
-    if not _DATE.fullmatch(raw):
-        raise InputError(f"query parameter {name} must be a full date (YYYY-MM-DD)")
-    try:
-        return date.fromisoformat(raw)
-    except ValueError:
-        raise InputError(f"query parameter {name} is not a valid date") from None
+    return parse_date(raw, f"query parameter {name}")
 
 
 def _now() -> date:
@@ -179,8 +186,7 @@ def view(id: str) -> Response:
     """Preview one patient's assessment (nothing is written) as the page's JSON."""
     service: Service = current_service()
     principal = _authenticate(service, {"now"})
-    if not _FHIR_ID.fullmatch(id):
-        raise InputError("not a valid FHIR resource id")
+    check_fhir_id(id, "Patient id")
     # The token's scopes and patient context: a patient-scoped token sees its patient only.
     require_patient(principal, id, write=False)
     write = service.writeback.assess_patient(id, now=_now(), preview=True)

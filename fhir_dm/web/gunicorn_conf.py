@@ -14,11 +14,19 @@ Options on gunicorn's command line (or GUNICORN_CMD_ARGS) win over these.
 - Logs hold no request path or query (patient ids, dates): the access log (off by default,
   since the service writes its own access line; `--access-logfile -` turns it on) logs the
   URL rule, and `RedactingLogger` cuts paths in gunicorn's own messages to their first segment.
+- Prometheus metrics are multiprocess: `on_starting` gives the workers a fresh
+  `PROMETHEUS_MULTIPROC_DIR` (the operator's, emptied, or a temporary one) before any of them
+  imports `prometheus_client`, and `child_exit` marks a dead worker's files, so `/metrics`
+  adds up every worker (see docs/metrics.md).
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from gunicorn.glogging import Logger  # type: ignore[import-untyped]
@@ -110,3 +118,34 @@ class RedactingLogger(Logger):  # type: ignore[misc]
 
 
 logger_class = RedactingLogger
+
+
+PROMETHEUS_MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+_created_metrics_dir: list[str] = []
+
+
+def on_starting(server: Any) -> None:
+    """Before the workers fork: a metrics directory of this server only, empty."""
+    directory = os.environ.get(PROMETHEUS_MULTIPROC_VARIABLE)
+    if directory:
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob("*.db"):  # a previous run's samples would be added up
+            stale.unlink()
+    else:
+        directory = tempfile.mkdtemp(prefix="fhir-dm-metrics-")
+        _created_metrics_dir.append(directory)
+        os.environ[PROMETHEUS_MULTIPROC_VARIABLE] = directory
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """A worker is gone: its live gauges no longer count (its counters stay added up)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+
+def on_exit(server: Any) -> None:
+    """Remove the metrics directory this server made for itself."""
+    for directory in _created_metrics_dir:
+        shutil.rmtree(directory, ignore_errors=True)

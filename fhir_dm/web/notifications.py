@@ -18,12 +18,20 @@ write-back that stored it needs no second run. Logs name the key and counts, nev
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, request
 
-from fhir_dm.errors import AuthError, InputError, NotFhirError, PatientNotFoundError
+from fhir_dm.core.ids import NOT_A_SAFE_ID, check_fhir_id, is_fhir_id
+from fhir_dm.errors import (
+    AuthError,
+    InputError,
+    NotFhirError,
+    PatientNotFoundError,
+    TooCostlyError,
+)
 from fhir_dm.jobs.queue import Jobs, patient_id_of
 from fhir_dm.subscriptions import (
     KEY_TYPES,
@@ -40,6 +48,7 @@ bp = Blueprint("notifications", __name__)
 JOBS_KEY = "fhir_dm_jobs"
 # References through which each watched resource names its patient.
 PATIENT_FIELDS = ("subject", "patient")
+_PATIENT_SEGMENT = re.compile(r"(?:^|/)Patient/([^/]*)(?:/_history/[^/]*)?/?$")
 
 _log = logging.getLogger(__name__)
 
@@ -90,19 +99,35 @@ def _resources(body: Any) -> list[Mapping[str, Any]]:
 
 
 def patients_named(resources: Iterable[Mapping[str, Any]], base_url: str) -> set[str]:
-    """The server Patient ids the resources are about (a Patient: itself)."""
+    """The server Patient ids the resources are about (a Patient: itself).
+
+    A Patient id outside the FHIR id grammar (`Patient/..` included) refuses the notification
+    (400): it names no patient this service could read, so it is never queued.
+    """
     found: set[str] = set()
     for resource in resources:
         if resource.get("resourceType") == "Patient":
             rid = resource.get("id")
-            if isinstance(rid, str):
-                found.add(rid)
+            if rid is not None:
+                found.add(check_fhir_id(rid, "Patient.id"))
             continue
         for name in PATIENT_FIELDS:
-            pid = patient_id_of(resource.get(name), base_url)
+            reference = resource.get(name)
+            pid = patient_id_of(reference, base_url)
             if pid:
                 found.add(pid)
+            elif _names_a_bad_patient_id(reference):
+                raise InputError(f"{name}: the Patient id {NOT_A_SAFE_ID}", expression=[name])
     return found
+
+
+def _names_a_bad_patient_id(reference: object) -> bool:
+    """Whether a Reference has the shape `[...]Patient/<id>` with an id that is not a FHIR id."""
+    text = reference.get("reference") if isinstance(reference, Mapping) else None
+    if not isinstance(text, str):
+        return False
+    match = _PATIENT_SEGMENT.search(text)
+    return match is not None and not is_fhir_id(match.group(1))
 
 
 def _accepted(key: str, enqueued: int, patients: int, own: int = 0) -> Response:
@@ -132,6 +157,15 @@ def _enqueue(jobs: Jobs, key: str, resources: list[Mapping[str, Any]]) -> Respon
     canonical_base = service.knowledge.ruleset.canonical_base
     theirs = [r for r in resources if not is_own_write(r, canonical_base)]
     patients = patients_named(theirs, service.fhir.base_url)
+    limit = jobs.settings.max_patients_per_notification
+    if len(patients) > limit:
+        # Refused whole rather than cut: nothing is half-done, and the server's delivery
+        # error shows the operator what happened (a real change names one patient).
+        _log.warning("notification on %s refused: %d patients over the limit", key, len(patients))
+        raise TooCostlyError(
+            f"the notification names {len(patients)} patients;"
+            f" max_patients_per_notification is {limit}"
+        )
     enqueued = sum(1 for pid in sorted(patients) if jobs.request(pid))
     return _accepted(key, enqueued, len(patients), len(resources) - len(theirs))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -15,6 +14,7 @@ from fhir_dm.errors import InputError, NotFhirError
 from fhir_dm.web import limits
 from fhir_dm.web.authorize import require_patient, require_population
 from fhir_dm.web.outcomes import fhir_json, fhir_response, issue, outcome_of, read_json_body
+from fhir_dm.web.params import check_fhir_id, parse_date
 from fhir_dm.web.settings import Service, current_service
 from fhir_dm.web.trust import Principal
 from fhir_dm.writeback import PatientWrite
@@ -25,8 +25,6 @@ OPERATION = "$dm-cancer-screening"
 QUERY_PARAMETERS = frozenset({"preview", "now"})
 PARAMETER_VALUES = {"bundle": "resource", "preview": "valueBoolean", "now": "valueDate"}
 _BOOLEANS = {"true": True, "false": False}
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 Json = dict[str, Any]
 
@@ -47,15 +45,6 @@ def authenticate(service: Service) -> Principal:
     return service.auth.authenticate(request.headers.get("Authorization"), audience=audience)
 
 
-def _parse_date(text: Any, where: str) -> date:
-    if not isinstance(text, str) or not _DATE.fullmatch(text):
-        raise InputError(f"{where} must be a full date (YYYY-MM-DD)", expression=[where])
-    try:
-        return date.fromisoformat(text)
-    except ValueError:
-        raise InputError(f"{where} is not a valid date", expression=[where]) from None
-
-
 def _query_call() -> OperationCall:
     """`preview` and `now` from the query; anything else is refused, so typos cannot write."""
     unknown = sorted(set(request.args) - QUERY_PARAMETERS)
@@ -71,7 +60,7 @@ def _query_call() -> OperationCall:
             raise InputError("query parameter preview must be true or false")
         preview = _BOOLEANS[raw_preview]
     raw_now = request.args.get("now")
-    now = _parse_date(raw_now, "now") if raw_now is not None else None
+    now = parse_date(raw_now, "now") if raw_now is not None else None
     return OperationCall(preview=preview, now=now)
 
 
@@ -104,7 +93,7 @@ def parse_parameters(body: Mapping[str, Any]) -> OperationCall:
     preview = values.get("preview")
     if "preview" in values and not isinstance(preview, bool):
         raise InputError(f"{paths['preview']} must be true or false", expression=[paths["preview"]])
-    now = _parse_date(values["now"], paths["now"]) if "now" in values else None
+    now = parse_date(values["now"], paths["now"]) if "now" in values else None
     return OperationCall(
         bundle=bundle, bundle_path=paths.get("bundle", "Bundle"), preview=preview, now=now
     )
@@ -210,8 +199,7 @@ def screen_patient(id: str) -> Response:
     """Read one patient from the FHIR server, assess, and write back (default) or preview."""
     service = current_service()
     principal = authenticate(service)
-    if not _FHIR_ID.fullmatch(id):
-        raise InputError("not a valid FHIR resource id")
+    check_fhir_id(id, "Patient id")
     body = read_json_body(service.settings.max_request_bytes, required=False)
     from_body = OperationCall() if body is None else _body_call(body, bundle_allowed=False)
     call = _merge(from_body, _query_call())

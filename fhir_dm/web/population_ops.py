@@ -9,23 +9,38 @@ refused (413) before any work starts.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from datetime import UTC, date, datetime
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, request
 
-from fhir_dm.errors import FhirDmError, InputError, NotFhirError, TooCostlyError, UpstreamError
+from fhir_dm.errors import (
+    DeadlineExceededError,
+    FhirDmError,
+    InputError,
+    NotFhirError,
+    TooCostlyError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
 from fhir_dm.population.config import PopulationConfig, load_population_config
 from fhir_dm.population.finder import find_iim_patients, iim_search_tokens
 from fhir_dm.population.measures import measure_report
 from fhir_dm.population.rows import patient_row
-from fhir_dm.population.run import Done, Failure, RunResult, StateFile, new_run_id
+from fhir_dm.population.run import RUN_ID, Done, Failure, RunResult, StateFile, new_run_id
 from fhir_dm.web import limits
 from fhir_dm.web.authorize import require_population
 from fhir_dm.web.operations import OperationCall, authenticate, parse_parameters
-from fhir_dm.web.outcomes import fhir_json, fhir_response, issue, outcome_of, read_json_body
+from fhir_dm.web.outcomes import (
+    fhir_json,
+    fhir_response,
+    issue,
+    outcome_of,
+    outcome_response,
+    read_json_body,
+)
+from fhir_dm.web.params import parse_date
 from fhir_dm.web.settings import Service, current_service
 
 bp = Blueprint("population_ops", __name__)
@@ -33,11 +48,13 @@ bp = Blueprint("population_ops", __name__)
 RUN_OPERATION = "$dm-population-run"
 MEASURE_OPERATION = "$evaluate-measure"
 POPULATION_KEY = "fhir_dm_population"
+# The queue-storage key naming the one population run in progress (see `_claim_active`).
+ACTIVE_RUN_KEY = "fhir-dm:population-active"
 RUN_QUERY = frozenset({"preview", "now"})
 MEASURE_PARAMETERS = frozenset({"periodStart", "periodEnd", "reportType"})
 REPORT_TYPES = {"summary": False, "subject-list": True}
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _BOOLEANS = {"true": True, "false": False}
+DEADLINE_ERRORS = frozenset({DeadlineExceededError.__name__, UpstreamTimeoutError.__name__})
 
 Json = dict[str, Any]
 
@@ -66,15 +83,6 @@ def _population() -> PopulationConfig:
 
 def _today() -> date:
     return datetime.now(UTC).date()
-
-
-def _date(text: object, where: str) -> date:
-    if not isinstance(text, str) or not _DATE.fullmatch(text):
-        raise InputError(f"{where} must be a full date (YYYY-MM-DD)", expression=[where])
-    try:
-        return date.fromisoformat(text)
-    except ValueError:
-        raise InputError(f"{where} is not a valid date", expression=[where]) from None
 
 
 def _single_query(allowed: frozenset[str]) -> dict[str, str]:
@@ -164,17 +172,66 @@ def _run_call() -> OperationCall:
         preview = _BOOLEANS[query["preview"]]
     now = call.now
     if "now" in query:
-        now = _date(query["now"], "now")
+        now = parse_date(query["now"], "now")
     return OperationCall(preview=preview, now=now)
 
 
 def _queue(service: Service) -> Any:
-    from fhir_dm.jobs.queue import Jobs, build_runtime, open_huey
+    from fhir_dm.jobs.queue import Jobs, build_runtime, open_huey_checked
 
     jobs = service.settings.jobs
     assert jobs is not None
     settings = service.settings
-    return Jobs(open_huey(jobs), jobs, lambda: build_runtime(settings))
+    return Jobs(open_huey_checked(jobs), jobs, lambda: build_runtime(settings))
+
+
+def _running(jobs: Any) -> str | None:
+    """The id of the recorded active run while it still has patients queued; else None."""
+    from fhir_dm.population.queued import QueuedRun
+
+    raw = jobs.huey.storage.peek_data(ACTIVE_RUN_KEY)
+    current = bytes(raw).decode("ascii", "replace") if isinstance(raw, bytes) else ""
+    if not RUN_ID.fullmatch(current):
+        return None
+    result = QueuedRun(jobs, current).status()
+    if result is None or len(result.done) + len(result.failures) >= result.total:
+        return None  # finished, or its manifest is gone: it may be taken over
+    return current
+
+
+def _claim_active(jobs: Any, run_id: str) -> str | None:
+    """Make `run_id` the one active run; the id of another run still going, else None.
+
+    One key in the queue's storage, set atomically, so the limit holds across workers and
+    hosts. A recorded run that has finished (or whose manifest is gone) is taken over.
+    """
+    storage = jobs.huey.storage
+    for _ in range(3):
+        if storage.put_if_empty(ACTIVE_RUN_KEY, run_id.encode("ascii")):
+            return None
+        running = _running(jobs)
+        if running is not None:
+            return running
+        popped = storage.pop_data(ACTIVE_RUN_KEY)
+        if isinstance(popped, bytes) and _running(jobs) is None:
+            continue  # the finished run's claim is gone: claim again
+        if isinstance(popped, bytes):
+            storage.put_if_empty(ACTIVE_RUN_KEY, popped)  # a newer claim: put it back
+    return _running(jobs) or "unknown"
+
+
+def _conflict(service: Service, running: str) -> Response:
+    location = _run_location(service, running)
+    return outcome_response(
+        409,
+        "conflict",
+        f"population run {running} is still in progress; one run at a time (status at {location})",
+        headers={"Content-Location": location},
+    )
+
+
+def _run_location(service: Service, run_id: str) -> str:
+    return f"{service.settings.public_base_url}/{RUN_OPERATION}/{run_id}"
 
 
 @bp.post(f"/{RUN_OPERATION}")
@@ -188,19 +245,34 @@ def population_run() -> Response:
     preview = True if call.preview is None else call.preview
     require_population(principal, write=not preview)
     now = call.now or _today()
-    patient_ids = _find(service)
     if service.settings.jobs is None:
+        patient_ids = _find(service)
         _check_size(service, len(patient_ids))
         result = _assess_all(service, patient_ids, now=now, preview=preview)
         return fhir_response(_summary(result, preview=preview, complete=True))
+    from fhir_dm.jobs.queue import queue_available
+
     jobs = _queue(service)
     try:
-        run = QueuedRun(jobs, new_run_id())
-        run.save_manifest(patient_ids, now=now, preview=preview)
-        run.submit(patient_ids, now=now, preview=preview)
+        with queue_available():
+            # Refused before the population search when a run is going (the cheap check);
+            # the claim below decides for requests racing past it.
+            running = _running(jobs)
+        if running is not None:
+            return _conflict(service, running)
+        patient_ids = _find(service)
+        with queue_available():
+            run = QueuedRun(jobs, new_run_id())
+            # The manifest first: a run another request sees as active can always be read.
+            run.save_manifest(patient_ids, now=now, preview=preview)
+            running = _claim_active(jobs, run.run_id)
+            if running is not None:
+                run.forget([])
+                return _conflict(service, running)
+            run.submit(patient_ids, now=now, preview=preview)
     finally:
         jobs.close()
-    location = f"{service.settings.public_base_url}/{RUN_OPERATION}/{run.run_id}"
+    location = _run_location(service, run.run_id)
     text = f"{len(patient_ids)} patient(s) queued as run {run.run_id}; status at {location}"
     return fhir_response(
         outcome_of([issue("information", "informational", text)]),
@@ -222,10 +294,13 @@ def population_run_status(run_id: str) -> Response:
         raise InputError("not a valid run id") from None
     if service.settings.jobs is None:
         raise NotFoundError("no job queue is configured; runs are answered in the request")
+    from fhir_dm.jobs.queue import queue_available
+
     jobs = _queue(service)
     try:
-        result = QueuedRun(jobs, run_id).status()
-        manifest_preview = True if result is None else _manifest_preview(jobs, run_id)
+        with queue_available():
+            result = QueuedRun(jobs, run_id).status()
+            manifest_preview = True if result is None else _manifest_preview(jobs, run_id)
     finally:
         jobs.close()
     if result is None:
@@ -266,8 +341,8 @@ def _measure_inputs() -> tuple[date, date, bool]:
     for name in ("periodStart", "periodEnd"):
         if name not in values:
             raise InputError(f"{name} is required", expression=[name])
-    start = _date(values["periodStart"], "periodStart")
-    end = _date(values["periodEnd"], "periodEnd")
+    start = parse_date(values["periodStart"], "periodStart")
+    end = parse_date(values["periodEnd"], "periodEnd")
     if end < start:
         raise InputError("periodEnd is before periodStart", expression=["periodEnd"])
     report_type = values.get("reportType", "summary")
@@ -288,6 +363,12 @@ def evaluate_measure(id: str) -> Response:
     patient_ids = _find(service)
     _check_size(service, len(patient_ids))
     result = _assess_all(service, patient_ids, now=end, preview=True)
+    if any(f.error in DEADLINE_ERRORS for f in result.failures):
+        # Out of time, not a failing server: 504 like every other request at its deadline.
+        raise DeadlineExceededError(
+            f"{len(result.failures)} patient(s) could not be assessed within the request's"
+            " time limit; the report would be incomplete"
+        )
     if result.failures:
         # A report that silently left patients out would under-count: refuse it instead.
         raise UpstreamError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ DEFAULT_SMART_SCOPE = (
     "launch/patient openid fhirUser patient/*.rs patient/RiskAssessment.c patient/CarePlan.cu "
     "patient/ServiceRequest.cu patient/Provenance.c user/*.rs"
 )
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-]+(?::[0-9]{1,5})?/?")
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 DEFAULT_LOG_LEVEL: LogLevel = "INFO"
 
@@ -140,6 +142,26 @@ class Settings(BaseSettings):
         description="The scopes the app asks for (SMART App Launch 2; `launch` is added on an "
         "EHR launch).",
     )
+
+    app_frame_ancestors: tuple[str, ...] = Field(
+        default=(),
+        description="Origins (`https://ehr.example.org`) that may frame the app's pages: the"
+        " EHRs that embed it. The app's own origin always may; unset, no other site.",
+    )
+    app_connect_origins: tuple[str, ...] = Field(
+        default=(),
+        description="Origins the app's pages may call besides the service and the FHIR server"
+        " (`fhir.base_url`): the EHR's authorization server when it has another origin.",
+    )
+
+    @field_validator("app_frame_ancestors", "app_connect_origins")
+    @classmethod
+    def _check_origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        """Each an http(s) origin: no path, query, wildcard or quote can widen the CSP."""
+        for origin in value:
+            if not _ORIGIN.fullmatch(origin):
+                raise ValueError("each entry must be an origin like https://ehr.example.org[:port]")
+        return tuple(o.rstrip("/") for o in value)
 
     @model_validator(mode="before")
     @classmethod

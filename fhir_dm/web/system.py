@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+from contextlib import suppress
 from datetime import datetime
 from typing import Any
 
+import redis
 from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 from flask import Blueprint, Response, jsonify
 
 from fhir_dm import __version__
 from fhir_dm.core.assess import SOFTWARE_NAME
 from fhir_dm.errors import FhirDmError
+from fhir_dm.jobs.queue import Jobs, Runtime, open_huey_checked
+from fhir_dm.jobs.settings import JobsSettings
 from fhir_dm.knowledge.models import Knowledge
-from fhir_dm.web.outcomes import fhir_response, outcome_response
+from fhir_dm.web.outcomes import fhir_response, issue, outcome_of
 from fhir_dm.web.settings import Settings, current_service
 
 bp = Blueprint("system", __name__)
 
 FHIR_VERSION = "4.0.1"
+REDIS_PROBE_SECONDS = 2.0
 SYSTEM_OPERATION_ID = "dm-cancer-screening"
 PATIENT_OPERATION_ID = "Patient-dm-cancer-screening"
 OPERATION_NAME = "dm-cancer-screening"
@@ -91,13 +96,59 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> Response:
-    """Ready: the FHIR server answers its metadata call (once, no retries: the probe repeats)."""
+    """Ready: every configured backend answers, each asked once (no retries: the probe repeats).
+
+    The FHIR server (its metadata call) always; the job queue's storage (Redis, or the SQLite
+    file) when `jobs` is configured; CDS Hooks' shared state when it is on Redis. A 503 names
+    every backend that is not ready.
+    """
     service = current_service()
+    problems: list[tuple[str, str]] = []
     try:
         service.fhir.capabilities(retry=False)
     except FhirDmError as exc:
-        return outcome_response(503, exc.issue_code, f"FHIR server not ready: {exc.message}")
+        problems.append((exc.issue_code, f"FHIR server not ready: {exc.message}"))
+    if service.settings.jobs is not None:
+        try:
+            _ping_queue(service.settings.jobs)
+        except FhirDmError as exc:
+            problems.append((exc.issue_code, f"job queue not ready: {exc.message}"))
+    cds = service.settings.cds
+    if cds is not None and cds.state.backend == "redis" and cds.state.redis_url is not None:
+        try:
+            _ping_redis(cds.state.redis_url.get_secret_value())
+        except redis.exceptions.RedisError:
+            problems.append(("transient", "CDS Hooks state (Redis) not ready: cannot reach it"))
+    if problems:
+        return fhir_response(
+            outcome_of([issue("error", code, text) for code, text in problems]), 503
+        )
     return jsonify(status="ready")
+
+
+def _ping_queue(settings: JobsSettings) -> None:
+    """Open the queue's storage and read one key; QueueUnavailableError when it is down."""
+    jobs = Jobs(open_huey_checked(settings), settings, _no_runtime)
+    try:
+        jobs.ping()
+    finally:
+        with suppress(Exception):
+            jobs.close()
+
+
+def _ping_redis(url: str) -> None:
+    """One PING with short timeouts; RedisError when Redis does not answer."""
+    client = redis.Redis.from_url(
+        url, socket_connect_timeout=REDIS_PROBE_SECONDS, socket_timeout=REDIS_PROBE_SECONDS
+    )
+    try:
+        client.ping()
+    finally:
+        client.close()
+
+
+def _no_runtime() -> Runtime:
+    raise RuntimeError("the readiness probe runs no task")
 
 
 @bp.get("/metadata")

@@ -7,12 +7,13 @@ import uuid
 from collections.abc import Iterable
 
 from fhir_dm.core.build.common import Json
+from fhir_dm.core.ids import FHIR_ID_PATTERN
 
 # Resources that a revision revokes: a conditional create matches only an open one, so a plan
 # that comes back after being revoked is created again instead of matching the revoked copy.
 OPEN_STATUSES = ("draft", "active", "on-hold")
 REVOCABLE_TYPES = frozenset({"CarePlan", "ServiceRequest"})
-_LOCAL_REFERENCE = re.compile(r"[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}")
+_LOCAL_REFERENCE = re.compile(r"[A-Z][A-Za-z]+/" + FHIR_ID_PATTERN)
 
 
 def if_none_exist(resource: Json) -> str:

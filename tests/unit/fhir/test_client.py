@@ -217,7 +217,7 @@ def test_read_sends_fhir_accept_and_both_timeouts(
 
 
 def test_read_refuses_an_id_that_would_change_the_path(client: FhirClient) -> None:
-    with pytest.raises(InputError, match="not a valid FHIR resource id") as excinfo:
+    with pytest.raises(InputError, match="must be a FHIR id") as excinfo:
         client.read("Patient", "../metadata")
 
     assert "metadata" not in str(excinfo.value)

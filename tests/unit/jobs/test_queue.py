@@ -393,3 +393,27 @@ def test_an_idle_worker_polls_the_sqlite_queue_often(tmp_path: Path) -> None:
     settings, huey = queued(tmp_path)
     consumer = make_jobs(huey, settings, StubWriteBack()).consumer(workers=1, worker_type="thread")
     assert consumer.default_delay == consumer.max_delay == settings.poll_seconds == 0.1
+
+
+def test_the_notification_to_plan_lag_is_observed_from_the_request(tmp_path: Path) -> None:
+    from prometheus_client import REGISTRY
+
+    settings, huey = immediate(tmp_path, debounce_seconds=0)
+    calls: list[float] = []
+
+    def clock() -> float:  # the request reads 1000; everything after it 1042
+        calls.append(0.0)
+        return 1000.0 if len(calls) == 1 else 1042.0
+
+    jobs = Jobs(
+        huey,
+        settings,
+        lambda: Runtime(StubWriteBack(), StubFhir(), "https://x.example/sid/plan-series"),  # type: ignore[arg-type]
+        clock=clock,
+    )
+    name = "fhir_dm_notification_to_plan_seconds"
+    count = REGISTRY.get_sample_value(f"{name}_count") or 0.0
+    total = REGISTRY.get_sample_value(f"{name}_sum") or 0.0
+    assert jobs.request("p1") is True  # requested at 1000, the plan written at 1042
+    assert REGISTRY.get_sample_value(f"{name}_count") == count + 1
+    assert REGISTRY.get_sample_value(f"{name}_sum") == total + 42.0

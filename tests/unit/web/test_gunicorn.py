@@ -243,6 +243,27 @@ def test_logs_hold_no_patient_ids_or_query_strings(service: tuple[str, Path]) ->
     assert all(isinstance(a["duration_ms"], int) for a in access)
 
 
+def _healthz_count(url: str) -> float:
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    line = 'fhir_dm_http_requests_total{method="GET",route="/healthz",status="200"}'
+    found = [row for row in text.splitlines() if row.startswith(line)]
+    return float(found[0].split()[-1]) if found else 0.0
+
+
+def test_metrics_add_up_every_worker(service: tuple[str, Path]) -> None:
+    """Multiprocess: whichever worker serves the scrape, it counts the requests of both."""
+    url, _ = service
+    before = _healthz_count(url)
+    for _ in range(12):
+        with requests.Session() as fresh:  # a new connection each time, spread over workers
+            assert fresh.get(f"{url}/healthz", timeout=5).status_code == 200
+    for _ in range(4):  # each scrape may land on either worker: every one sees all twelve
+        assert _healthz_count(url) == before + 12
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    assert "python_gc_objects_collected_total" not in text  # the multiprocess collector
+    assert THROTTLED not in text and SLOW not in text
+
+
 # -- the config module on its own ------------------------------------------------------------
 
 

@@ -12,12 +12,15 @@ import ca.uhn.fhir.narrative2.NullNarrativeGenerator;
 import ca.uhn.fhir.rest.api.EncodingEnum;
 import ca.uhn.fhir.rest.server.IncomingRequestAddressStrategy;
 import ca.uhn.fhir.rest.server.RestfulServer;
+import ca.uhn.fhir.rest.server.interceptor.CorsInterceptor;
 import ca.uhn.fhir.rest.server.interceptor.LoggingInterceptor;
 import ca.uhn.fhir.rest.server.provider.ResourceProviderFactory;
 import ca.uhn.fhir.rest.server.util.ISearchParamRegistry;
+import java.util.List;
 import org.springframework.boot.web.servlet.ServletRegistrationBean;
 import org.springframework.context.annotation.Bean;
 import org.springframework.context.annotation.Configuration;
+import org.springframework.web.cors.CorsConfiguration;
 
 /**
  * The FHIR REST endpoint: one HAPI {@link RestfulServer} mounted at {@code /fhir/*}.
@@ -78,6 +81,18 @@ public class FhirEndpointConfig {
 							+ "${exceptionMessage} (${processingTimeMillis} ms)");
 			requestLog.setLogExceptions(true);
 			server.registerInterceptor(requestLog);
+		}
+		if (!props.getCorsAllowedOrigins().isEmpty()) {
+			// Browser clients (the app's SMART client, the CDS Hooks sandbox) on other origins.
+			CorsConfiguration cors = new CorsConfiguration();
+			cors.setAllowedOriginPatterns(props.getCorsAllowedOrigins());
+			cors.setAllowedMethods(List.of("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"));
+			cors.setAllowedHeaders(List.of(
+					"Authorization", "Content-Type", "Accept", "Prefer", "If-Match",
+					"If-None-Exist", "X-Request-ID"));
+			cors.setExposedHeaders(List.of("Location", "Content-Location", "ETag"));
+			cors.setAllowCredentials(false);
+			server.registerInterceptor(new CorsInterceptor(cors));
 		}
 		return server;
 	}

@@ -51,6 +51,14 @@ public class TestServerProperties {
 	private boolean requestLogging = true;
 
 	/**
+	 * Browser origins allowed to call the server (CORS), as Spring origin patterns: the app
+	 * and the CDS Hooks sandbox run in a browser on another origin. By default any loopback
+	 * port; an empty list switches CORS off.
+	 */
+	private List<String> corsAllowedOrigins =
+			new ArrayList<>(List.of("http://127.0.0.1:[*]", "http://localhost:[*]"));
+
+	/**
 	 * Index code-system concepts in an in-memory Lucene index (Hibernate Search), which
 	 * HAPI's {@code CodeSystem/$subsumes} and {@code ValueSet/$expand} need. Off by default:
 	 * only the terminology-server tests turn it on.
@@ -195,6 +203,14 @@ public class TestServerProperties {
 
 	public void setSubscriptionIntervalMs(long subscriptionIntervalMs) {
 		this.subscriptionIntervalMs = subscriptionIntervalMs;
+	}
+
+	public List<String> getCorsAllowedOrigins() {
+		return corsAllowedOrigins;
+	}
+
+	public void setCorsAllowedOrigins(List<String> corsAllowedOrigins) {
+		this.corsAllowedOrigins = corsAllowedOrigins;
 	}
 
 	public List<String> getValidationWarmupTypes() {
