@@ -190,15 +190,13 @@ def header(write: PatientWrite, patient: Json | None) -> Json:
     a = plan.assessment
     iim = a.facts.iim
     sex = a.facts.sex.value
+    condition = iim.reference if iim is not None else None
     diagnosis = None
     if plan.anchor is not None:
-        source = plan.anchor_source
-        if iim is not None and iim.diagnosed is not None:
-            source = f"{source} of {iim.reference}"
-        diagnosis = {"date": plan.anchor.isoformat(), "source": source}
+        diagnosis = {"date": plan.anchor.isoformat(), "source": plan.anchor_source}
     onset = None
     if iim is not None and iim.onset is not None:
-        onset = {"date": str(iim.onset), "source": f"{iim.onset_source} of {iim.reference}"}
+        onset = {"date": str(iim.onset), "source": iim.onset_source}
     return {
         "name": human_name(patient),
         "age": _age(a),
@@ -207,6 +205,8 @@ def header(write: PatientWrite, patient: Json | None) -> Json:
         "mrn": medical_record_number(patient),
         "diagnosis": diagnosis,
         "onset": onset,
+        # The IIM Condition both dates were read from.
+        "condition": condition,
     }
 
 

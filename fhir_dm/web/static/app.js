@@ -109,7 +109,10 @@
     const t1 = Math.max(...dates) + Math.max(30 * DAY, span * 0.03);
     const years = (t1 - t0) / (365 * DAY);
     const narrow = box.clientWidth < 600;
-    const step = years <= 1.2 ? 2 : years <= 3.5 ? (narrow ? 12 : 6) : 12;
+    const step = years <= 1.2 ? (narrow ? 4 : 2) : years <= 3.5 ? (narrow ? 12 : 6) : 12;
+    // Row labels get at most 40% of the width (about 7 px a character), whole names at most 56.
+    const labelChars = Math.max(12, Math.min(56, Math.floor((box.clientWidth * 0.4) / 7)));
+    const tickLabel = (v) => (narrow && step === 12 ? iso(v).slice(0, 4) : iso(v).slice(0, 7));
     const colour = {
       overdue: css("--overdue"), due: css("--due"), upcoming: css("--upcoming"),
       done: css("--done"), "done-late": css("--done"), missed: css("--missed"),
@@ -143,24 +146,24 @@
         responsive: true,
         maintainAspectRatio: false,
         animation: false,
-        layout: { padding: { top: 36, right: 8 } },
+        layout: { padding: { top: 38, right: 8 } },
         font: { family: "system-ui, sans-serif" },
         scales: {
           x: {
             type: "linear",
-            position: "top",
+            position: "bottom",
             min: t0,
             max: t1,
             afterBuildTicks: (axis) => { axis.ticks = monthTicks(t0, t1, step); },
-            ticks: { callback: (v) => iso(v).slice(0, 7), maxRotation: 0, autoSkip: true, autoSkipPadding: 12, color: css("--fg"), font: { size: 12 } },
+            ticks: { callback: tickLabel, maxRotation: 0, autoSkip: true, autoSkipPadding: 12, color: css("--fg"), font: { size: 12 } },
             grid: { color: css("--line") },
           },
           y: {
             ticks: {
               autoSkip: false,
               color: css("--fg"),
-              font: { size: 13 },
-              callback(value) { return shorten(this.getLabelForValue(value), narrow ? 24 : 56); },
+              font: { size: narrow ? 12 : 13 },
+              callback(value) { return shorten(this.getLabelForValue(value), labelChars); },
             },
             grid: { display: false },
           },
@@ -190,9 +193,10 @@
     $("who-mrn").textContent = h.mrn || "not recorded";
     $("who-diagnosis").textContent = h.diagnosis ? `${h.diagnosis.date} (from ${h.diagnosis.source})` : "not recorded";
     $("who").hidden = false;
-    $("onset-line").textContent = h.onset
-      ? `Symptom onset ${h.onset.date} (from ${h.onset.source}), used for eligibility and the age at onset. ${view.patient}.`
-      : `Symptom onset not recorded. ${view.patient}.`;
+    const from = h.condition ? ` of ${h.condition}` : "";
+    $("onset-line").textContent = (h.onset
+      ? `Symptom onset ${h.onset.date} (from ${h.onset.source}${from}), used for eligibility and the age at onset.`
+      : "Symptom onset not recorded.") + (h.diagnosis ? ` Diagnosis date read from ${h.diagnosis.source}${from}.` : "") + ` ${view.patient}.`;
   }
 
   function render(view) {

@@ -85,7 +85,7 @@
       cell(row, it.status + (it.consider ? " (consider)" : ""), "Status", "status status-" + it.status);
       cell(row, it.round, "Round");
       cell(row, it.test, "Test");
-      cell(row, `${it.dueStart} to ${it.dueEnd}` + (it.doneOn ? `; done ${it.doneOn}` : ""), "Due");
+      cell(row, `${it.dueStart} to ${it.dueEnd}` + (it.doneOn ? `; done ${it.doneOn}` : ""), "Due", "due");
       body.appendChild(row);
     }
     table.append(caption, head, body);
@@ -114,8 +114,8 @@
       const most = p.mostOverdue;
       cell(row, most ? `${most.test} (${most.round}), ${most.daysOverdue} days overdue` : "nothing overdue", "Most overdue", most ? "overdue" : "");
       const c = p.counts;
-      cell(row, `${c.overdue} / ${c.due} / ${c.upcoming} / ${c.done}`, "Overdue / due / upcoming / done", "counts");
-      cell(row, p.nextDue || "nothing owed", "Next due by");
+      cell(row, `${c.overdue} / ${c.due} / ${c.upcoming} / ${c.done}`, "Overdue / due / upcoming / done", "tally");
+      cell(row, p.nextDue || "nothing owed", "Next due by", "date");
       cell(row, p.organizationName, "Organisation");
       const button = document.createElement("button");
       button.type = "button";

@@ -122,8 +122,9 @@ def test_the_header_names_the_patient_with_age_sex_mrn_and_one_diagnosis_date(
         "sex": "female",
         "sexNote": "",
         "mrn": "MRN-0042",
-        "diagnosis": {"date": "2024-03-01", "source": "recordedDate of Condition/ui-h-dm"},
-        "onset": {"date": "2024-02-10", "source": "onsetDateTime of Condition/ui-h-dm"},
+        "diagnosis": {"date": "2024-03-01", "source": "recordedDate"},
+        "onset": {"date": "2024-02-10", "source": "onsetDateTime"},
+        "condition": "Condition/ui-h-dm",
     }
     # One diagnosis date on the page: the one the schedule is dated from.
     assert view["diagnosis"]["date"] == view["header"]["diagnosis"]["date"]
