@@ -236,7 +236,7 @@ def _doc_shot(browser: Any, name: str) -> None:
         },
     )
     browser.execute_async_script(
-        "const done = arguments[arguments.length - 1];"
+        "const done = arguments[arguments.length - 1]; window.scrollTo(0, 0);"
         "requestAnimationFrame(() => requestAnimationFrame(() => done(true)));"
     )
     shot = browser.execute_cdp_cmd("Page.captureScreenshot", {"format": "png"})

@@ -157,7 +157,9 @@
     caption.id = "caption-" + measure.id;
     caption.textContent = measure.title + (measure.improvement === "decrease" ? " (lower is better)" : "");
     figure.appendChild(caption);
-    const width = 800, left = 170, barW = 360, rowH = 24, top = 6;
+    // Narrow screens get a narrower drawing, so that its text stays readable when scaled.
+    const narrow = $("measures").clientWidth < 600;
+    const width = narrow ? 360 : 800, left = narrow ? 96 : 170, barW = narrow ? 120 : 360, rowH = 24, top = 6;
     const height = top + bars.length * rowH + 6;
     const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", "aria-labelledby": caption.id + " desc-" + measure.id, id: "measure-" + measure.id, class: "measure-chart" }, figure);
     const r = result;
@@ -173,7 +175,7 @@
         svg("title", {}, bar, `${b.label}: ${b.r.numerator} of ${b.r.denominator} (${pct(score)})`);
       }
       svg("text", { x: left + barW + 8, y: y + 15 }, root,
-        score === null ? "no patient in the denominator" : `${pct(score)} (${b.r.numerator} of ${b.r.denominator})`);
+        score === null ? (narrow ? "none due" : "no patient in the denominator") : `${pct(score)} (${b.r.numerator} of ${b.r.denominator})`);
     });
     return figure;
   }
@@ -186,7 +188,9 @@
     caption.id = "caption-time-" + measure.id;
     caption.textContent = measure.title + ", by quarter";
     figure.appendChild(caption);
-    const colW = 150, left = 10, top = 8, barH = 100, width = left + quarters.length * colW;
+    const narrow = $("over-time").clientWidth < 600;
+    const colW = narrow ? 88 : 150, left = 4, top = 8, barH = 100, width = left + quarters.length * colW;
+    const mid = colW / 2;
     const height = top + barH + 44;
     const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", "aria-labelledby": caption.id + " desc-time-" + measure.id, id: "over-time-" + measure.id, class: "over-time-chart" }, figure);
     const text = (q) => q.r.score === null ? "no patient in the denominator" : `${pct(q.r.score)} (${q.r.numerator} of ${q.r.denominator})`;
@@ -195,14 +199,14 @@
       points.map((q) => `${q.period.start} to ${q.period.end}: ${text(q)}`).join("; ") + ".");
     points.forEach((q, i) => {
       const x = left + i * colW;
-      svg("rect", { x: x + 40, y: top, width: 50, height: barH, class: "track" }, root);
+      svg("rect", { x: x + mid - 25, y: top, width: 50, height: barH, class: "track" }, root);
       if (q.r.score !== null) {
         const h = Math.max(q.r.score > 0 ? 2 : 0, q.r.score * barH);
-        const bar = svg("rect", { x: x + 40, y: top + barH - h, width: 50, height: h, class: "bar measure-all", "data-score": q.r.score }, root);
+        const bar = svg("rect", { x: x + mid - 25, y: top + barH - h, width: 50, height: h, class: "bar measure-all", "data-score": q.r.score }, root);
         svg("title", {}, bar, `${q.period.start} to ${q.period.end}: ${text(q)}`);
       }
-      svg("text", { x: x + 65, y: top + barH + 16, "text-anchor": "middle" }, root, "to " + q.period.end);
-      svg("text", { x: x + 65, y: top + barH + 34, "text-anchor": "middle" }, root,
+      svg("text", { x: x + mid, y: top + barH + 16, "text-anchor": "middle" }, root, "to " + q.period.end);
+      svg("text", { x: x + mid, y: top + barH + 34, "text-anchor": "middle" }, root,
         q.r.score === null ? "none due" : `${pct(q.r.score)} (${q.r.numerator}/${q.r.denominator})`);
     });
     return figure;
