@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import responses
 from flask.testing import FlaskClient
 
+from fhir_dm.web import app_ui
 from tests import factories as f
 from tests.unit.web.conftest import FakeFhirServer, transaction_calls
 
@@ -194,3 +197,29 @@ def test_the_counts_of_orders_and_activities_add_up_to_the_items(
     )
     # The orders are the ServiceRequests the preview would write.
     assert f"{items['orders']} service requests" in view["plan"]["summary"]
+
+
+def _luminance(hex_colour: str) -> float:
+    channels = [int(hex_colour[i : i + 2], 16) / 255 for i in (1, 3, 5)]
+    linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+
+def _contrast(a: str, b: str) -> float:
+    high, low = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+def test_the_focus_ring_has_3_to_1_contrast_against_every_neighbouring_colour() -> None:
+    """WCAG 2.2 AA (focus appearance, non-text contrast): the ring against the white gap,
+    the cards, the page and the dark button."""
+    css = (Path(app_ui.__file__).parent / "static" / "app.css").read_text(encoding="utf-8")
+    variables = dict(re.findall(r"--([a-z]+): (#[0-9a-f]{6})", css))
+    rule = re.search(r":focus-visible \{([^}]*)\}", css)
+    assert rule is not None
+    outline = re.search(r"outline: 3px solid var\(--([a-z]+)\)", rule.group(1))
+    assert outline is not None
+    ring = variables[outline.group(1)]
+    for neighbour in ("#ffffff", variables["page"], variables["bg"]):
+        assert _contrast(ring, neighbour) >= 3, neighbour
+    assert _contrast("#ffbf47", "#ffffff") < 3  # the old ring, for comparison
