@@ -240,12 +240,13 @@ def render_summary(result: PatientResult) -> str:
     if e.reasons:
         lines.append("  Why:")
         lines += [f"    - {r}" for r in e.reasons]
+    if e.evidence:
+        lines.append("  Evidence (rule; level; sources):")
+        lines += [f"    - {r}" for r in e.evidence]
     if e.schedule:
-        orders = len(result.service_requests)
-        others = len(e.schedule) - orders
         lines.append(
-            f"  Plan ({len(e.schedule)} items: {orders} service requests now,"
-            f" {others} plan activities: later rounds, 'consider' items, done or missed):"
+            f"  {e.counts_line()}; care-plan activities are later rounds, 'consider' items,"
+            " tests done or missed, and examinations:"
         )
         for row in e.attention_first():
             consider = f"CONSIDER ({row.condition}) " if row.consider else ""
@@ -257,7 +258,7 @@ def render_summary(result: PatientResult) -> str:
                 f"  {consider}{row.test}{note}"
             )
     else:
-        lines.append("  Proposed: nothing.")
+        lines.append("  " + e.counts_line())
     lines += [f"  Not done, missed: {s}" for s in e.missed]
     if e.unknown_facts:
         lines.append("  Not recorded (unknown, not negative): " + ", ".join(e.unknown_facts))

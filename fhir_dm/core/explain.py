@@ -6,6 +6,7 @@ render this one structure, so they never disagree.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from fhir_dm.core.plan import STATUS_ORDER, Plan, PlanItem
@@ -37,6 +38,9 @@ class ScheduleRow:
     evidence: str = ""
     # Said with the item: an alternative ("or PET-CT instead"), an age-dependent choice.
     note: str = ""
+    # A ServiceRequest now (`Plan.orders_now`); else a CarePlan activity only (a later round,
+    # a "consider" item, a test done or missed, or one that is not orderable).
+    order: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,10 +61,56 @@ class Explanation:
     dates: tuple[str, ...] = ()
     # Items that lapsed undone, one line each (kept in the history, never dropped silently).
     missed: tuple[str, ...] = ()
+    # The rule ids, evidence levels and sources behind the reasons, one line per rule: kept out
+    # of the reasons (clinical words) and shown where a reader asks for them.
+    evidence: tuple[str, ...] = ()
+
+    @property
+    def orders(self) -> int:
+        """Items that are ServiceRequests now."""
+        return sum(r.order for r in self.schedule)
+
+    @property
+    def activities(self) -> int:
+        """Items that are CarePlan activities only (the rest of the schedule)."""
+        return len(self.schedule) - self.orders
+
+    def counts_line(self) -> str:
+        """The plan's size, orders and activities named apart so that they add up, e.g.
+        "Proposed: 34 service requests and 8 care-plan activities (42 items)"."""
+        if not self.schedule:
+            return "Proposed: nothing."
+        return (
+            f"Proposed: {_n(self.orders, 'service request')} and "
+            f"{_n(self.activities, 'care-plan activity', 'care-plan activities')} "
+            f"({_n(len(self.schedule), 'item')})"
+        )
 
     def attention_first(self) -> tuple[ScheduleRow, ...]:
         """The schedule with overdue items first, then due, upcoming, done, missed (stable)."""
         return tuple(sorted(self.schedule, key=lambda r: STATUS_ORDER.get(r.status, 9)))
+
+
+def _n(count: int, one: str, many: str = "") -> str:
+    return f"{count} {one if count == 1 else (many or one + 's')}"
+
+
+# A trailing note in parentheses on a rule's label says how the rule reads the record
+# ("(exact age; 40 years and 1 day counts)"): for the rule's reader, not the clinician's.
+_LABEL_NOTE = re.compile(r"\s*\([^()]*\)\s*$")
+
+
+def clinical_label(label: str) -> str:
+    """A rule's label without its trailing rule-writing note in parentheses."""
+    return _LABEL_NOTE.sub("", label) or label
+
+
+def factor_text(label: str, facts: tuple[str, ...]) -> str:
+    """A factor in clinical words: its label, and what the record showed when that says more
+    ("age at onset over 40 (age at onset 75)"); never the rule id or the sources."""
+    short = clinical_label(label)
+    shown = [f for f in facts if f.lower() != short.lower()]
+    return f"{short} ({'; '.join(shown)})" if shown else short
 
 
 def _row(plan: Plan, item: PlanItem, knowledge: Knowledge) -> ScheduleRow:
@@ -78,6 +128,7 @@ def _row(plan: Plan, item: PlanItem, knowledge: Knowledge) -> ScheduleRow:
         status=plan.status(item),
         evidence=evidence_text(item),
         note=item.note,
+        order=plan.orders_now(item),
     )
 
 
@@ -118,12 +169,11 @@ def explain(plan: Plan, knowledge: Knowledge) -> Explanation:
         headline = ". ".join([*first, headline])
     notices = sorted(a.notices, key=lambda n: not n.headline)
     reasons = []
+    evidence = []
     for f in a.factors:
         label = FACTOR_CLASS_LABELS.get(f.kind, f.kind)
-        facts = "; ".join(f.facts)
-        reasons.append(
-            f"{label}: {f.label} [{facts}] (rule {f.id}; evidence {f.evidence}: {f.source})"
-        )
+        reasons.append(f"{label}: {factor_text(f.label, f.facts)}")
+        evidence.append(f"{f.label}: rule {f.id}; evidence {f.evidence}: {f.source}")
     if a.in_scope and not a.factors:
         reasons.append("No risk factor was recorded.")
     if a.scope == "window-closed":
@@ -140,9 +190,10 @@ def explain(plan: Plan, knowledge: Knowledge) -> Explanation:
         for r in i.rules
         if r.kind in ("red-flag", "flare", "missing-data")
     }.values():
-        reasons.append(
-            f"{item_rules.label}: {'; '.join(item_rules.facts)} "
-            f"(rule {item_rules.id}; evidence {item_rules.evidence})"
+        reasons.append(f"{clinical_label(item_rules.label)}: {'; '.join(item_rules.facts)}")
+        evidence.append(
+            f"{item_rules.label}: rule {item_rules.id}; evidence {item_rules.evidence}"
+            + (f": {item_rules.source}" if item_rules.source else "")
         )
     if a.tier is not None and rs.cohort_rates is not None:
         # Cohort figures to support shared decisions, never a prediction for this patient.
@@ -165,4 +216,5 @@ def explain(plan: Plan, knowledge: Knowledge) -> Explanation:
         onset=onset,
         dates=a.dates_used,
         missed=tuple(_missed_line(i, knowledge) for i in plan.missed()),
+        evidence=tuple(evidence),
     )

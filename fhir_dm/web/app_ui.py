@@ -26,13 +26,17 @@ from urllib.parse import urlsplit
 from flask import Blueprint, Flask, Response, jsonify, request, send_from_directory
 
 from fhir_dm import deadline as deadlines
+from fhir_dm.core.dates import years_between
+from fhir_dm.core.explain import factor_text
+from fhir_dm.core.facts import UNKNOWN
+from fhir_dm.core.rules import Assessment
 from fhir_dm.errors import DeadlineExceededError, FhirDmError, InputError
-from fhir_dm.fhir.client import client_from_config
+from fhir_dm.fhir.client import FhirClient, client_from_config
 from fhir_dm.knowledge.models import Knowledge
 from fhir_dm.population.config import MeasureConfig, PopulationConfig, load_population_config
 from fhir_dm.population.finder import find_iim_patients, iim_search_tokens
 from fhir_dm.population.measures import NO_VALUE, measure_report
-from fhir_dm.population.rows import PatientRow
+from fhir_dm.population.rows import ItemRow, PatientRow
 from fhir_dm.population.run import PopulationRunner
 from fhir_dm.population.worklist import worklist
 from fhir_dm.web.authorize import require_patient, require_population
@@ -56,6 +60,13 @@ CLINIC_PERIOD_DAYS = 365
 CLINIC_QUARTERS = 4
 # Stop assessing when less than this is left of the request's deadline, to answer in time.
 CLINIC_RESERVE_SECONDS = 3.0
+# The medical record number: the identifier typed "MR" in HL7 v2 table 0203 (Identifier Type,
+# https://terminology.hl7.org/CodeSystem-v2-0203.html), as FHIR R4's Patient examples type it.
+MR_TYPE = ("http://terminology.hl7.org/CodeSystem/v2-0203", "MR")
+# Ids per `_id` search when names are fetched in batch: short enough for any server's URL limit.
+IDS_PER_SEARCH = 100
+# The resource types whose names the clinic page shows, and the elements it needs of each.
+NAMED_TYPES = {"Patient": "name", "Organization": "name", "Practitioner": "name"}
 
 
 def init_app(app: Flask) -> None:
@@ -137,8 +148,132 @@ def _authenticate(service: Service, allowed: set[str]) -> Principal:
     return principal
 
 
-def patient_view(write: PatientWrite) -> Json:
-    """The page's data: the Explanation, item statuses, rounds and what writing would do."""
+def human_name(resource: Json | None) -> str | None:
+    """A Patient's or Practitioner's name as people write it (the first usable HumanName: its
+    `text`, else prefix, given and family names), or an Organization's `name`."""
+    if not resource:
+        return None
+    name = resource.get("name")
+    if isinstance(name, str):
+        return name.strip() or None
+    if not isinstance(name, list):
+        return None
+    ranked = sorted(
+        (n for n in name if isinstance(n, dict)), key=lambda n: n.get("use") != "official"
+    )
+    for n in ranked:
+        text = n.get("text")
+        if isinstance(text, str) and text.strip():
+            return text.strip()
+        parts = [*(n.get("prefix") or []), *(n.get("given") or []), n.get("family") or ""]
+        joined = " ".join(str(p) for p in parts if p).strip()
+        if joined:
+            return joined
+    return None
+
+
+def medical_record_number(patient: Json | None) -> str | None:
+    """The value of the Patient's identifier typed MR (HL7 v2-0203), None if it has none."""
+    for identifier in (patient or {}).get("identifier") or []:
+        codings = ((identifier.get("type") or {}).get("coding")) or []
+        if any((c.get("system"), c.get("code")) == MR_TYPE for c in codings):
+            value = identifier.get("value")
+            if isinstance(value, str) and value:
+                return value
+    return None
+
+
+def _age(a: Assessment) -> str | None:
+    """Age in whole years on the evaluation date (a span when the birth date is partial)."""
+    birth = a.facts.birth_date
+    if birth is None:
+        return None
+    youngest = int(years_between(birth.latest, a.now))
+    oldest = int(years_between(birth.earliest, a.now))
+    return str(oldest) if youngest == oldest else f"{youngest}-{oldest}"
+
+
+def header(write: PatientWrite, patient: Json | None) -> Json:
+    """Who the page is about: name, age, sex as the rules read it, MRN, and the one diagnosis
+    date the schedule is dated from (with where it was read), plus the symptom onset."""
+    plan = write.result.plan
+    a = plan.assessment
+    iim = a.facts.iim
+    sex = a.facts.sex.value
+    condition = iim.reference if iim is not None else None
+    diagnosis = None
+    if plan.anchor is not None:
+        diagnosis = {"date": plan.anchor.isoformat(), "source": plan.anchor_source}
+    onset = None
+    if iim is not None and iim.onset is not None:
+        onset = {"date": str(iim.onset), "source": iim.onset_source}
+    return {
+        "name": human_name(patient),
+        "age": _age(a),
+        "sex": "not recorded" if sex is UNKNOWN else str(sex),
+        "sexNote": a.facts.sex_uncertain,
+        "mrn": medical_record_number(patient),
+        "diagnosis": diagnosis,
+        "onset": onset,
+        # The IIM Condition both dates were read from.
+        "condition": condition,
+    }
+
+
+def stratified(a: Assessment) -> bool:
+    """Whether the tier applies: the guideline applies, or did until the window closed (an
+    excluded subtype such as IBM, or a juvenile onset, gets no tier, whatever its factors)."""
+    return a.tier is not None and a.scope in ("in-scope", "window-closed")
+
+
+def factor_contributions(a: Assessment, knowledge: Knowledge) -> Json:
+    """What each factor that applied contributed to the tier, and the tier rule that decided
+    it; nothing for a patient who is not stratified."""
+    if not stratified(a):
+        return {"factors": [], "basis": None}
+    rs = knowledge.ruleset
+    weight = {"factor-high": "high-risk factor", "factor-intermediate": "intermediate-risk factor"}
+    factors = [
+        {
+            "id": f.id,
+            "factor": factor_text(f.label, f.facts),
+            "contribution": weight.get(f.kind, "recorded; does not change the tier"),
+            "class": f.kind.removeprefix("factor-"),
+            "evidence": f.evidence,
+            "rule": f.id,
+            "label": f.label,
+        }
+        for f in a.factors
+    ]
+    high = sum(f.kind == "factor-high" for f in a.factors)
+    intermediate = sum(f.kind == "factor-intermediate" for f in a.factors)
+    assert a.tier is not None
+    label = rs.tiers.level(a.tier).label
+    basis = f"{label}: no rule for a higher tier is met"
+    for rule in rs.tiers.rules:
+        if rule.min_high is not None and high >= rule.min_high:
+            basis = f"{label}: {_count(high, 'high-risk factor')} (at least {rule.min_high})"
+            break
+        if rule.min_intermediate is not None and intermediate >= rule.min_intermediate:
+            basis = (
+                f"{label}: {_count(intermediate, 'intermediate-risk factor')} "
+                f"(at least {rule.min_intermediate})"
+            )
+            break
+    else:
+        basis = (
+            f"{label}: {_count(high, 'high-risk factor')} and "
+            f"{_count(intermediate, 'intermediate-risk factor')}"
+        )
+    return {"factors": factors, "basis": basis}
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def patient_view(write: PatientWrite, knowledge: Knowledge, patient: Json | None = None) -> Json:
+    """The page's data: who, the Explanation, item statuses, rounds and what writing would do."""
     result = write.result
     plan = result.plan
     a = plan.assessment
@@ -149,16 +284,17 @@ def patient_view(write: PatientWrite) -> Json:
     revision = write.revision
     on_file = write.status == "unchanged" or bool(revision and revision.plan_on_server)
     replaces = bool(revision and (revision.revoked_plans or revision.updated_plans))
+    contributions = factor_contributions(a, knowledge)
     return {
         "patient": result.patient_reference,
+        "header": header(write, patient),
         "today": a.now.isoformat(),
-        "tier": result.tier,
+        "tier": result.tier if stratified(a) else None,
+        "tierLabel": explanation.tier_label if stratified(a) else None,
         "preliminary": a.preliminary,
         "explanation": asdict(explanation),
-        "factors": [
-            {"id": f.id, "kind": f.kind, "label": f.label, "evidence": f.evidence}
-            for f in a.factors
-        ],
+        "factors": contributions["factors"],
+        "tierBasis": contributions["basis"],
         "preliminaryBecause": list(a.preliminary_because),
         "diagnosis": {
             "date": plan.anchor.isoformat() if plan.anchor else None,
@@ -169,6 +305,12 @@ def patient_view(write: PatientWrite) -> Json:
             for rid, label, start, end in plan.rounds()
         ],
         "counts": counts,
+        "items": {
+            "orders": explanation.orders,
+            "activities": explanation.activities,
+            "total": len(explanation.schedule),
+            "line": explanation.counts_line(),
+        },
         "plan": {
             "status": write.status,
             "summary": write.summary(),
@@ -190,7 +332,8 @@ def view(id: str) -> Response:
     # The token's scopes and patient context: a patient-scoped token sees its patient only.
     require_patient(principal, id, write=False)
     write = service.writeback.assess_patient(id, now=_now(), preview=True)
-    response = jsonify(patient_view(write))
+    patient = service.fhir.read("Patient", id)
+    response = jsonify(patient_view(write, service.knowledge, patient))
     response.headers["Cache-Control"] = "no-store"
     return response
 
@@ -341,12 +484,110 @@ def _assess(
     return rows, failed, False
 
 
-def clinic_view(service: Service, population: PopulationConfig, now: date, start: date) -> Json:
-    """The clinic page's data: worklist, measure summaries per filter, and the MeasureReports."""
+def fetch_names(client: FhirClient, references: Sequence[str]) -> dict[str, str]:
+    """The names of the Patients, Organizations and Practitioners referred to, in batch: one
+    `_id=a,b,c` search per type (per `IDS_PER_SEARCH` ids), never one read per row. A reference
+    the server does not hold, or of another type, is left out (the page shows it as given)."""
+    ids: dict[str, dict[str, None]] = {t: {} for t in NAMED_TYPES}
+    for reference in references:
+        kind, _, rid = reference.partition("/")
+        if kind in ids and _FHIR_ID.fullmatch(rid):
+            ids[kind].setdefault(rid)
+    names: dict[str, str] = {}
+    for kind, wanted in ids.items():
+        chunk_ids = list(wanted)
+        for start in range(0, len(chunk_ids), IDS_PER_SEARCH):
+            chunk = chunk_ids[start : start + IDS_PER_SEARCH]
+            params = {"_id": ",".join(chunk), "_elements": NAMED_TYPES[kind]}
+            for resource in client.search(kind, {**params, "_count": str(len(chunk))}):
+                name = human_name(resource)
+                if name and resource.get("resourceType") == kind:
+                    names[f"{kind}/{resource.get('id')}"] = name
+    return names
+
+
+def _days(later: date, earlier: date) -> int:
+    return (later - earlier).days
+
+
+def clinic_row(row: PatientRow, now: date, names: dict[str, str]) -> Json:
+    """One patient of the clinic: tier, the most overdue item, counts by status, the next due
+    date, and the items (owed first, then done and missed) for the row's expansion."""
+    owed = [i for i in row.items if i.status in ("overdue", "due", "upcoming")]
+    overdue = sorted((i for i in owed if i.status == "overdue"), key=lambda i: (i.due_end, i.test))
+    most: Json | None = None
+    if overdue:
+        first = overdue[0]
+        most = {
+            "test": first.test,
+            "round": first.round_label,
+            "dueEnd": first.due_end,
+            "daysOverdue": _days(now, first.due_end_date),
+        }
+    open_firm = [i for i in owed if i.status in ("due", "upcoming") and not i.conditional]
+    next_due = min((i.due_end for i in open_firm), default=None)
+    counts = dict.fromkeys(("overdue", "due", "upcoming", "done", "missed"), 0)
+    for item in row.items:
+        key = "done" if item.status == "done-late" else item.status
+        counts[key] = counts.get(key, 0) + 1
+    order = {"overdue": 0, "due": 1, "upcoming": 2, "done": 3, "done-late": 3, "missed": 4}
+    items = sorted(row.items, key=lambda i: (order.get(i.status, 9), i.due_start, i.test))
+    organization = row.organization or NO_VALUE
+    practitioner = row.practitioner or NO_VALUE
+    return {
+        "patient": row.patient,
+        "name": names.get(row.patient),
+        "tier": row.tier,
+        "preliminary": row.preliminary,
+        "scope": row.scope,
+        "organization": organization,
+        "organizationName": names.get(organization, organization),
+        "practitioner": practitioner,
+        "practitionerName": names.get(practitioner, practitioner),
+        "mostOverdue": most,
+        "nextDue": next_due,
+        "counts": counts,
+        "items": [_clinic_item(i) for i in items],
+    }
+
+
+def _clinic_item(item: ItemRow) -> Json:
+    return {
+        "test": item.test,
+        "round": item.round_label,
+        "dueStart": item.due_start,
+        "dueEnd": item.due_end,
+        "status": item.status,
+        "consider": item.conditional,
+        "doneOn": item.done_on,
+    }
+
+
+def _row_order(row: Json) -> tuple[int, int, str, str]:
+    """Most days overdue first, then the nearest next due date, then by name."""
+    most = row["mostOverdue"]
+    return (
+        -(most["daysOverdue"] if most else -1),
+        0 if row["nextDue"] else 1,
+        row["nextDue"] or "",
+        row["name"] or row["patient"],
+    )
+
+
+def clinic_view(
+    service: Service,
+    population: PopulationConfig,
+    now: date,
+    start: date,
+    limit: int | None = None,
+) -> Json:
+    """The clinic page's data: one row per patient (with names), the worklist, measure
+    summaries per filter, and the MeasureReports."""
     knowledge = service.knowledge
+    limit = CLINIC_MAX_PATIENTS if limit is None else limit
     tokens = iim_search_tokens(knowledge, population.finder)
     found = find_iim_patients(service.fhir, tokens)
-    rows, failed, out_of_time = _assess(service, found[:CLINIC_MAX_PATIENTS], now)
+    rows, failed, out_of_time = _assess(service, found[:limit], now)
     truncated = None
     if out_of_time:
         truncated = {
@@ -354,38 +595,36 @@ def clinic_view(service: Service, population: PopulationConfig, now: date, start
             "message": f"only {len(rows) + len(failed)} of {len(found)} patients could be"
             " assessed within the request's time limit",
         }
-    elif len(found) > CLINIC_MAX_PATIENTS:
+    elif len(found) > limit:
         truncated = {
             "reason": "limit",
-            "message": f"{len(found)} patients found; the first {CLINIC_MAX_PATIENTS} (by id)"
+            "message": f"{len(found)} patients found; the first {limit} (by id)"
             " are shown. Use `fhir-dm population worklist` for the whole clinic.",
         }
     period = (start, now)
     generated = datetime.now(UTC)
     items = worklist(rows, now, population.worklist.soon_due_days)
     tiers, rounds = _label_maps(knowledge)
+    references = [r.patient for r in rows] + [f["patient"] for f in failed]
+    references += [ref for r in rows for ref in (r.organization, r.practitioner) if ref]
+    names = fetch_names(service.fhir, references)
+    patients = sorted((clinic_row(r, now, names) for r in rows), key=_row_order)
     return {
         "today": now.isoformat(),
         "period": {"start": start.isoformat(), "end": now.isoformat()},
-        "limit": CLINIC_MAX_PATIENTS,
+        "limit": limit,
         "found": len(found),
         "assessed": len(rows),
-        "failed": failed,
+        "failed": [{**x, "name": names.get(x["patient"])} for x in failed],
         "truncated": truncated,
         "noValue": NO_VALUE,
         "labels": {"tiers": tiers, "rounds": rounds},
-        "patients": [
-            {
-                "patient": r.patient,
-                "tier": r.tier,
-                "organization": r.organization or NO_VALUE,
-                "practitioner": r.practitioner or NO_VALUE,
-            }
-            for r in rows
-        ],
+        "names": names,
+        "patients": patients,
         "worklist": [
             {
                 **asdict(w),
+                "name": names.get(w.patient),
                 "organization": w.organization or NO_VALUE,
                 "practitioner": w.practitioner or NO_VALUE,
             }

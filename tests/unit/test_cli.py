@@ -57,6 +57,26 @@ def test_explain_summarises_each_patient(
     assert "CONSIDER" in out and "Chest radiograph" in out
 
 
+def test_explain_counts_orders_and_activities_apart_and_keeps_rule_ids_out_of_the_reasons(
+    seed_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["explain", str(seed_file), "--now", "2015-10-25"]) == 0
+    out = capsys.readouterr().out
+    why = out[out.index("  Why:") : out.index("  Evidence")]
+    assert "(rule " not in why and "[BMJ]" not in why
+    assert "    - High-risk factor: anti-TIF1-gamma positive\n" in why
+    assert "age at onset over 40 (age at onset 75)" in why  # not the rule's own note
+    assert "anti-TIF1-gamma positive: rule ab-tif1g; evidence guideline" in out
+    lines = out.splitlines()
+    [at] = [i for i, x in enumerate(lines) if x.startswith("  Proposed: ")]
+    line = lines[at]
+    rows = [x for x in lines[at + 1 :] if x.startswith("    ") and not x.startswith("    - ")]
+    counts = line.removeprefix("  Proposed: ").split(";")[0]
+    orders, _, rest = counts.partition(" service requests and ")
+    activities, _, total = rest.partition(" care-plan activities (")
+    assert int(orders) + int(activities) == int(total.removesuffix(" items)")) == len(rows)
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

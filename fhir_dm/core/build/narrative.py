@@ -51,10 +51,12 @@ def render_narrative(explanation: Explanation, window: str) -> str:
         _list("Dates used", e.dates),
         _list("Notices", e.notices),
         _list("Why", e.reasons),
+        f"<p>{escape(e.counts_line())}.</p>" if e.schedule else "",
         table,
         _list("Missed (no longer owed)", e.missed),
         _list("Not recorded (unknown, not negative)", e.unknown_facts),
         _list("Input not used", e.findings),
+        _list("Evidence (rule; level; sources)", e.evidence),
         f"<p>Rule set {escape(e.ruleset)}; {escape(e.guideline)}. "
         "Every item is a proposal for a clinician to review.</p>",
         "</div>",

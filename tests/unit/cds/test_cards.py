@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import uuid
 from typing import Any
 
@@ -156,7 +157,8 @@ def test_the_full_detail_still_renders_the_schedule_table(high: PatientResult) -
     assert "| At diagnosis | 2024-03-01 to 2024-06-01 |" in detail
     assert "Consider 18F-FDG PET-CT" in detail  # a "consider" item
     # Data text cannot open a link or HTML: brackets and angle brackets are escaped.
-    assert "\\[anti-TIF1-gamma positive\\]" in detail
+    linked = dataclasses.replace(high.explanation, reasons=("[anti-TIF1-gamma](https://x.org)",))
+    assert "\\[anti-TIF1-gamma\\]" in render_detail(linked, max_findings=10, orders=1)
 
 
 def test_moderate_preliminary_card_says_preliminary(builder: CardBuilder, engine: Engine) -> None:

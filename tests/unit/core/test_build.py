@@ -160,3 +160,21 @@ def test_series_is_the_patient_by_id_whatever_its_identifiers_or_dates(engine: E
     c = run_one(engine, other, f.iim_condition(other), now=date(2024, 4, 15))
     assert a.identity.series == b.identity.series != c.identity.series
     assert a.identity.series.startswith(a.identity.family_prefix)
+
+
+def test_the_narrative_counts_orders_and_activities_apart_and_lists_the_evidence(
+    engine: Engine,
+) -> None:
+    result = run_one(engine, *f.seed_case(), now=date(2015, 10, 25))
+    assert result.care_plan is not None
+    div = result.care_plan["text"]["div"]
+    orders = len(result.service_requests)
+    activities = len(result.plan.items) - orders
+    assert (
+        f"<p>Proposed: {orders} service requests and {activities} care-plan activities"
+        f" ({len(result.plan.items)} items).</p>"
+    ) in div
+    why = div[div.index("<b>Why</b>") : div.index("<table>")]
+    assert "rule " not in why and "[BMJ]" not in why
+    assert "<b>Evidence (rule; level; sources)</b>" in div
+    assert "anti-TIF1-gamma positive: rule ab-tif1g" in div

@@ -106,7 +106,7 @@ def rsps() -> Iterator[responses.RequestsMock]:
 class FakeFhirServer:
     """Just enough of a FHIR server: read, paged search, and transactions like HAPI's.
 
-    Searches: `patient`, `subject`, `identifier` (`system|` matches any value), `based-on`,
+    Searches: `_id`, `patient`, `subject`, `identifier` (`system|` matches any value), `based-on`,
     `status`, `_count`, comma-separated values ORed; transactions: conditional create
     (`ifNoneExist` with the same parameters), PUT by id (If-Match mismatch: 412, as HAPI),
     urn:uuid references rewritten to the assigned ids.
@@ -129,6 +129,8 @@ class FakeFhirServer:
             "RiskAssessment",
             "Provenance",
             "List",
+            "Organization",
+            "Practitioner",
         ):
             mock.add_callback(responses.GET, f"{base}/{resource_type}", callback=self._search)
             mock.add_callback(
@@ -269,6 +271,8 @@ def _matches(resource: Json, params: dict[str, str]) -> bool:
 
 
 def _matches_one(resource: Json, name: str, value: str) -> bool:
+    if name == "_id":
+        return bool(resource.get("id") == value)
     if name == "patient":
         refs = _references(resource, "subject") + _references(resource, "patient")
         return f"Patient/{value}" in refs

@@ -142,7 +142,9 @@ def test_a_patient_that_fails_is_listed_and_the_others_shown(
     fhir_server.put(f.iim_condition(gone, id="c-gone-dm"))  # the Patient itself is not there
     view = _post(client)
     assert view["found"] == 3 and view["assessed"] == 2
-    assert view["failed"] == [{"patient": "Patient/c-gone", "error": "PatientNotFoundError"}]
+    assert view["failed"] == [
+        {"patient": "Patient/c-gone", "error": "PatientNotFoundError", "name": None}
+    ]
 
 
 def test_the_clinic_refuses_bad_parameters(
@@ -202,3 +204,56 @@ def test_a_round_counts_in_the_quarter_it_closed_in_and_not_later(
     # Per filter too: South (c-b only) has nobody in any quarter's denominator.
     south = next(r for r in view["results"] if r["organization"] == "Organization/south")
     assert [workup(q)[0] for q in south["overTime"]] == [0, 0, 0, 0]
+
+
+def test_the_clinic_shows_one_row_per_patient_with_names_fetched_once_per_type(
+    client: FlaskClient, fhir_server: FakeFhirServer
+) -> None:
+    _clinic(fhir_server)
+    fhir_server.put(
+        {"resourceType": "Organization", "id": "north", "name": "North Valley Rheumatology"},
+        {"resourceType": "Organization", "id": "south", "name": "South Clinic"},
+        {
+            "resourceType": "Practitioner",
+            "id": "p1",
+            "name": [{"prefix": ["Dr"], "given": ["Grace"], "family": "Hopper"}],
+        },
+    )
+    fhir_server.store["Patient"]["c-a"]["name"] = [{"text": "Ann Able"}]
+    fhir_server.store["Patient"]["c-b"]["name"] = [{"given": ["Ben"], "family": "Baker"}]
+    fhir_server.searches.clear()
+    view = _post(client)
+    by_id = [s for s in fhir_server.searches if "_id" in s[1]]
+    # One search per type for every name on the page, not one read per row.
+    assert sorted(kind for kind, _ in by_id) == ["Organization", "Patient", "Practitioner"]
+    assert dict(by_id)["Organization"]["_id"].split(",") == ["north", "south"]
+    rows = view["patients"]
+    assert [r["name"] for r in rows] == ["Ann Able", "Ben Baker"]  # the overdue patient first
+    first = rows[0]
+    assert first["organizationName"] == "North Valley Rheumatology"
+    assert first["practitionerName"] == "Dr Grace Hopper"
+    assert first["mostOverdue"]["daysOverdue"] > 0
+    assert first["counts"]["overdue"] >= 1
+    assert sum(first["counts"].values()) == len(first["items"])
+    assert first["items"][0]["status"] == "overdue"
+    second = rows[1]
+    assert second["mostOverdue"]["daysOverdue"] < first["mostOverdue"]["daysOverdue"]
+    assert second["nextDue"] >= "2024-09-15"
+    assert second["organizationName"] == "South Clinic"
+    assert second["practitionerName"] == view["noValue"]
+
+
+def test_names_are_fetched_in_chunks_and_unknown_references_are_left_as_given(
+    fhir_server: FakeFhirServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fhir_dm.fhir.client import FhirClient
+    from tests.unit.web.conftest import BASE
+
+    fhir_server.put(*(f.patient(f"n{i}", name=[{"text": f"Person {i}"}]) for i in range(5)))
+    monkeypatch.setattr(app_ui, "IDS_PER_SEARCH", 2)
+    with FhirClient(BASE) as fhir:
+        names = app_ui.fetch_names(
+            fhir, [*(f"Patient/n{i}" for i in range(5)), "Patient/gone", "Group/g1", "Some clinic"]
+        )
+    assert names == {f"Patient/n{i}": f"Person {i}" for i in range(5)}
+    assert [kind for kind, _ in fhir_server.searches] == ["Patient"] * 3  # 6 ids, 2 per search
