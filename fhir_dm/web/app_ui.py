@@ -29,6 +29,7 @@ from fhir_dm import deadline as deadlines
 from fhir_dm.core.dates import years_between
 from fhir_dm.core.explain import factor_text
 from fhir_dm.core.facts import UNKNOWN
+from fhir_dm.core.ids import is_fhir_id
 from fhir_dm.core.rules import Assessment
 from fhir_dm.errors import DeadlineExceededError, FhirDmError, InputError
 from fhir_dm.fhir.client import FhirClient, client_from_config
@@ -491,7 +492,7 @@ def fetch_names(client: FhirClient, references: Sequence[str]) -> dict[str, str]
     ids: dict[str, dict[str, None]] = {t: {} for t in NAMED_TYPES}
     for reference in references:
         kind, _, rid = reference.partition("/")
-        if kind in ids and _FHIR_ID.fullmatch(rid):
+        if kind in ids and is_fhir_id(rid):
             ids[kind].setdefault(rid)
     names: dict[str, str] = {}
     for kind, wanted in ids.items():
