@@ -14,6 +14,7 @@ Two services run under gunicorn: one as deployed by default (patient reads and w
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -25,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import pytest
 import requests
@@ -114,6 +115,8 @@ def deployment(
         "FHIR_DM_TRUST__MODE": "smart",
         "FHIR_DM_TRUST__SMART__SMART_CONFIGURATION_URL": auth.smart_configuration_url,
         "FHIR_DM_TRUST__SMART__AUDIENCES": f'["{auth.iss}"]',
+        # The app's browser talks to the EHR's FHIR endpoint and token endpoint (another origin).
+        "FHIR_DM_APP_CONNECT_ORIGINS": json.dumps([_origin(auth.iss)]),
         "FHIR_DM_LOG_LEVEL": "WARNING",
     }
     processes = []
@@ -180,7 +183,7 @@ def hapi(fhir_base_url: str) -> Iterator[FhirClient]:
 def _high_risk(hapi: FhirClient) -> str:
     """A woman of 54 with DM and anti-TIF1-gamma (ids start with "0": the clinic keeps her)."""
     pid = f"0smart-{uuid.uuid4().hex[:10]}"
-    p = f.patient(pid, birth_date="1970-01-01")
+    p = f.patient(pid, birth_date="1970-01-01", name=[{"given": ["Ada"], "family": pid}])
     load_knowledge()
     store(hapi, p, f.iim_condition(p, id=f"{pid}-dm"), f.antibody(p, "tif1g", id=f"{pid}-ab"))
     return pid
@@ -239,7 +242,7 @@ def test_launch_view_write_and_clinic_through_the_authorization_server(
     _launch(browser, deployment.full, deployment.auth, pid)
     assert _loaded(browser), browser.find_element(By.ID, "status").text
     assert browser.find_element(By.ID, "tier").text == "High risk"
-    assert pid in browser.find_element(By.ID, "patient").text  # the launch's patient
+    assert pid in browser.find_element(By.ID, "patient").text  # the launch's patient, by name
 
     browser.find_element(By.ID, "write").click()
     WebDriverWait(browser, WAIT_S, ignored_exceptions=NAVIGATING).until(
@@ -322,3 +325,9 @@ def test_an_expired_token_says_so_and_offers_a_relaunch(
     WebDriverWait(browser, WAIT_S, ignored_exceptions=NAVIGATING).until(
         lambda d: d.current_url.startswith(deployment.auth.issuer) or _settled(d)
     )
+
+
+def _origin(url: str) -> str:
+    """scheme://host:port of a URL, as a CSP source names it."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
