@@ -5,7 +5,8 @@ One command line for everything a user runs: `assess` / `explain` bundle files w
 server, `dead-letters` of the queue, `demo` the whole service against a FHIR server.
 Contract other tools rely on: `assess FILE...` prints the result transaction Bundle as JSON
 (one FILE, no --out) or writes `<name>.result.json` files into --out; exit 0 on success, 1 on
-bad input (one line on stderr), 2 on a bad configuration or settings. The Bundle carries the
+bad input (one line on stderr), 2 on a usage error (argparse), 78 (EX_CONFIG of sysexits.h) on a
+bad configuration, settings or FHIR server, one line per problem. The Bundle carries the
 input resources it refers to (unless --result-only), so it posts as it is on an empty server;
 what it refers to that the input does not hold is said on stderr.
 """
@@ -34,7 +35,11 @@ from fhir_dm.knowledge.load import CONFIG_DIR_VARIABLE, load_knowledge
 
 EXIT_OK = 0
 EXIT_INPUT = 1
-EXIT_CONFIG = 2
+# argparse's own code for a bad command line; kept apart from configuration problems so that a
+# script can tell "I called it wrong" from "the deployment is wrong".
+EXIT_USAGE = 2
+# sysexits.h EX_CONFIG: the knowledge base, a FHIR_DM_* setting or the FHIR server is unusable.
+EXIT_CONFIG = 78
 # The same variable the web service reads (settings `terminology.base_url`).
 TERMINOLOGY_VARIABLE = "FHIR_DM_TERMINOLOGY__BASE_URL"
 WSGI_APP = "fhir_dm.web.wsgi:app"
@@ -168,7 +173,7 @@ def _parser() -> argparse.ArgumentParser:
         help="create or update fhir-dm's Subscriptions on the FHIR server (idempotent)",
         description="Make the FHIR server hold one rest-hook Subscription per resource type"
         " the rules read, calling <jobs.notification_base_url or public_base_url>/notifications"
-        "/<type> with its own secret header, then check that the server activated each (exit 2"
+        "/<type> with its own secret header, then check that the server activated each (exit 78"
         " naming those it did not). Re-running changes nothing when all are in place.",
     )
     subs.add_argument(
@@ -179,7 +184,7 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=SUBSCRIPTION_WAIT_SECONDS,
         metavar="SECONDS",
-        help="how long to wait for the server to activate them (default 30); exit 2 if it does not",
+        help="how long to wait for the server to activate them (default 30); exit 78 if not",
     )
     demo = sub.add_parser(
         "demo",
@@ -487,7 +492,7 @@ def _dead_letters(args: argparse.Namespace, config: Path | None) -> int:
 
 
 def _subscriptions(args: argparse.Namespace, config: Path | None) -> int:
-    """Ensure the Subscriptions, then check the server activated them (exit 2 if not)."""
+    """Ensure the Subscriptions, then check the server activated them (EXIT_CONFIG if not)."""
     from fhir_dm.subscriptions import ensure_subscriptions, inactive_subscriptions
 
     jobs, service_settings = _jobs_of(config)

@@ -22,7 +22,7 @@ FhirDmError                       status  issue_code
 │   └── UpstreamRejectedError     502     processing     quotes the server's OperationOutcome
 ├── PatientBusyError              503     lock-error     the patient's lock stayed held
 ├── PreconditionFailedError       412     incomplete     CDS Hooks: prefetch missing, unfetchable
-└── KnowledgeError                500     exception      bad config/: fail at startup, CLI exit 2
+└── KnowledgeError                500     exception      bad config/: fail at startup, CLI exit 78
 ```
 
 Missing or unrecognised clinical data is never an error: it flows into the output as
