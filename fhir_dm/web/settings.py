@@ -218,7 +218,7 @@ def undecodable_variables(message: str) -> list[str]:
             )
     if not lines:
         where = f"{ENV_PREFIX}{field.upper()}__*" if field else f"{ENV_PREFIX}*"
-        lines.append(f"settings: a {where} variable could not be read (a list or mapping must be JSON)")
+        lines.append(f"settings: a {where} variable could not be read (lists, mappings: JSON)")
     return lines
 
 
