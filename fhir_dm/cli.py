@@ -30,6 +30,7 @@ from fhir_dm.core.assess import AssessmentRun, Engine, PatientResult
 from fhir_dm.core.build.bundle import full_url_for
 from fhir_dm.core.inputs import normalise_reference
 from fhir_dm.errors import FhirDmError, InputError, KnowledgeError, NotJsonError
+from fhir_dm.fhir.config import FhirServerConfig
 from fhir_dm.fhir.terminology import TerminologyServerConfig, engine_for
 from fhir_dm.knowledge.load import CONFIG_DIR_VARIABLE, load_knowledge
 
@@ -191,7 +192,7 @@ def _parser() -> argparse.ArgumentParser:
         help="load synthetic patients into a FHIR server, assess and write back, twice",
         description="Load six synthetic patients into a FHIR server, assess each through the"
         " service and write the plans back, then run again to show that nothing changes, and"
-        " print the clinician app's link for each patient."
+        " print the clinician app's link for each patient, served until Ctrl-C."
         " Without --fhir-base-url it builds and starts a local HAPI FHIR server with Maven"
         " (a clone of the repository, a JDK 17+ and Maven needed).",
     )
@@ -200,8 +201,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--keep-running",
-        action="store_true",
-        help="keep the service (and its app) and the local HAPI running; Ctrl-C stops them",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the service (and its app) and the local HAPI running until Ctrl-C, so the"
+        " printed links work (default); --no-keep-running ends at once, for scripts",
     )
     from fhir_dm.population.commands import add_parser as add_population_parser
 
@@ -446,15 +449,26 @@ def gunicorn_argv(bind: str | None, workers: int | None, extra: Sequence[str]) -
 def _serve(args: argparse.Namespace) -> int:
     """Check settings and knowledge once, then become gunicorn (workers build the app again)."""
     from fhir_dm.web.app import create_app  # the web stack is not needed by assess/explain
+    from fhir_dm.web.settings import load_settings
 
     if args.config is not None:
         os.environ[CONFIG_DIR_VARIABLE] = str(args.config)
     create_app()  # raises KnowledgeError with one line per problem, before any worker starts
+    check_fhir_server(load_settings().fhir)
     argv = gunicorn_argv(args.bind, args.workers, args.gunicorn_args)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(argv[0], argv)  # noqa: S606 - our own interpreter, a fixed module, user's options
     return EXIT_OK  # pragma: no cover - execv does not return
+
+
+def check_fhir_server(fhir: FhirServerConfig) -> None:
+    """Unless `fhir.check_at_startup` is off: KnowledgeError if the base is not a FHIR R4 server."""
+    from fhir_dm.fhir.client import check_fhir_base, client_from_config
+
+    if fhir.check_at_startup:
+        with client_from_config(fhir) as client:
+            check_fhir_base(client)
 
 
 def _demo(args: argparse.Namespace, config: Path | None) -> int:
@@ -477,6 +491,7 @@ def _worker(args: argparse.Namespace, config: Path | None) -> int:
     jobs, settings = _jobs_of(config)
     logs.configure_logging(settings.log_level)
     jobs.runtime()  # a bad knowledge base or FHIR setting fails here, before any task runs
+    check_fhir_server(settings.fhir)
     jobs.consumer(args.workers, args.worker_type).run()
     return EXIT_OK
 

@@ -20,6 +20,7 @@ from fhir_dm.deadline import Deadline
 from fhir_dm.errors import (
     DeadlineExceededError,
     InputError,
+    KnowledgeError,
     UpstreamError,
     UpstreamRejectedError,
     UpstreamThrottledError,
@@ -30,7 +31,11 @@ from fhir_dm.fhir.auth import NoAuth, auth_from_config
 from fhir_dm.fhir.config import FhirServerConfig
 from fhir_dm.fhir.retry import RetryPolicy, is_idempotent_bundle, parse_retry_after
 
-__all__ = ["FhirClient", "client_from_config", "upstream_status"]
+__all__ = ["FhirClient", "check_fhir_base", "client_from_config", "upstream_status"]
+
+# The FHIR versions fhir-dm reads (R4); the names of the others, for a message that says why.
+READS_FHIR_VERSION = "4.0."
+FHIR_RELEASES = {"1.0.": "DSTU2", "3.0.": "STU3", "4.0.": "R4", "4.3.": "R4B", "5.0.": "R5"}
 
 _log = logging.getLogger(__name__)
 
@@ -406,6 +411,52 @@ def client_from_config(cfg: FhirServerConfig) -> FhirClient:
         page_size=cfg.page_size,
         max_pages=cfg.max_pages,
     )
+
+
+def check_fhir_base(client: FhirClient) -> str:
+    """Read {base}/metadata once at start-up; the server's FHIR version, or KnowledgeError.
+
+    A wrong base URL otherwise shows up much later as "no Patient with this id" (a 404 from a
+    wrong path) or as unreadable resources (another FHIR version); this names the problem.
+    """
+    base = client.base_url
+    try:
+        capability = client.capabilities(retry=False)
+    except UpstreamError as exc:
+        status = upstream_status(exc)
+        if status is None:
+            raise KnowledgeError(f"FHIR base {base} is not reachable: {exc.message}") from None
+        if status == 404:
+            raise KnowledgeError(
+                f"FHIR base {base} answered 404 to /metadata: wrong path? (the base URL is the"
+                " part before /Patient, e.g. http://host:8080/fhir for HAPI)"
+            ) from None
+        if status in (401, 403):
+            raise KnowledgeError(
+                f"FHIR base {base} answered {status} to /metadata: check fhir.auth"
+            ) from None
+        if 200 <= status < 300:  # an answer, but no FHIR resource: a web page, another API
+            raise KnowledgeError(
+                f"FHIR base {base} answered /metadata with something that is not FHIR JSON:"
+                " wrong path?"
+            ) from None
+        raise KnowledgeError(f"FHIR base {base}: {exc.message}") from None
+    kind = capability.get("resourceType")
+    if kind != "CapabilityStatement":
+        raise KnowledgeError(
+            f"FHIR base {base} answered /metadata with a {kind}, not a CapabilityStatement:"
+            " wrong path?"
+        )
+    version = capability.get("fhirVersion")
+    if not isinstance(version, str) or not version.startswith(READS_FHIR_VERSION):
+        release = next(
+            (name for prefix, name in FHIR_RELEASES.items() if str(version).startswith(prefix)),
+            "unknown release",
+        )
+        raise KnowledgeError(
+            f"FHIR base {base}: server speaks FHIR {version} ({release}); fhir-dm reads R4 (4.0.x)"
+        )
+    return version
 
 
 def upstream_status(exc: BaseException) -> int | None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
+import responses
 
 from fhir_dm import __version__, cli, demo
 from fhir_dm.core.assess import Engine
@@ -156,6 +158,7 @@ def service_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("FHIR_DM_FHIR__BASE_URL", "http://127.0.0.1:9/fhir")
     monkeypatch.setenv("FHIR_DM_TRUST__MODE", "off")
     monkeypatch.setenv("FHIR_DM_LOCK_DIR", str(tmp_path / "locks"))
+    monkeypatch.setenv("FHIR_DM_FHIR__CHECK_AT_STARTUP", "false")  # no server at that base
 
 
 class ExecCalled(Exception):
@@ -229,9 +232,37 @@ def test_demo_without_a_server_or_a_clone_says_what_to_do(
 def test_demo_against_an_unreachable_server_fails_in_one_line(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert cli.main(["demo", "--fhir-base-url", "http://127.0.0.1:9/fhir"]) == 1
+    assert cli.main(["demo", "--fhir-base-url", "http://127.0.0.1:9/fhir"]) == cli.EXIT_CONFIG
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "cannot load the demo patients" in err
+    assert err.count("\n") == 1 and "FHIR base http://127.0.0.1:9/fhir is not reachable" in err
+
+
+@pytest.mark.usefixtures("service_env")
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ({"status": 404}, "answered 404 to /metadata: wrong path?"),
+        (
+            {"json": {"resourceType": "CapabilityStatement", "fhirVersion": "3.0.2"}},
+            "server speaks FHIR 3.0.2 (STU3); fhir-dm reads R4 (4.0.x)",
+        ),
+    ],
+)
+def test_serve_and_worker_check_the_fhir_base_first(
+    metadata: dict[str, Any],
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    calls = _capture_exec(monkeypatch)
+    monkeypatch.setenv("FHIR_DM_FHIR__BASE_URL", "http://h.example/baseR4")
+    monkeypatch.setenv("FHIR_DM_FHIR__CHECK_AT_STARTUP", "true")
+    with responses.RequestsMock() as rsps:
+        rsps.get("http://h.example/baseR4/metadata", **metadata)
+        assert cli.main(["serve"]) == cli.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "FHIR base http://h.example/baseR4" in err and message in err
+    assert calls == []  # gunicorn never started
 
 
 def test_demo_serves_the_app_and_links_each_patient() -> None:
