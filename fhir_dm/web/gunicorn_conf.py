@@ -14,6 +14,9 @@ Options on gunicorn's command line (or GUNICORN_CMD_ARGS) win over these.
 - Logs hold no request path or query (patient ids, dates): the access log (off by default,
   since the service writes its own access line; `--access-logfile -` turns it on) logs the
   URL rule, and `RedactingLogger` cuts paths in gunicorn's own messages to their first segment.
+- Every line is JSON: `logconfig_dict` gives gunicorn's own log (start, workers, signals, stop)
+  the service's JSON formatter on stderr; the access log's message is already a JSON object
+  (`access_log_format`) and is written as it is, on stdout.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from fhir_dm.web.http_limits import (
     MAX_HEADER_FIELDS,
     MAX_REQUEST_LINE_BYTES,
 )
-from fhir_dm.web.logs import ROUTE_ENVIRON_KEY
+from fhir_dm.web.logs import ROUTE_ENVIRON_KEY, JsonFormatter
 
 bind = "127.0.0.1:8080"
 workers = 2
@@ -51,6 +54,35 @@ access_log_format = (
     f'"route": "%({{{ROUTE_ENVIRON_KEY}}}e)s", '
     '"status": "%(s)s", "duration_ms": %(M)s, "request_id": "%({x-request-id}o)s"}'
 )
+
+# gunicorn's own loggers through the same JSON formatter as the service's. They do not
+# propagate: the workers' root logger holds the service's handler, which would repeat them.
+# The root logger gets no handler here for the same reason (the app installs its own).
+logconfig_dict: dict[str, Any] = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "root": {"level": "INFO", "handlers": []},
+    "loggers": {
+        "gunicorn.error": {"level": "INFO", "handlers": ["json_stderr"], "propagate": False},
+        "gunicorn.access": {"level": "INFO", "handlers": ["access_stdout"], "propagate": False},
+    },
+    "handlers": {
+        "json_stderr": {
+            "class": "logging.StreamHandler",
+            "formatter": "json",
+            "stream": "ext://sys.stderr",
+        },
+        "access_stdout": {
+            "class": "logging.StreamHandler",
+            "formatter": "message_only",
+            "stream": "ext://sys.stdout",
+        },
+    },
+    "formatters": {
+        "json": {"()": JsonFormatter},
+        "message_only": {"format": "%(message)s"},
+    },
+}
 
 # A slash not preceded by a word character, `.`, `:` or `/` starts a request path: this keeps
 # URLs such as http://127.0.0.1:8080 (listening messages) and unix:/path sockets whole.
