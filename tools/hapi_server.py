@@ -50,6 +50,7 @@ from types import TracebackType
 from typing import IO, TextIO
 
 import requests
+from filelock import FileLock
 from rich.console import Console
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -150,14 +151,10 @@ def is_built() -> bool:
 
 @contextlib.contextmanager
 def _exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``path`` (blocks until it is free)."""
+    """Hold an exclusive lock on ``path`` (blocks until it is free)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with FileLock(path, thread_local=False):
+        yield
 
 
 def build(
