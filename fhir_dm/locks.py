@@ -47,7 +47,8 @@ class PatientLocks:
     Two layers: an in-process lock (threads of one worker wait cheaply, without file handles)
     and an exclusive file lock (filelock, `flock` underneath) on a file in `directory` (gunicorn
     workers on one host wait for each other; the kernel releases it when a worker dies). Lock
-    files are empty, named by a hash of the key, and kept: deleting them while another process waits would split the lock in two.
+    files are empty, named by a hash of the key, and kept: deleting them while another process
+    waits would split the lock in two.
     Waiting ends at the current request deadline (`fhir_dm.deadline`) with PatientBusyError;
     without one (the CLI, tests) it is unbounded.
     """
