@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import re
 import shutil
+from datetime import date
 from pathlib import Path
 
 import pytest
 import yaml
 
+from fhir_dm.core.assess import Engine
 from fhir_dm.errors import KnowledgeError
 from fhir_dm.knowledge.load import DEFAULT_CONFIG_DIR, load_knowledge
 from fhir_dm.knowledge.models import Knowledge
+from tests import factories as f
 
 PACKAGE = Path(__file__).resolve().parents[2] / "fhir_dm"
 
@@ -258,3 +261,34 @@ def test_no_test_pins_the_rule_set_version(knowledge: Knowledge) -> None:
         or f"{knowledge.ruleset.name}|{version}" in text
     ]
     assert pinned == [], f"use knowledge.ruleset.version instead of the literal in {pinned}"
+
+
+def test_a_new_screening_test_is_planned_after_the_recipes_edits(config_copy: Path) -> None:
+    """The recipe of docs/development.md, followed: a test entry, its "done" value set, and a
+    place in a panel; the engine then plans it (the code is the project's own, for the test)."""
+
+    def add_test(d: dict) -> None:  # type: ignore[type-arg]
+        d["tests"]["recipe-lab"] = {
+            "display": "Recipe laboratory test",
+            "kind": "order",
+            "category": "laboratory",
+            "code": {
+                "system": "dm-screening",
+                "code": "recipe-laboratory-test",
+                "display": "Recipe laboratory test",
+                "source": "FHIR-DM",
+            },
+            "done": [{"value_set": "done-recipe-lab"}],
+        }
+        d["panels"]["basic"]["tests"].append("recipe-lab")
+
+    _edit(config_copy / "ruleset/imacs-2023.yaml", add_test)
+    _edit(
+        config_copy / "terminology/screening-done.yaml",
+        lambda d: d["value_sets"].update(
+            {"done-recipe-lab": {"title": "Recipe laboratory test done", "include": []}}
+        ),
+    )
+    engine = Engine(load_knowledge(config_copy), software_version="test")
+    [result] = engine.assess(f.bundle(*f.seed_case()), now=date(2015, 10, 25)).results
+    assert "recipe-lab" in {item.test_id for item in result.plan.items}
