@@ -395,3 +395,9 @@ def test_a_setting_that_is_not_json_is_one_line_naming_the_variable(
 def test_usage_and_configuration_exit_codes_differ() -> None:
     assert len({cli.EXIT_OK, cli.EXIT_INPUT, cli.EXIT_USAGE, cli.EXIT_CONFIG}) == 4
     assert cli.EXIT_USAGE == 2  # what argparse itself uses
+
+
+def test_every_exit_code_is_in_the_cli_docs() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text(encoding="utf-8")
+    for code in (cli.EXIT_OK, cli.EXIT_INPUT, cli.EXIT_USAGE, cli.EXIT_CONFIG):
+        assert f"| `{code}` |" in text
