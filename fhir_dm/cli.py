@@ -29,7 +29,13 @@ from fhir_dm import __version__
 from fhir_dm.core.assess import AssessmentRun, Engine, PatientResult
 from fhir_dm.core.build.bundle import full_url_for
 from fhir_dm.core.inputs import normalise_reference
-from fhir_dm.errors import FhirDmError, InputError, KnowledgeError, NotJsonError
+from fhir_dm.errors import (
+    FhirBaseUnreachableError,
+    FhirDmError,
+    InputError,
+    KnowledgeError,
+    NotJsonError,
+)
 from fhir_dm.fhir.config import FhirServerConfig
 from fhir_dm.fhir.terminology import TerminologyServerConfig, engine_for
 from fhir_dm.knowledge.load import CONFIG_DIR_VARIABLE, load_knowledge
@@ -463,12 +469,18 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def check_fhir_server(fhir: FhirServerConfig) -> None:
-    """Unless `fhir.check_at_startup` is off: KnowledgeError if the base is not a FHIR R4 server."""
+    """Unless `fhir.check_at_startup` is off: KnowledgeError if the base answers but is not a
+    FHIR R4 server; a warning only if it does not answer (it may be away for a while: /readyz
+    says so, and the worker retries)."""
     from fhir_dm.fhir.client import check_fhir_base, client_from_config
 
-    if fhir.check_at_startup:
+    if not fhir.check_at_startup:
+        return
+    try:
         with client_from_config(fhir) as client:
             check_fhir_base(client)
+    except FhirBaseUnreachableError as exc:
+        sys.stderr.write(f"fhir-dm: warning: {exc.message}; starting anyway\n")
 
 
 def _demo(args: argparse.Namespace, config: Path | None) -> int:

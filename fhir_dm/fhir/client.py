@@ -20,6 +20,7 @@ from fhir_dm import deadline as deadlines
 from fhir_dm.deadline import Deadline
 from fhir_dm.errors import (
     DeadlineExceededError,
+    FhirBaseUnreachableError,
     InputError,
     KnowledgeError,
     UpstreamError,
@@ -473,7 +474,8 @@ def _close_response(state: tenacity.RetryCallState) -> None:
 
 
 def check_fhir_base(client: FhirClient) -> str:
-    """Read {base}/metadata once at start-up; the server's FHIR version, or KnowledgeError.
+    """Read {base}/metadata once at start-up; the server's FHIR version, or KnowledgeError
+    (FhirBaseUnreachableError when nothing answered).
 
     A wrong base URL otherwise shows up much later as "no Patient with this id" (a 404 from a
     wrong path) or as unreadable resources (another FHIR version); this names the problem.
@@ -484,7 +486,9 @@ def check_fhir_base(client: FhirClient) -> str:
     except UpstreamError as exc:
         status = upstream_status(exc)
         if status is None:
-            raise KnowledgeError(f"FHIR base {base} is not reachable: {exc.message}") from None
+            raise FhirBaseUnreachableError(
+                f"FHIR base {base} is not reachable: {exc.message}"
+            ) from None
         if status == 404:
             raise KnowledgeError(
                 f"FHIR base {base} answered 404 to /metadata: wrong path? (the base URL is the"

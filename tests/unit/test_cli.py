@@ -392,6 +392,20 @@ def test_a_setting_that_is_not_json_is_one_line_naming_the_variable(
     assert "abc-secret-looking" not in err
 
 
+@pytest.mark.usefixtures("service_env")
+def test_serve_starts_with_a_warning_when_the_fhir_base_does_not_answer(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server that is away may come back (/readyz says so meanwhile); a wrong one does not."""
+    calls = _capture_exec(monkeypatch)
+    monkeypatch.setenv("FHIR_DM_FHIR__CHECK_AT_STARTUP", "true")  # base: 127.0.0.1:9, closed
+    with pytest.raises(ExecCalled):
+        cli.main(["serve"])
+    err = capsys.readouterr().err
+    assert "warning: FHIR base http://127.0.0.1:9/fhir is not reachable" in err
+    assert err.count("\n") == 1 and len(calls) == 1
+
+
 def test_usage_and_configuration_exit_codes_differ() -> None:
     assert len({cli.EXIT_OK, cli.EXIT_INPUT, cli.EXIT_USAGE, cli.EXIT_CONFIG}) == 4
     assert cli.EXIT_USAGE == 2  # what argparse itself uses
