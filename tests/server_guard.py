@@ -1,13 +1,13 @@
 """Only tests marked `integration` start real servers, so `-m "not integration"` starts none.
 
 tests/conftest.py records, before each test's fixtures are set up, whether the test carries
-the marker; every helper that starts a server (HAPI, Redis, Chromium) calls `check` first.
+the marker; every test utility that starts a server (HAPI, Redis, Chromium) calls `check` first.
 """
 
 from __future__ import annotations
 
 # The node id of the running test when it is NOT marked integration; None otherwise (and
-# outside pytest, so the helpers also work from a shell).
+# outside pytest, so these utilities also work from a shell).
 unmarked_test: str | None = None
 
 

@@ -81,7 +81,7 @@ _DETACHED: list[subprocess.Popen[bytes]] = []
 
 # Without a terminal, one line per this many seconds (a log or CI output stays short).
 PLAIN_PROGRESS_EVERY_S = 15.0
-BUILD_PROGRESS = "Building the local HAPI FHIR server with Maven (first time only)"
+BUILD_PROGRESS = "Building the local HAPI FHIR server with Maven"
 WAIT_PROGRESS = "Waiting for HAPI FHIR to answer /metadata"
 
 
