@@ -5,7 +5,8 @@ One command line for everything a user runs: `assess` / `explain` bundle files w
 server, `dead-letters` of the queue, `demo` the whole service against a FHIR server.
 Contract other tools rely on: `assess FILE...` prints the result transaction Bundle as JSON
 (one FILE, no --out) or writes `<name>.result.json` files into --out; exit 0 on success, 1 on
-bad input (one line on stderr), 2 on a bad configuration or settings. The Bundle carries the
+bad input (one line on stderr), 2 on a usage error (argparse), 78 (EX_CONFIG of sysexits.h) on a
+bad configuration, settings or FHIR server, one line per problem. The Bundle carries the
 input resources it refers to (unless --result-only), so it posts as it is on an empty server;
 what it refers to that the input does not hold is said on stderr.
 """
@@ -28,13 +29,24 @@ from fhir_dm import __version__
 from fhir_dm.core.assess import AssessmentRun, Engine, PatientResult
 from fhir_dm.core.build.bundle import full_url_for
 from fhir_dm.core.inputs import normalise_reference
-from fhir_dm.errors import FhirDmError, InputError, KnowledgeError, NotJsonError
+from fhir_dm.errors import (
+    FhirBaseUnreachableError,
+    FhirDmError,
+    InputError,
+    KnowledgeError,
+    NotJsonError,
+)
+from fhir_dm.fhir.config import FhirServerConfig
 from fhir_dm.fhir.terminology import TerminologyServerConfig, engine_for
 from fhir_dm.knowledge.load import CONFIG_DIR_VARIABLE, load_knowledge
 
 EXIT_OK = 0
 EXIT_INPUT = 1
-EXIT_CONFIG = 2
+# argparse's own code for a bad command line; kept apart from configuration problems so that a
+# script can tell "I called it wrong" from "the deployment is wrong".
+EXIT_USAGE = 2
+# sysexits.h EX_CONFIG: the knowledge base, a FHIR_DM_* setting or the FHIR server is unusable.
+EXIT_CONFIG = 78
 # The same variable the web service reads (settings `terminology.base_url`).
 TERMINOLOGY_VARIABLE = "FHIR_DM_TERMINOLOGY__BASE_URL"
 WSGI_APP = "fhir_dm.web.wsgi:app"
@@ -168,7 +180,7 @@ def _parser() -> argparse.ArgumentParser:
         help="create or update fhir-dm's Subscriptions on the FHIR server (idempotent)",
         description="Make the FHIR server hold one rest-hook Subscription per resource type"
         " the rules read, calling <jobs.notification_base_url or public_base_url>/notifications"
-        "/<type> with its own secret header, then check that the server activated each (exit 2"
+        "/<type> with its own secret header, then check that the server activated each (exit 78"
         " naming those it did not). Re-running changes nothing when all are in place.",
     )
     subs.add_argument(
@@ -179,14 +191,14 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=SUBSCRIPTION_WAIT_SECONDS,
         metavar="SECONDS",
-        help="how long to wait for the server to activate them (default 30); exit 2 if it does not",
+        help="how long to wait for the server to activate them (default 30); exit 78 if not",
     )
     demo = sub.add_parser(
         "demo",
         help="load synthetic patients into a FHIR server, assess and write back, twice",
         description="Load six synthetic patients into a FHIR server, assess each through the"
         " service and write the plans back, then run again to show that nothing changes, and"
-        " print the clinician app's link for each patient."
+        " print the clinician app's link for each patient, served until Ctrl-C."
         " Without --fhir-base-url it builds and starts a local HAPI FHIR server with Maven"
         " (a clone of the repository, a JDK 17+ and Maven needed).",
     )
@@ -195,8 +207,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--keep-running",
-        action="store_true",
-        help="keep the service (and its app) and the local HAPI running; Ctrl-C stops them",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the service (and its app) and the local HAPI running until Ctrl-C, so the"
+        " printed links work (default); --no-keep-running ends at once, for scripts",
     )
     from fhir_dm.population.commands import add_parser as add_population_parser
 
@@ -442,15 +456,32 @@ def gunicorn_argv(bind: str | None, workers: int | None, extra: Sequence[str]) -
 def _serve(args: argparse.Namespace) -> int:
     """Check settings and knowledge once, then become gunicorn (workers build the app again)."""
     from fhir_dm.web.app import create_app  # the web stack is not needed by assess/explain
+    from fhir_dm.web.settings import load_settings
 
     if args.config is not None:
         os.environ[CONFIG_DIR_VARIABLE] = str(args.config)
     create_app()  # raises KnowledgeError with one line per problem, before any worker starts
+    check_fhir_server(load_settings().fhir)
     argv = gunicorn_argv(args.bind, args.workers, args.gunicorn_args)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(argv[0], argv)  # noqa: S606 - our own interpreter, a fixed module, user's options
     return EXIT_OK  # pragma: no cover - execv does not return
+
+
+def check_fhir_server(fhir: FhirServerConfig) -> None:
+    """Unless `fhir.check_at_startup` is off: KnowledgeError if the base answers but is not a
+    FHIR R4 server; a warning only if it does not answer (it may be away for a while: /readyz
+    says so, and the worker retries)."""
+    from fhir_dm.fhir.client import check_fhir_base, client_from_config
+
+    if not fhir.check_at_startup:
+        return
+    try:
+        with client_from_config(fhir) as client:
+            check_fhir_base(client)
+    except FhirBaseUnreachableError as exc:
+        sys.stderr.write(f"fhir-dm: warning: {exc.message}; starting anyway\n")
 
 
 def _demo(args: argparse.Namespace, config: Path | None) -> int:
@@ -473,6 +504,7 @@ def _worker(args: argparse.Namespace, config: Path | None) -> int:
     jobs, settings = _jobs_of(config)
     logs.configure_logging(settings.log_level)
     jobs.runtime()  # a bad knowledge base or FHIR setting fails here, before any task runs
+    check_fhir_server(settings.fhir)
     jobs.consumer(args.workers, args.worker_type).run()
     return EXIT_OK
 
@@ -488,7 +520,7 @@ def _dead_letters(args: argparse.Namespace, config: Path | None) -> int:
 
 
 def _subscriptions(args: argparse.Namespace, config: Path | None) -> int:
-    """Ensure the Subscriptions, then check the server activated them (exit 2 if not)."""
+    """Ensure the Subscriptions, then check the server activated them (EXIT_CONFIG if not)."""
     from fhir_dm.subscriptions import ensure_subscriptions, inactive_subscriptions
 
     jobs, service_settings = _jobs_of(config)

@@ -27,6 +27,7 @@ from flask import Flask
 from werkzeug.serving import make_server
 
 from fhir_dm.errors import FhirDmError
+from fhir_dm.fhir.client import FhirClient, check_fhir_base
 from fhir_dm.fhir.config import FhirServerConfig
 from fhir_dm.web.app import create_app
 from fhir_dm.web.settings import Settings
@@ -43,6 +44,8 @@ SOURCE_ROOT = Path(__file__).resolve().parents[1]
 HAPI_TOOL = ("tools", "hapi_server.py")
 HAPI_POM = ("hapi", "pom.xml")
 CLINICAL_STATUS = "http://terminology.hl7.org/CodeSystem/condition-clinical"
+# HL7 v2 table 0203 "Identifier Type", code MR: a medical record number.
+IDENTIFIER_TYPE = "http://terminology.hl7.org/CodeSystem/v2-0203"
 APP_HOST = "127.0.0.1"
 
 
@@ -60,19 +63,36 @@ class DemoPatient:
 
     def __init__(self, spec: Json, data: Json, today: date) -> None:
         self.pid: str = spec["id"]
-        self.label: str = spec["label"]
+        self.name: str = f"{spec['name']['given']} {spec['name']['family']}"
+        self.mrn: str = spec["mrn"]
+        self.label: str = f"{self.name} (MRN {self.mrn}): {spec['label']}"
         self._systems: dict[str, str] = data["systems"]
         self._today = today
         onset = today - timedelta(days=ONSET_DAYS_AGO)
-        birth = onset.replace(year=onset.year - int(spec["age"])) - timedelta(days=30)
+        self.birth_date = birth_date(onset, int(spec["age"]), spec["birthday"])
+        identifier_type = {"coding": [{"system": IDENTIFIER_TYPE, "code": "MR"}]}
         self.resources: list[Json] = [
             _valid(
                 {
                     "resourceType": "Patient",
                     "id": self.pid,
+                    "identifier": [
+                        {
+                            "use": "usual",
+                            "type": {**identifier_type, "text": "Medical record number"},
+                            "system": data["mrn_system"],
+                            "value": self.mrn,
+                        }
+                    ],
+                    "name": [
+                        {
+                            "use": "official",
+                            "family": spec["name"]["family"],
+                            "given": [spec["name"]["given"]],
+                        }
+                    ],
                     "gender": spec["gender"],
-                    "birthDate": birth.isoformat(),
-                    "identifier": [{"system": "urn:demo:mrn", "value": self.pid}],
+                    "birthDate": self.birth_date.isoformat(),
                 }
             )
         ]
@@ -128,6 +148,15 @@ class DemoPatient:
             **value,
         }
         self.resources.append(_valid(res))
+
+
+def birth_date(onset: date, age: int, birthday: str) -> date:
+    """The birth date on `birthday` ("MM-DD") that makes the patient `age` at onset, exactly."""
+    month, day = (int(part) for part in birthday.split("-"))
+    born = date(onset.year - age, month, day)
+    if (month, day) > (onset.month, onset.day):  # no birthday yet in the onset's year
+        born = born.replace(year=born.year - 1)
+    return born
 
 
 def demo_patients(today: date) -> list[DemoPatient]:
@@ -229,7 +258,8 @@ def local_hapi(out: TextIO) -> Iterator[str]:
     """Build (first time only) and start the clone's local HAPI FHIR server; yield its base URL.
 
     The server's build lives in the repository (Maven project `hapi/`, developer tool
-    `tools/hapi_server.py`), not in the wheel, so this needs a clone.
+    `tools/hapi_server.py`), not in the wheel, so this needs a clone. Progress (the Maven
+    build, then the wait for the server) goes to `out` as it happens.
     """
     if not (
         SOURCE_ROOT.joinpath(*HAPI_TOOL).is_file() and SOURCE_ROOT.joinpath(*HAPI_POM).is_file()
@@ -241,25 +271,36 @@ def local_hapi(out: TextIO) -> Iterator[str]:
     if str(SOURCE_ROOT) not in sys.path:
         sys.path.insert(0, str(SOURCE_ROOT))
     hapi = importlib.import_module("tools.hapi_server")
-    out.write("Building (first time only) and starting the local HAPI FHIR server ...\n")
-    out.flush()
-    with hapi.HapiServer() as server:
+    with hapi.HapiServer(progress_out=out) as server:
         yield str(server.start())
+
+
+def wait_for_interrupt() -> None:
+    """Block until Ctrl-C."""
+    with contextlib.suppress(KeyboardInterrupt):
+        while True:
+            time.sleep(3600)
 
 
 def main(
     fhir_base_url: str | None,
     *,
-    keep_running: bool = False,
+    keep_running: bool = True,
     config_dir: Path | None = None,
     out: TextIO = sys.stdout,
 ) -> int:
-    """Run the demo against `fhir_base_url`, or a local HAPI started for it; the exit code."""
+    """Run the demo against `fhir_base_url`, or a local HAPI started for it; the exit code.
+
+    By default it then keeps the service (and the local HAPI) up until Ctrl-C, so that the
+    printed links work; `keep_running=False` (`--no-keep-running`) ends at once and says so.
+    """
     started = time.perf_counter()
     server: contextlib.AbstractContextManager[str] = (
         contextlib.nullcontext(fhir_base_url.rstrip("/")) if fhir_base_url else local_hapi(out)
     )
     with server as base_url:
+        with FhirClient(base_url) as fhir:
+            check_fhir_base(fhir)  # wrong path, not FHIR R4: say so before loading anything
         out.write(f"FHIR server ready at {base_url} after {time.perf_counter() - started:.0f} s\n")
         code, patients = run(base_url, datetime.now(UTC).date(), out, config_dir)
         out.write(f"\nDemo finished in {time.perf_counter() - started:.0f} s.\n")
@@ -267,11 +308,16 @@ def main(
             out.write("\nThe clinician's app (SMART on FHIR) for each demo patient:\n")
             out.write("\n".join(app_links(app_url, base_url, patients)) + "\n")
             if keep_running:
-                out.write(f"\nService at {app_url}, FHIR server at {base_url}; Ctrl-C stops.\n")
+                out.write(
+                    f"\nService at {app_url}, FHIR server at {base_url}. Serving until Ctrl-C;"
+                    " the links stop working then.\n"
+                )
                 out.flush()
-                with contextlib.suppress(KeyboardInterrupt):
-                    while True:
-                        time.sleep(3600)
+                wait_for_interrupt()
+                out.write("\nStopped.\n")
             else:
-                out.write("(the links work while the demo runs: add --keep-running)\n")
+                out.write(
+                    "\nExiting now (--no-keep-running): the service and the local FHIR server"
+                    " stop, so these links no longer work.\n"
+                )
     return code

@@ -23,7 +23,8 @@ FhirDmError                       status  issue_code
 │   └── UpstreamRejectedError     502     processing     quotes the server's OperationOutcome
 ├── PatientBusyError              503     lock-error     the patient's lock stayed held
 ├── PreconditionFailedError       412     incomplete     CDS Hooks: prefetch missing, unfetchable
-└── KnowledgeError                500     exception      bad config/: fail at startup, CLI exit 2
+└── KnowledgeError                500     exception      bad config/: fail at startup, CLI exit 78
+    └── FhirBaseUnreachableError  500     exception      start-up check: no answer (maybe away)
 ```
 
 Missing or unrecognised clinical data is never an error: it flows into the output as
@@ -193,3 +194,11 @@ class KnowledgeError(FhirDmError):
 
     status = 500
     issue_code = "exception"
+
+
+class FhirBaseUnreachableError(KnowledgeError):
+    """The start-up check got no answer from the FHIR base: perhaps wrong, perhaps just down.
+
+    `serve` and `worker` start anyway with a warning (readiness and retries cover a server that
+    is away); the demo, which needs the server at once, stops.
+    """

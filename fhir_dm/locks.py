@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import os
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from fhir_dm import deadline as deadlines
 from fhir_dm.deadline import Deadline
@@ -17,8 +16,8 @@ from fhir_dm.errors import PatientBusyError
 
 LOCK_NAMESPACE = b"fhir-dm patient lock\x00"
 LOCK_SUFFIX = ".lock"
-# flock has no timed wait: a bounded wait polls, starting fast and backing off to this.
-MAX_POLL_SECONDS = 0.1
+# A bounded wait for another process's lock polls this often (filelock's poll interval).
+POLL_SECONDS = 0.02
 
 
 def lock_name(key: str) -> str:
@@ -46,9 +45,10 @@ class PatientLocks:
             ...  # read what the server holds, decide, write one transaction
 
     Two layers: an in-process lock (threads of one worker wait cheaply, without file handles)
-    and an exclusive `flock` on a file in `directory` (gunicorn workers on one host wait for each
-    other; the kernel releases it when a worker dies). Lock files are empty, named by a hash of
-    the key, and kept: deleting them while another process waits would split the lock in two.
+    and an exclusive file lock (filelock, `flock` underneath) on a file in `directory` (gunicorn
+    workers on one host wait for each other; the kernel releases it when a worker dies). Lock
+    files are empty, named by a hash of the key, and kept: deleting them while another process
+    waits would split the lock in two.
     Waiting ends at the current request deadline (`fhir_dm.deadline`) with PatientBusyError;
     without one (the CLI, tests) it is unbounded.
     """
@@ -100,33 +100,19 @@ class PatientLocks:
 
     @contextmanager
     def _file_lock(self, name: str, deadline: Deadline | None) -> Iterator[None]:
-        fd = os.open(self._directory / name, os.O_RDWR | os.O_CREAT, 0o600)
+        """Hold the key's file lock; without a deadline wait for it, else until the deadline."""
+        timeout = -1.0 if deadline is None else max(deadline.remaining(), 0.0)
+        lock = FileLock(
+            self._directory / name, mode=0o600, thread_local=False, poll_interval=POLL_SECONDS
+        )
         try:
-            if deadline is None:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            else:
-                _flock_until(fd, deadline)
-            try:
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+            lock.acquire(timeout=timeout)
+        except Timeout:
+            raise _busy(deadline) from None
+        try:
+            yield
         finally:
-            os.close(fd)
-
-
-def _flock_until(fd: int, deadline: Deadline) -> None:
-    """Take an exclusive flock, polling until the deadline; PatientBusyError when it passes."""
-    pause = 0.005
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            left = deadline.remaining()
-            if left <= 0:
-                raise _busy(deadline) from None
-            time.sleep(min(pause, left))
-            pause = min(pause * 2, MAX_POLL_SECONDS)
+            lock.release()
 
 
 def _busy(deadline: Deadline | None) -> PatientBusyError:

@@ -9,6 +9,7 @@ import pytest
 from fhir_dm.core.assess import Engine
 from fhir_dm.knowledge.load import load_knowledge
 from fhir_dm.knowledge.models import Knowledge
+from tests import server_guard
 
 # A pinned evaluation date a few months after the factories' default onset (2024-03-01).
 NOW = date(2024, 4, 15)
@@ -22,3 +23,10 @@ def knowledge() -> Knowledge:
 @pytest.fixture(scope="session")
 def engine(knowledge: Knowledge) -> Engine:
     return Engine(knowledge, software_version="test")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Before the test's fixtures: may it start servers (tests/server_guard.py)?"""
+    marked = item.get_closest_marker("integration") is not None
+    server_guard.unmarked_test = None if marked else item.nodeid

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import redis
 
+from tests import server_guard
+
 START_TIMEOUT_S = 10.0
 
 
@@ -36,6 +38,7 @@ class RedisServer:
         self.url = ""
 
     def start(self) -> str:
+        server_guard.check("redis-server")
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError(

@@ -13,7 +13,7 @@ Library use (e.g. a pytest session fixture)::
 
 Command line::
 
-    python -m tools.hapi_server build [--force]
+    python -m tools.hapi_server build [--force]             # says what it does, with the time
     python -m tools.hapi_server run [--port N]             # foreground, until Ctrl-C
     python -m tools.hapi_server start --pidfile F [--port N]   # background; prints base URL
     python -m tools.hapi_server stop --pidfile F
@@ -22,6 +22,10 @@ Needs a JDK 17+ (``java``, or ``$JAVA_HOME/bin/java``) and Maven (``mvn``) on th
 PATH; the first build downloads the dependencies from Maven Central. POSIX only
 (file locks, process sessions). ``FHIR_DM_HAPI_JAVA_OPTS`` replaces the default JVM
 options (``-Xmx1g``), e.g. with the quicker-starting ``FAST_START_JAVA_OPTS``.
+
+Progress: given a ``progress`` stream (the command line and ``fhir-dm demo`` pass stderr or
+their output), the Maven build and the wait for ``/metadata`` each say what they do and for how
+long: a live line with a spinner on a terminal (rich), a timed line every 15 s otherwise.
 """
 
 from __future__ import annotations
@@ -37,14 +41,17 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, TextIO
 
 import requests
+from filelock import FileLock
+from rich.console import Console
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HAPI_DIR = REPO_ROOT / "hapi"
@@ -70,6 +77,61 @@ _MAX_PORT_ATTEMPTS = 3
 _DETACHED: list[subprocess.Popen[bytes]] = []
 
 
+# --------------------------------------------------------------------------- progress
+
+# Without a terminal, one line per this many seconds (a log or CI output stays short).
+PLAIN_PROGRESS_EVERY_S = 15.0
+BUILD_PROGRESS = "Building the local HAPI FHIR server with Maven"
+WAIT_PROGRESS = "Waiting for HAPI FHIR to answer /metadata"
+
+
+@contextlib.contextmanager
+def progress(out: TextIO | None, label: str) -> Iterator[None]:
+    """Say `label` and the seconds spent while the body runs; then how long it took.
+
+    A terminal gets a live status line (rich's spinner); anything else a plain line every
+    PLAIN_PROGRESS_EVERY_S seconds, so a slow step never looks like a hang. None: silent.
+    """
+    if out is None:
+        yield
+        return
+    started = time.monotonic()
+    done = threading.Event()
+    console = Console(file=out, highlight=False)
+    if console.is_terminal:
+        with console.status(f"{label}...") as status:
+
+            def tick() -> None:
+                while not done.wait(1.0):
+                    status.update(f"{label}... {time.monotonic() - started:.0f} s")
+
+            ticker = threading.Thread(target=tick, name="hapi-progress", daemon=True)
+            ticker.start()
+            try:
+                yield
+            finally:
+                done.set()
+                ticker.join()
+    else:
+        out.write(f"{label}...\n")
+        out.flush()
+
+        def tick() -> None:
+            while not done.wait(PLAIN_PROGRESS_EVERY_S):
+                out.write(f"{label}... {time.monotonic() - started:.0f} s\n")
+                out.flush()
+
+        ticker = threading.Thread(target=tick, name="hapi-progress", daemon=True)
+        ticker.start()
+        try:
+            yield
+        finally:
+            done.set()
+            ticker.join()
+    out.write(f"{label}: done in {time.monotonic() - started:.0f} s\n")
+    out.flush()
+
+
 # --------------------------------------------------------------------------- build
 
 
@@ -89,22 +151,23 @@ def is_built() -> bool:
 
 @contextlib.contextmanager
 def _exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``path`` (blocks until it is free)."""
+    """Hold an exclusive lock on ``path`` (blocks until it is free)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with FileLock(path, thread_local=False):
+        yield
 
 
-def build(force: bool = False, timeout: float = DEFAULT_BUILD_TIMEOUT_S) -> Path:
+def build(
+    force: bool = False,
+    timeout: float = DEFAULT_BUILD_TIMEOUT_S,
+    *,
+    progress_out: TextIO | None = None,
+) -> Path:
     """Build the server jar with Maven unless an up-to-date one exists; return its path.
 
     Runs ``mvn -q -B -DskipTests package`` in ``hapi/``. Concurrent callers wait for
     each other, so the jar is built once. Raises RuntimeError, with the tail of
-    Maven's output, if the build fails.
+    Maven's output, if the build fails. ``progress_out``: where to say that it builds.
     """
     if not force and is_built():
         return JAR_PATH
@@ -113,7 +176,10 @@ def build(force: bool = False, timeout: float = DEFAULT_BUILD_TIMEOUT_S) -> Path
         raise RuntimeError(
             "Maven ('mvn') is not on the PATH: it is needed to build the HAPI server"
         )
-    with _exclusive_lock(TARGET_DIR / ".build.lock"):
+    with (
+        progress(progress_out, BUILD_PROGRESS),
+        _exclusive_lock(TARGET_DIR / ".build.lock"),
+    ):
         if not force and is_built():  # another process built it while we waited
             return JAR_PATH
         if JAR_PATH.exists():
@@ -243,6 +309,7 @@ class HapiServer:
             ``hapi/target/hapi-server[-N].log``.
         exit_with_parent: if True (default) the server exits as soon as this Python
             process does, however it ends (the server watches its stdin pipe).
+        progress_out: where to say what happens while it builds and starts (None: silent).
     """
 
     def __init__(
@@ -253,8 +320,10 @@ class HapiServer:
         extra_args: Sequence[str] = (),
         log_path: Path | None = None,
         exit_with_parent: bool = True,
+        progress_out: TextIO | None = None,
     ) -> None:
         self._requested_port = port
+        self._progress_out = progress_out
         if java_opts is None:
             from_env = os.environ.get(JAVA_OPTS_ENV, "").strip()
             java_opts = shlex.split(from_env) if from_env else DEFAULT_JAVA_OPTS
@@ -304,13 +373,14 @@ class HapiServer:
         """
         if self.is_running():
             return self.base_url
-        jar = build()
+        jar = build(progress_out=self._progress_out)
         attempts = 1 if self._requested_port is not None else _MAX_PORT_ATTEMPTS
         for attempt in range(1, attempts + 1):
             port = self._requested_port if self._requested_port is not None else free_port()
             self._launch(jar, port)
             try:
-                return self._wait_ready(timeout)
+                with progress(self._progress_out, WAIT_PROGRESS):
+                    return self._wait_ready(timeout)
             except _PortInUseError:
                 self._cleanup_process()
                 if attempt == attempts:
@@ -472,7 +542,7 @@ def stop_pid(pid: int, grace: float = STOP_GRACE_S) -> bool:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    jar = build(force=args.force)
+    jar = build(force=args.force, progress_out=sys.stderr)
     print(jar)
     print(f"({time.monotonic() - started:.1f} s)", file=sys.stderr)
     return 0
@@ -483,7 +553,7 @@ def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    server = HapiServer(port=args.port)
+    server = HapiServer(port=args.port, progress_out=sys.stderr)
     # `kill <pid>` stops the server as cleanly as Ctrl-C does.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
@@ -510,7 +580,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 1
-    server = HapiServer(port=args.port, exit_with_parent=False)
+    server = HapiServer(port=args.port, exit_with_parent=False, progress_out=sys.stderr)
     base_url = server.start(timeout=args.timeout)
     log_path = server.log_path
     pid = server.detach()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import calendar
 from dataclasses import dataclass
 from datetime import date
+
+from dateutil.relativedelta import relativedelta
 
 # Clinical dates outside these years are data errors; refusing them keeps date arithmetic
 # (windows, rounds) far from the calendar's limits.
@@ -40,8 +41,8 @@ def parse_fhir_date(value: object) -> DateSpan | None:
             return DateSpan(date(year, 1, 1), date(year, 12, 31))
         month = int(text[5:7])
         if len(text) == 7:
-            last = calendar.monthrange(year, month)[1]
-            return DateSpan(date(year, month, 1), date(year, month, last))
+            first = date(year, month, 1)
+            return DateSpan(first, first + relativedelta(day=31))  # day=31: the month's last
         day = date(year, month, int(text[8:10]))
     except ValueError:
         return None
@@ -50,10 +51,8 @@ def parse_fhir_date(value: object) -> DateSpan | None:
 
 def add_months(day: date, months: int) -> date:
     """The same day `months` later, clipped to the month's end (Jan 31 + 1 month = Feb 28/29)."""
-    month_index = day.month - 1 + months
-    year = day.year + month_index // 12
-    month = month_index % 12 + 1
-    return date(year, month, min(day.day, calendar.monthrange(year, month)[1]))
+    result: date = day + relativedelta(months=months)
+    return result
 
 
 def years_between(start: date, end: date) -> float:

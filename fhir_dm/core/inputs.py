@@ -239,6 +239,58 @@ def reference_of(resource: Resource, full_url: str | None, position: int) -> str
     return f"{resource['resourceType']}/#entry{position}"
 
 
+# Signs that a resource was written for FHIR STU3 (3.0), which fhir-dm does not read: types
+# that R4 renamed or removed, elements R4 removed, and codes R4 turned into CodeableConcepts.
+# Used only to explain a resource that fails R4 validation.
+STU3_ONLY_TYPES = frozenset(
+    {"ProcedureRequest", "ReferralRequest", "BodySite", "DataElement", "EligibilityRequest"}
+)
+STU3_ONLY_ELEMENTS: dict[str, tuple[str, ...]] = {
+    "Condition": ("assertedDate",),
+    "Observation": ("comment", "context"),
+    "Procedure": ("notDone", "notDoneReason", "definition", "context"),
+    "MedicationStatement": ("taken", "notTaken"),
+    "FamilyMemberHistory": ("notDone", "notDoneReason", "definition"),
+    "DiagnosticReport": ("codedDiagnosis", "context"),
+    "Patient": ("animal",),
+}
+STU3_CODE_ELEMENTS: dict[str, tuple[str, ...]] = {
+    "Condition": ("clinicalStatus", "verificationStatus"),
+    "AllergyIntolerance": ("clinicalStatus", "verificationStatus"),
+}
+READS_FHIR = "fhir-dm reads FHIR R4 (4.0.x)"
+JSON_KINDS = {
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "true/false",
+    list: "a list",
+}
+
+
+def stu3_sign(resource: Mapping[str, Any]) -> str | None:
+    """Why `resource` looks like FHIR STU3 (for an error message), or None."""
+    kind = resource.get("resourceType")
+    if kind in STU3_ONLY_TYPES:
+        return f"{kind} is an STU3 resource type"
+    meta = resource.get("meta")
+    profiles = meta.get("profile") if isinstance(meta, Mapping) else None
+    if isinstance(profiles, list) and any("/STU3/" in str(p) for p in profiles):
+        return "meta.profile names an STU3 profile"
+    for name in STU3_CODE_ELEMENTS.get(str(kind), ()):
+        if isinstance(resource.get(name), str):
+            return f"{kind}.{name} is a code, as in STU3; R4 has a CodeableConcept"
+    for name in STU3_ONLY_ELEMENTS.get(str(kind), ()):
+        if name in resource:
+            return f"{kind}.{name} exists in STU3, not in R4"
+    return None
+
+
+def _stu3_hint(resource: Mapping[str, Any]) -> str:
+    sign = stu3_sign(resource)
+    return f"; this looks like FHIR STU3 ({sign}): {READS_FHIR}" if sign else ""
+
+
 @cache
 def _model_class(resource_type: str) -> type[BaseModel]:
     """The R4B model of a type (the library's lookup costs ~20 us a call; a record has 1,000)."""
@@ -256,7 +308,8 @@ def check_shape(resource: Any, path: str) -> type[BaseModel]:
         return _model_class(resource_type)
     except (KeyError, ValueError):
         raise NotFhirError(
-            f"{path}: unknown resourceType '{resource_type}'", expression=[path]
+            f"{path}: unknown resourceType '{resource_type}'{_stu3_hint(resource)}",
+            expression=[path],
         ) from None
 
 
@@ -272,8 +325,13 @@ def validate_resource(resource: Any, path: str) -> None:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"] if p != "__root__")
         where = f"{path}.{loc}" if loc else path
+        message = first["msg"]
+        if message.startswith("Invalid JSON"):  # the model read a string where it wants an object
+            found = JSON_KINDS.get(type(first.get("input")), "another kind of value")
+            message = f"expected a JSON object, found {found}"
         raise NotFhirError(
-            f"{where}: {first['msg']} ({exc.error_count()} problem(s) in {resource_type})",
+            f"{where}: {message} ({exc.error_count()} problem(s) in {resource_type})"
+            + _stu3_hint(resource),
             expression=[where],
         ) from None
 

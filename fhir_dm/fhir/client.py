@@ -13,6 +13,7 @@ from typing import Any, Self
 from urllib.parse import urljoin, urlsplit
 
 import requests
+import tenacity
 from requests.auth import AuthBase
 
 from fhir_dm import deadline as deadlines
@@ -20,6 +21,8 @@ from fhir_dm.core.ids import check_fhir_id
 from fhir_dm.deadline import Deadline
 from fhir_dm.errors import (
     DeadlineExceededError,
+    FhirBaseUnreachableError,
+    KnowledgeError,
     UpstreamError,
     UpstreamRejectedError,
     UpstreamThrottledError,
@@ -31,7 +34,11 @@ from fhir_dm.fhir.config import FhirServerConfig
 from fhir_dm.fhir.retry import RetryPolicy, is_idempotent_bundle, parse_retry_after
 from fhir_dm.metrics import FHIR_ERRORS
 
-__all__ = ["FhirClient", "client_from_config", "upstream_status"]
+__all__ = ["FhirClient", "check_fhir_base", "client_from_config", "upstream_status"]
+
+# The FHIR versions fhir-dm reads (R4); the names of the others, for a message that says why.
+READS_FHIR_VERSION = "4.0."
+FHIR_RELEASES = {"1.0.": "DSTU2", "3.0.": "STU3", "4.0.": "R4", "4.3.": "R4B", "5.0.": "R5"}
 
 _log = logging.getLogger(__name__)
 
@@ -245,8 +252,12 @@ class FhirClient:
             # write-back decision must see what was written a moment ago.
             headers["Cache-Control"] = "no-cache"
         deadline = self._deadline if self._deadline is not None else deadlines.current()
-        attempt = 0
-        while True:
+        retry_statuses = (
+            frozenset(self._retry.retry_statuses) | extra_retry_statuses if safe else frozenset()
+        )
+
+        def attempt() -> requests.Response | None:
+            """One call; _Transient for a failure worth repeating, else the final answer."""
             timeout = deadlines.cap_timeout(self._timeout, deadline, call)
             started = time.monotonic()
             try:
@@ -264,59 +275,82 @@ class FhirClient:
                 )
             except requests.Timeout as exc:
                 self._log_call(method, resource_type, "timeout", started)
-                if safe and self._may_retry(
-                    attempt, method, resource_type, "timeout", None, deadline
-                ):
-                    attempt += 1
-                    continue
-                if deadline is not None and timeout[1] < self._timeout[1]:
-                    raise _upstream_error(
-                        DeadlineExceededError,
-                        f"{call} timed out: the request's time limit of {deadline.seconds:g} s"
-                        " ran out",
-                        None,
-                    ) from exc
-                raise _upstream_error(UpstreamTimeoutError, f"{call} timed out", None) from exc
+                raise _Transient("timeout", error=exc, cut=timeout[1] < self._timeout[1]) from exc
             except requests.ConnectionError as exc:
                 self._log_call(method, resource_type, "connection error", started)
-                if safe and self._may_retry(
-                    attempt, method, resource_type, "connection", None, deadline
-                ):
-                    attempt += 1
-                    continue
-                raise _upstream_error(
-                    UpstreamError, f"{call} failed: cannot connect to the FHIR server", None
-                ) from exc
+                raise _Transient("connection", error=exc) from exc
             except requests.RequestException as exc:
                 self._log_call(method, resource_type, type(exc).__name__, started)
                 raise _upstream_error(
                     UpstreamError, f"{call} failed: {type(exc).__name__}", None
                 ) from exc
-
             status = response.status_code
             self._log_call(method, resource_type, status, started)
             if 200 <= status < 300:
                 return response
             if status in absent_statuses:
                 return None
-            if (
-                safe
-                and (self._retry.retries_status(status) or status in extra_retry_statuses)
-                and self._may_retry(
-                    attempt,
-                    method,
-                    resource_type,
-                    status,
-                    response.headers.get("Retry-After"),
-                    deadline,
-                )
-            ):
-                response.close()
-                attempt += 1
-                continue
+            if status in retry_statuses:
+                raise _Transient(status, response=response)
             raise _status_error(call, response, rejected_on_5xx=rejected_on_5xx, now=self._clock())
 
-    def _may_retry(
+        # tenacity repeats the attempt; the policy and the deadline decide whether a transient
+        # failure is worth another one, and how long to wait first.
+        decided: dict[int, float | None] = {}  # per attempt number: the wait, or None (stop)
+
+        def decide(state: tenacity.RetryCallState) -> float | None:
+            """Once per failed attempt (tenacity asks `wait` and `stop`, in either order)."""
+            if state.attempt_number not in decided:
+                failure = _transient_of(state)
+                delay = None
+                if safe and failure is not None:
+                    response = failure.response
+                    delay = self._retry_delay(
+                        state.attempt_number - 1,
+                        method,
+                        resource_type,
+                        failure.reason,
+                        response.headers.get("Retry-After") if response is not None else None,
+                        deadline,
+                    )
+                decided[state.attempt_number] = delay
+            return decided[state.attempt_number]
+
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(_Transient),
+            stop=lambda state: decide(state) is None,
+            wait=lambda state: decide(state) or 0.0,
+            sleep=self._sleep,
+            before_sleep=_close_response,
+            reraise=True,
+        )
+        try:
+            result: requests.Response | None = retrying(attempt)
+        except _Transient as failure:
+            raise self._final_error(failure, call, deadline, rejected_on_5xx) from failure.error
+        return result
+
+    def _final_error(
+        self, failure: _Transient, call: str, deadline: Deadline | None, rejected_on_5xx: bool
+    ) -> UpstreamError:
+        """The error of a transient failure that is not repeated (any more)."""
+        if failure.response is not None:
+            return _status_error(
+                call, failure.response, rejected_on_5xx=rejected_on_5xx, now=self._clock()
+            )
+        if failure.reason == "timeout":
+            if deadline is not None and failure.cut:
+                return _upstream_error(
+                    DeadlineExceededError,
+                    f"{call} timed out: the request's time limit of {deadline.seconds:g} s ran out",
+                    None,
+                )
+            return _upstream_error(UpstreamTimeoutError, f"{call} timed out", None)
+        return _upstream_error(
+            UpstreamError, f"{call} failed: cannot connect to the FHIR server", None
+        )
+
+    def _retry_delay(
         self,
         attempt: int,
         method: str,
@@ -324,14 +358,14 @@ class FhirClient:
         reason: int | str,
         retry_after: str | None,
         deadline: Deadline | None,
-    ) -> bool:
-        """Sleep before the next attempt and say True, or say False when it is not worth it.
+    ) -> float | None:
+        """Seconds to wait before retry number `attempt` (0-based), or None: not worth it.
 
         Not worth it: retries used up, a `Retry-After` longer than `max_backoff` (retrying
         sooner than the server asked is pointless), or a wait that would outlast the deadline.
         """
         if attempt >= self._retry.max_retries:
-            return False
+            return None
         now = self._clock()
         asked = parse_retry_after(retry_after, now=now)
         delay = self._retry.delay(attempt, retry_after, now=now)
@@ -347,7 +381,7 @@ class FhirClient:
                 asked if too_long and asked is not None else delay,
                 "longest back-off" if too_long else "request's deadline",
             )
-            return False
+            return None
         _log.warning(
             "FHIR %s %s -> %s; retry %d of %d in %.1f s",
             method,
@@ -357,8 +391,7 @@ class FhirClient:
             self._retry.max_retries,
             delay,
         )
-        self._sleep(delay)
-        return True
+        return delay
 
     def _next_link(self, bundle: Resource, call: str) -> str | None:
         """The `next` link of a searchset page, only if it stays on the configured server."""
@@ -405,6 +438,87 @@ def client_from_config(cfg: FhirServerConfig) -> FhirClient:
         page_size=cfg.page_size,
         max_pages=cfg.max_pages,
     )
+
+
+class _Transient(Exception):
+    """One attempt's failure that another attempt may cure: a timeout, no connection, or a
+    transient status (with its response, for Retry-After and the final error)."""
+
+    def __init__(
+        self,
+        reason: int | str,
+        *,
+        response: requests.Response | None = None,
+        error: Exception | None = None,
+        cut: bool = False,
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.response = response
+        self.error = error
+        self.cut = cut  # the timeout was cut short by the request's deadline
+
+
+def _transient_of(state: tenacity.RetryCallState) -> _Transient | None:
+    outcome = state.outcome
+    failure = outcome.exception() if outcome is not None and outcome.failed else None
+    return failure if isinstance(failure, _Transient) else None
+
+
+def _close_response(state: tenacity.RetryCallState) -> None:
+    """Before waiting: give the failed answer's connection back to the pool."""
+    failure = _transient_of(state)
+    if failure is not None and failure.response is not None:
+        failure.response.close()
+
+
+def check_fhir_base(client: FhirClient) -> str:
+    """Read {base}/metadata once at start-up; the server's FHIR version, or KnowledgeError
+    (FhirBaseUnreachableError when nothing answered).
+
+    A wrong base URL otherwise shows up much later as "no Patient with this id" (a 404 from a
+    wrong path) or as unreadable resources (another FHIR version); this names the problem.
+    """
+    base = client.base_url
+    try:
+        capability = client.capabilities(retry=False)
+    except UpstreamError as exc:
+        status = upstream_status(exc)
+        if status is None:
+            raise FhirBaseUnreachableError(
+                f"FHIR base {base} is not reachable: {exc.message}"
+            ) from None
+        if status == 404:
+            raise KnowledgeError(
+                f"FHIR base {base} answered 404 to /metadata: wrong path? (the base URL is the"
+                " part before /Patient, e.g. http://host:8080/fhir for HAPI)"
+            ) from None
+        if status in (401, 403):
+            raise KnowledgeError(
+                f"FHIR base {base} answered {status} to /metadata: check fhir.auth"
+            ) from None
+        if 200 <= status < 300:  # an answer, but no FHIR resource: a web page, another API
+            raise KnowledgeError(
+                f"FHIR base {base} answered /metadata with something that is not FHIR JSON:"
+                " wrong path?"
+            ) from None
+        raise KnowledgeError(f"FHIR base {base}: {exc.message}") from None
+    kind = capability.get("resourceType")
+    if kind != "CapabilityStatement":
+        raise KnowledgeError(
+            f"FHIR base {base} answered /metadata with a {kind}, not a CapabilityStatement:"
+            " wrong path?"
+        )
+    version = capability.get("fhirVersion")
+    if not isinstance(version, str) or not version.startswith(READS_FHIR_VERSION):
+        release = next(
+            (name for prefix, name in FHIR_RELEASES.items() if str(version).startswith(prefix)),
+            "unknown release",
+        )
+        raise KnowledgeError(
+            f"FHIR base {base}: server speaks FHIR {version} ({release}); fhir-dm reads R4 (4.0.x)"
+        )
+    return version
 
 
 def upstream_status(exc: BaseException) -> int | None:

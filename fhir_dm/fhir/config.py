@@ -87,6 +87,9 @@ class FhirServerConfig(BaseModel):
     page_size: int = Field(default=200, ge=1)
     max_pages: int = Field(default=100, ge=1)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    # `serve`, `worker` and `demo` read {base_url}/metadata before they start (reachable, FHIR
+    # 4.0.x, the right path); off for a server that is not up yet when the service starts.
+    check_at_startup: bool = True
 
     @field_validator("base_url")
     @classmethod

@@ -1,4 +1,8 @@
-"""When and how long to wait before repeating a failed FHIR call; only safe calls repeat."""
+"""When and how long to wait before repeating a failed FHIR call; only safe calls repeat.
+
+The repeating itself is tenacity's (`fhir_dm.fhir.client.FhirClient._request`): this policy
+gives each wait, and the client stops when the wait would outlast the request's deadline.
+"""
 
 from __future__ import annotations
 

@@ -772,17 +772,21 @@ class RuleSet(_Frozen):
                 f" (missing {missing}, not a high or intermediate factor {extra});"
                 " leave it out to derive it"
             )
-        untested = set(self.antibody_testing.when_untested)
+        # Every high-class antibody is proposed when untested: added here, so a new high-risk
+        # antibody needs no second edit; the file lists the others (intermediate by design).
+        listed = self.antibody_testing.when_untested
+        untested = tuple(dict.fromkeys((*self.factor_antibodies("high"), *listed)))
+        if untested != listed:
+            object.__setattr__(
+                self,
+                "antibody_testing",
+                self.antibody_testing.model_copy(update={"when_untested": untested}),
+            )
         problems = [
-            f"antibody_testing.when_untested: high-class antibody '{a}' missing"
-            for a in self.factor_antibodies("high")
-            if a not in untested
-        ]
-        problems.extend(
             f"antibody_testing.when_untested: '{a}' is in no high or intermediate factor"
-            for a in self.antibody_testing.when_untested
+            for a in listed
             if f"antibody:{a}" not in derived
-        )
+        ]
         if problems:
             raise ValueError("; ".join(problems))
 

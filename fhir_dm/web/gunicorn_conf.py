@@ -18,6 +18,9 @@ Options on gunicorn's command line (or GUNICORN_CMD_ARGS) win over these.
   `PROMETHEUS_MULTIPROC_DIR` (the operator's, emptied, or a temporary one) before any of them
   imports `prometheus_client`, and `child_exit` marks a dead worker's files, so `/metrics`
   adds up every worker (see docs/metrics.md).
+- Every line is JSON: `logconfig_dict` gives gunicorn's own log (start, workers, signals, stop)
+  the service's JSON formatter on stderr; the access log's message is already a JSON object
+  (`access_log_format`) and is written as it is, on stdout.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from fhir_dm.web.http_limits import (
     MAX_HEADER_FIELDS,
     MAX_REQUEST_LINE_BYTES,
 )
-from fhir_dm.web.logs import ROUTE_ENVIRON_KEY
+from fhir_dm.web.logs import ROUTE_ENVIRON_KEY, JsonFormatter
 
 bind = "127.0.0.1:8080"
 workers = 2
@@ -59,6 +62,35 @@ access_log_format = (
     f'"route": "%({{{ROUTE_ENVIRON_KEY}}}e)s", '
     '"status": "%(s)s", "duration_ms": %(M)s, "request_id": "%({x-request-id}o)s"}'
 )
+
+# gunicorn's own loggers through the same JSON formatter as the service's. They do not
+# propagate: the workers' root logger holds the service's handler, which would repeat them.
+# The root logger gets no handler here for the same reason (the app installs its own).
+logconfig_dict: dict[str, Any] = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "root": {"level": "INFO", "handlers": []},
+    "loggers": {
+        "gunicorn.error": {"level": "INFO", "handlers": ["json_stderr"], "propagate": False},
+        "gunicorn.access": {"level": "INFO", "handlers": ["access_stdout"], "propagate": False},
+    },
+    "handlers": {
+        "json_stderr": {
+            "class": "logging.StreamHandler",
+            "formatter": "json",
+            "stream": "ext://sys.stderr",
+        },
+        "access_stdout": {
+            "class": "logging.StreamHandler",
+            "formatter": "message_only",
+            "stream": "ext://sys.stdout",
+        },
+    },
+    "formatters": {
+        "json": {"()": JsonFormatter},
+        "message_only": {"format": "%(message)s"},
+    },
+}
 
 # A slash not preceded by a word character, `.`, `:` or `/` starts a request path: this keeps
 # URLs such as http://127.0.0.1:8080 (listening messages) and unix:/path sockets whole.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import sys
@@ -14,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from flask import Flask, Response, g, request
+from pythonjsonlogger.json import JsonFormatter as _LibraryJsonFormatter
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # An incoming id is kept only if it is short and plain: it is echoed into logs and headers.
@@ -45,29 +45,40 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-class JsonFormatter(logging.Formatter):
+class JsonFormatter(_LibraryJsonFormatter):
     """One JSON object per line; exceptions as type and stack frames, never their message.
 
-    An exception's text may quote the data that caused it, so only where it happened is kept.
+    python-json-logger does the serialising; this class only decides the fields: a fixed
+    allow-list (EXTRA_FIELDS), never whatever else a record carries, and an exception's
+    summary instead of its text, since that text may quote the data that caused it. Used by
+    the service's handler and, through `logconfig_dict`, by gunicorn's own log.
     """
 
-    def format(self, record: logging.LogRecord) -> str:
-        data: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, json_default=str, json_ensure_ascii=False, **kwargs)
+
+    def add_fields(
+        self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
+    ) -> None:
+        log_data["time"] = datetime.fromtimestamp(record.created, UTC).isoformat(
+            timespec="milliseconds"
+        )
+        log_data["level"] = record.levelname
+        log_data["logger"] = record.name
+        log_data["message"] = record.getMessage()
         request_id = getattr(record, "request_id", None)
         if request_id:
-            data["request_id"] = request_id
+            log_data["request_id"] = request_id
         for name in EXTRA_FIELDS:
             value = getattr(record, name, None)
             if value is not None:
-                data[name] = value
+                log_data[name] = value
         if record.exc_info and record.exc_info[0] is not None:
-            data["exception"] = exception_summary(record.exc_info[1])
-        return json.dumps(data, ensure_ascii=False, default=str)
+            log_data["exception"] = exception_summary(record.exc_info[1])
+
+    def formatException(self, ei: Any) -> str:
+        """Never the traceback's text (add_fields writes the summary instead)."""
+        return ""
 
 
 def exception_summary(exc: BaseException | None) -> dict[str, Any]:

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import tempfile
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from flask import current_app
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from fhir_dm import __version__
@@ -245,6 +250,72 @@ def load_settings() -> Settings:
             loc = ".".join(str(part) for part in err["loc"])
             lines.append(f"settings: {loc}: {err['msg']}" if loc else f"settings: {err['msg']}")
         raise KnowledgeError("\n".join(lines)) from None
+    except SettingsError as exc:
+        # pydantic-settings stops at a variable it cannot decode (a list or mapping that is
+        # not JSON) and names only the top-level field: name the variables instead.
+        raise KnowledgeError("\n".join(undecodable_variables(str(exc)))) from None
+
+
+_FIELD_IN_SETTINGS_ERROR = re.compile(r'field "([^"]+)"')
+
+
+def undecodable_variables(message: str) -> list[str]:
+    """One line per FHIR_DM_* variable that must hold JSON and does not (never its value)."""
+    match = _FIELD_IN_SETTINGS_ERROR.search(message)
+    field = match.group(1) if match else None
+    lines = []
+    for name, value in sorted(os.environ.items()):
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        if field is not None and path[0] != field:
+            continue
+        if not _wants_json(Settings, path):
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            lines.append(
+                f"settings: {name}: not valid JSON; a list or mapping is written in JSON,"
+                ' e.g. \'["first", "second"]\''
+            )
+    if not lines:
+        where = f"{ENV_PREFIX}{field.upper()}__*" if field else f"{ENV_PREFIX}*"
+        lines.append(f"settings: a {where} variable could not be read (lists, mappings: JSON)")
+    return lines
+
+
+def _wants_json(model: type[BaseModel], path: list[str]) -> bool:
+    """Whether the field at `path` is a list, set or mapping, which variables give as JSON."""
+    annotation: Any = model
+    for part in path:
+        model_type = _model_in(annotation)
+        if model_type is None or part not in model_type.model_fields:
+            return False
+        annotation = model_type.model_fields[part].annotation
+    return _is_collection(annotation) or _model_in(annotation) is not None
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation names (also inside `X | None`), else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _is_collection(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_collection(arg) for arg in typing.get_args(annotation))
+    target = origin or annotation
+    return isinstance(target, type) and (
+        issubclass(target, (list, tuple, set, frozenset, dict, Mapping))
+    )
 
 
 @dataclass(frozen=True, slots=True)

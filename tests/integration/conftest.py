@@ -16,6 +16,7 @@ from fhir_dm.fhir.config import FhirServerConfig
 from fhir_dm.web.app import create_app
 from fhir_dm.web.settings import Settings
 from fhir_dm.web.trust import TrustConfig
+from tests import server_guard
 
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "profiles"
 START_TIMEOUT_S = 300
@@ -33,6 +34,7 @@ def fhir_base_url() -> Iterator[str]:
     # Imported here, so a broken server module fails the integration tests, not collection.
     from tools.hapi_server import HapiServer
 
+    server_guard.check("the HAPI FHIR server")
     server = HapiServer()
     try:
         base_url = server.start(timeout=START_TIMEOUT_S)

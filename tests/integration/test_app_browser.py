@@ -37,6 +37,7 @@ from fhir_dm.cds.prefetch import render
 from fhir_dm.fhir.client import FhirClient
 from fhir_dm.knowledge.load import load_knowledge
 from tests import factories as f
+from tests import server_guard
 from tests.integration.records import store
 from tools.hapi_server import free_port
 
@@ -138,6 +139,7 @@ def service_url(fhir_base_url: str, tmp_path_factory: pytest.TempPathFactory) ->
 def browser() -> Iterator[Any]:
     if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
         pytest.fail("headless Chromium is needed: apt-get install chromium chromium-driver")
+    server_guard.check("Chromium")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):

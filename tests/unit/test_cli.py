@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
+import responses
 
 from fhir_dm import __version__, cli, demo
 from fhir_dm.core.assess import Engine
@@ -103,17 +105,17 @@ def test_bad_input_one_line_and_non_zero(
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
 
 
-def test_bad_configuration_exits_2(
+def test_bad_configuration_exits_with_the_config_code(
     tmp_path: Path, seed_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert cli.main(["--config", str(tmp_path), "assess", str(seed_file)]) == 2
+    assert cli.main(["--config", str(tmp_path), "assess", str(seed_file)]) == cli.EXIT_CONFIG
     assert "configuration error" in capsys.readouterr().err
 
 
 def test_bad_date_is_a_usage_error(seed_file: Path) -> None:
     with pytest.raises(SystemExit) as exc:
         cli.main(["assess", str(seed_file), "--now", "21/11/2026"])
-    assert exc.value.code == 2
+    assert exc.value.code == cli.EXIT_USAGE
 
 
 def test_validate_output_flag_gives_the_same_result(
@@ -137,11 +139,11 @@ def test_version_names_the_package_and_the_loaded_rule_set(
     assert out == [f"fhir-dm {__version__}", f"rule set {knowledge.ruleset.label}"]
 
 
-def test_version_with_an_unusable_configuration_exits_2(
+def test_version_with_an_unusable_configuration_exits_with_the_config_code(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(cli.CONFIG_DIR_VARIABLE, str(tmp_path))
-    assert cli.main(["--version"]) == 2
+    assert cli.main(["--version"]) == cli.EXIT_CONFIG
     captured = capsys.readouterr()
     assert captured.out == f"fhir-dm {__version__}\n"
     assert "configuration error" in captured.err
@@ -154,7 +156,7 @@ def test_config_directory_from_the_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv(cli.CONFIG_DIR_VARIABLE, str(tmp_path / "missing"))
-    assert cli.main(["explain", str(seed_file)]) == 2
+    assert cli.main(["explain", str(seed_file)]) == cli.EXIT_CONFIG
     assert "configuration directory not found" in capsys.readouterr().err
     # --config wins over the variable.
     assert cli.main(["--config", str(DEFAULT_CONFIG_DIR), "explain", str(seed_file)]) == 0
@@ -163,7 +165,7 @@ def test_config_directory_from_the_environment(
 def test_a_command_is_required(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         cli.main([])
-    assert exc.value.code == 2
+    assert exc.value.code == cli.EXIT_USAGE
     assert "a command is required" in capsys.readouterr().err
 
 
@@ -176,6 +178,7 @@ def service_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("FHIR_DM_FHIR__BASE_URL", "http://127.0.0.1:9/fhir")
     monkeypatch.setenv("FHIR_DM_TRUST__MODE", "off")
     monkeypatch.setenv("FHIR_DM_LOCK_DIR", str(tmp_path / "locks"))
+    monkeypatch.setenv("FHIR_DM_FHIR__CHECK_AT_STARTUP", "false")  # no server at that base
 
 
 class ExecCalled(Exception):
@@ -208,12 +211,12 @@ def test_serve_checks_the_settings_then_becomes_gunicorn(monkeypatch: pytest.Mon
 
 
 @pytest.mark.usefixtures("service_env")
-def test_serve_with_bad_settings_exits_2_before_gunicorn(
+def test_serve_with_bad_settings_exits_with_the_config_code_before_gunicorn(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     calls = _capture_exec(monkeypatch)
     monkeypatch.setenv("FHIR_DM_FHIR__BASE_URL", "not-a-url")
-    assert cli.main(["serve"]) == 2
+    assert cli.main(["serve"]) == cli.EXIT_CONFIG
     err = capsys.readouterr().err
     assert "fhir.base_url" in err and "not-a-url" not in err
     assert calls == []
@@ -225,7 +228,7 @@ def test_serve_passes_config_to_the_workers(
 ) -> None:
     _capture_exec(monkeypatch)
     # An empty directory: the check before gunicorn reads it, so it fails there.
-    assert cli.main(["--config", str(tmp_path), "serve"]) == 2
+    assert cli.main(["--config", str(tmp_path), "serve"]) == cli.EXIT_CONFIG
     assert "configuration" in capsys.readouterr().err
     assert cli.os.environ[cli.CONFIG_DIR_VARIABLE] == str(tmp_path)
 
@@ -249,9 +252,37 @@ def test_demo_without_a_server_or_a_clone_says_what_to_do(
 def test_demo_against_an_unreachable_server_fails_in_one_line(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert cli.main(["demo", "--fhir-base-url", "http://127.0.0.1:9/fhir"]) == 1
+    assert cli.main(["demo", "--fhir-base-url", "http://127.0.0.1:9/fhir"]) == cli.EXIT_CONFIG
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "cannot load the demo patients" in err
+    assert err.count("\n") == 1 and "FHIR base http://127.0.0.1:9/fhir is not reachable" in err
+
+
+@pytest.mark.usefixtures("service_env")
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ({"status": 404}, "answered 404 to /metadata: wrong path?"),
+        (
+            {"json": {"resourceType": "CapabilityStatement", "fhirVersion": "3.0.2"}},
+            "server speaks FHIR 3.0.2 (STU3); fhir-dm reads R4 (4.0.x)",
+        ),
+    ],
+)
+def test_serve_and_worker_check_the_fhir_base_first(
+    metadata: dict[str, Any],
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    calls = _capture_exec(monkeypatch)
+    monkeypatch.setenv("FHIR_DM_FHIR__BASE_URL", "http://h.example/baseR4")
+    monkeypatch.setenv("FHIR_DM_FHIR__CHECK_AT_STARTUP", "true")
+    with responses.RequestsMock() as rsps:
+        rsps.get("http://h.example/baseR4/metadata", **metadata)
+        assert cli.main(["serve"]) == cli.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "FHIR base http://h.example/baseR4" in err and message in err
+    assert calls == []  # gunicorn never started
 
 
 def test_demo_serves_the_app_and_links_each_patient() -> None:
@@ -362,3 +393,45 @@ def test_python_dash_m_runs_the_same_command_line() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "rule set imacs-2023" in done.stdout
+
+
+# --- settings errors: one line per problem, the config code, apart from usage errors ---------
+
+
+@pytest.mark.usefixtures("service_env")
+@pytest.mark.parametrize("command", ["serve", "worker", "dead-letters"])
+def test_a_setting_that_is_not_json_is_one_line_naming_the_variable(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _capture_exec(monkeypatch)
+    monkeypatch.setenv("FHIR_DM_TRUST__STATIC_TOKENS", "abc-secret-looking")
+    assert cli.main([command]) == cli.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "FHIR_DM_TRUST__STATIC_TOKENS" in err and "not valid JSON" in err
+    assert "abc-secret-looking" not in err
+
+
+@pytest.mark.usefixtures("service_env")
+def test_serve_starts_with_a_warning_when_the_fhir_base_does_not_answer(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server that is away may come back (/readyz says so meanwhile); a wrong one does not."""
+    calls = _capture_exec(monkeypatch)
+    monkeypatch.setenv("FHIR_DM_FHIR__CHECK_AT_STARTUP", "true")  # base: 127.0.0.1:9, closed
+    with pytest.raises(ExecCalled):
+        cli.main(["serve"])
+    err = capsys.readouterr().err
+    assert "warning: FHIR base http://127.0.0.1:9/fhir is not reachable" in err
+    assert err.count("\n") == 1 and len(calls) == 1
+
+
+def test_usage_and_configuration_exit_codes_differ() -> None:
+    assert len({cli.EXIT_OK, cli.EXIT_INPUT, cli.EXIT_USAGE, cli.EXIT_CONFIG}) == 4
+    assert cli.EXIT_USAGE == 2  # what argparse itself uses
+
+
+def test_every_exit_code_is_in_the_cli_docs() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text(encoding="utf-8")
+    for code in (cli.EXIT_OK, cli.EXIT_INPUT, cli.EXIT_USAGE, cli.EXIT_CONFIG):
+        assert f"| `{code}` |" in text

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import re
 import shutil
+from datetime import date
 from pathlib import Path
 
 import pytest
 import yaml
 
+from fhir_dm.core.assess import Engine
 from fhir_dm.errors import KnowledgeError
 from fhir_dm.knowledge.load import DEFAULT_CONFIG_DIR, load_knowledge
+from fhir_dm.knowledge.models import Knowledge
+from tests import factories as f
 
 PACKAGE = Path(__file__).resolve().parents[2] / "fhir_dm"
 
@@ -180,13 +184,6 @@ def test_a_new_high_class_antibody_joins_the_preliminary_list(config_copy: Path)
     ("change", "message"),
     [
         (
-            # A high-class antibody left out of the antibody-testing list.
-            lambda d: next(f for f in d["factors"] if f["id"] == "ab-mi2").update(
-                {"class": "high"}
-            ),
-            "antibody_testing.when_untested: high-class antibody 'mi2' missing",
-        ),
-        (
             # An antibody whose result cannot change the tier.
             lambda d: d["antibody_testing"]["when_untested"].append("jo1"),
             "'jo1' is in no high or intermediate factor",
@@ -218,3 +215,80 @@ def test_a_synonym_inside_another_antibodys_name_is_refused(config_copy: Path) -
     with pytest.raises(KnowledgeError) as err:
         load_knowledge(config_copy)
     assert "value_sets.ab-sae1.synonyms: 'SAE' also matches 'SAE2' of ab-sae2" in err.value.message
+
+
+def test_a_new_high_risk_antibody_is_listed_for_preliminary_and_antibody_testing(
+    config_copy: Path,
+) -> None:
+    """The recipe of docs/development.md, followed: anti-SAE2 as a high-risk antibody takes an
+    antibody entry and a factor (its value set exists); both derived lists then include it."""
+
+    def add_sae2(d: dict) -> None:  # type: ignore[type-arg]
+        d["antibodies"].append({"id": "sae2", "label": "anti-SAE2", "value_set": "ab-sae2"})
+        d["factors"].insert(
+            3,
+            {
+                "id": "ab-sae2",
+                "class": "high",
+                "label": "anti-SAE2 positive",
+                "when": {"antibody_positive": ["sae2"]},
+                "evidence": "design",
+                "source": "a test of the contributor's recipe, not a clinical claim",
+            },
+        )
+
+    _edit(config_copy / "ruleset/imacs-2023.yaml", add_sae2)
+    # It is now used: no longer among the results recognised and reported as "not used".
+    _edit(
+        config_copy / "site.yaml",
+        lambda d: d["antibody_results"]["recognised_not_used"].remove("ab-sae2"),
+    )
+    rs = load_knowledge(config_copy).ruleset
+    assert "antibody:sae2" in rs.tiers.preliminary_if_unknown
+    assert "sae2" in rs.antibody_testing.when_untested
+    assert rs.factor_antibodies("high") == ("tif1g", "nxp2", "sae2")
+
+
+def test_no_test_pins_the_rule_set_version(knowledge: Knowledge) -> None:
+    """A new rule-set version must not need test edits: tests read it from the knowledge base."""
+    tests_dir = Path(__file__).resolve().parents[1]
+    version = knowledge.ruleset.version
+    pinned = [
+        str(path.relative_to(tests_dir))
+        for path in tests_dir.rglob("*.py")
+        if f'"{version}"' in (text := path.read_text(encoding="utf-8"))
+        or f"'{version}'" in text
+        or f"{knowledge.ruleset.name}|{version}" in text
+    ]
+    assert pinned == [], f"use knowledge.ruleset.version instead of the literal in {pinned}"
+
+
+def test_a_new_screening_test_is_planned_after_the_recipes_edits(config_copy: Path) -> None:
+    """The recipe of docs/development.md, followed: a test entry, its "done" value set, and a
+    place in a panel; the engine then plans it (the code is the project's own, for the test)."""
+
+    def add_test(d: dict) -> None:  # type: ignore[type-arg]
+        d["tests"]["recipe-lab"] = {
+            "display": "Recipe laboratory test",
+            "kind": "order",
+            "category": "laboratory",
+            "code": {
+                "system": "dm-screening",
+                "code": "recipe-laboratory-test",
+                "display": "Recipe laboratory test",
+                "source": "FHIR-DM",
+            },
+            "done": [{"value_set": "done-recipe-lab"}],
+        }
+        d["panels"]["basic"]["tests"].append("recipe-lab")
+
+    _edit(config_copy / "ruleset/imacs-2023.yaml", add_test)
+    _edit(
+        config_copy / "terminology/screening-done.yaml",
+        lambda d: d["value_sets"].update(
+            {"done-recipe-lab": {"title": "Recipe laboratory test done", "include": []}}
+        ),
+    )
+    engine = Engine(load_knowledge(config_copy), software_version="test")
+    [result] = engine.assess(f.bundle(*f.seed_case()), now=date(2015, 10, 25)).results
+    assert "recipe-lab" in {item.test_id for item in result.plan.items}

@@ -20,7 +20,9 @@ from fhir_dm.core.inputs import (
     SUBJECT_MISSING,
     SUBJECT_OTHER,
     read_patients,
+    validate_resource,
 )
+from fhir_dm.errors import NotFhirError
 from tests import factories as f
 from tests.unit.core.helpers import facts_of, planned_tests, run_one
 
@@ -408,3 +410,35 @@ def test_the_unknowns_named_are_exactly_those_in_a_smallest_raising_set(
     expected = _brute_force_named(a.facts, engine.knowledge, a.tier)
     assert set(a.preliminary_unknowns) == expected
     assert a.preliminary == bool(expected)
+
+
+# --- an STU3 resource is named as such ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("resource", "sign"),
+    [
+        (
+            {"resourceType": "Condition", "clinicalStatus": "active", "subject": {}},
+            "Condition.clinicalStatus is a code, as in STU3",
+        ),
+        ({"resourceType": "ProcedureRequest", "status": "active"}, "STU3 resource type"),
+        (
+            {"resourceType": "Observation", "status": "final", "comment": "x", "code": 1},
+            "Observation.comment exists in STU3",
+        ),
+    ],
+)
+def test_an_stu3_resource_gets_a_hint_that_fhir_dm_reads_r4(
+    resource: dict[str, object], sign: str
+) -> None:
+    with pytest.raises(NotFhirError) as exc:
+        validate_resource(resource, "Bundle.entry[1].resource")
+    assert sign in exc.value.message and "fhir-dm reads FHIR R4 (4.0.x)" in exc.value.message
+    assert "Invalid JSON" not in exc.value.message
+
+
+def test_an_r4_error_gets_no_stu3_hint() -> None:
+    with pytest.raises(NotFhirError) as exc:
+        validate_resource({"resourceType": "Observation", "status": 5}, "Observation")
+    assert "STU3" not in exc.value.message

@@ -13,7 +13,7 @@ import requests
 import responses
 
 from fhir_dm import deadline as deadlines
-from fhir_dm.cli import main
+from fhir_dm.cli import EXIT_CONFIG, main
 from fhir_dm.core.assess import Engine, PatientResult
 from fhir_dm.fhir.terminology import (
     ServerCheckedEngine,
@@ -331,7 +331,7 @@ def test_the_cli_refuses_a_bad_terminology_server_url(
 ) -> None:
     source = tmp_path / "in.json"
     source.write_text(json.dumps(bundle(*patient_with())), encoding="utf-8")
-    assert main(["explain", str(source), "--terminology-server", "not a url"]) == 2
+    assert main(["explain", str(source), "--terminology-server", "not a url"]) == EXIT_CONFIG
     assert "--terminology-server" in capsys.readouterr().err
 
 
@@ -341,7 +341,7 @@ def test_the_cli_reads_the_service_variable(
     monkeypatch.setenv("FHIR_DM_TERMINOLOGY__BASE_URL", "ftp://nowhere")
     source = tmp_path / "in.json"
     source.write_text(json.dumps(bundle(*patient_with())), encoding="utf-8")
-    assert main(["explain", str(source)]) == 2
+    assert main(["explain", str(source)]) == EXIT_CONFIG
 
 
 def test_the_service_reads_the_setting_and_builds_a_checking_engine(

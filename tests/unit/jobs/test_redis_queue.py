@@ -19,6 +19,9 @@ from fhir_dm.jobs.settings import JobsSettings
 from tests.redis_server import RedisServer
 from tests.unit.jobs.test_queue import StubWriteBack, make_jobs
 
+# A real redis-server: not part of a `-m "not integration"` run.
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:

@@ -120,6 +120,7 @@ def test_a_patient_queued_or_done_is_not_enqueued_again(
         QueuedRun(jobs, "../x")
 
 
+@pytest.mark.integration  # a real redis-server
 def test_two_workers_on_redis_share_one_run(fake: FakeFhirServer, tmp_path: Path) -> None:
     server = RedisServer(tmp_path)
     url = server.start()

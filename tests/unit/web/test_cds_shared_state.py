@@ -58,7 +58,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.stop()
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.integration)])
 def state(request: pytest.FixtureRequest, tmp_path: Path) -> StateSettings:
     """One backend's settings, isolated per test (own file, or own key prefix)."""
     if request.param == "sqlite":
@@ -167,7 +167,9 @@ def test_feedback_counts_are_the_same_whichever_worker_answers(
     }
 
 
-def test_a_jti_is_remembered_until_the_token_expires(state: StateSettings, redis_url: str) -> None:
+def test_a_jti_is_remembered_until_the_token_expires(
+    state: StateSettings, request: pytest.FixtureRequest
+) -> None:
     now = [NOW_EPOCH]
     shared = open_state(
         state, keep_comments=False, retention_days=1, leeway_seconds=30, clock=lambda: now[0]
@@ -186,7 +188,7 @@ def test_a_jti_is_remembered_until_the_token_expires(state: StateSettings, redis
             shared.replay.check_and_remember("iss", "jti-1", NOW_EPOCH + 600)
     else:
         assert isinstance(shared.replay, RedisReplayStore)
-        client = redis.Redis.from_url(redis_url)
+        client = redis.Redis.from_url(request.getfixturevalue("redis_url"))
         [key] = client.keys(f"{state.key_prefix}:jti:*")[:1]
         assert 320 <= client.ttl(key) <= 330  # SET NX EX: exp + leeway - now
         client.close()
@@ -204,6 +206,7 @@ def _items(*feedback: Json) -> Any:
     return FeedbackRequest.model_validate({"feedback": list(feedback)}).feedback
 
 
+@pytest.mark.integration  # a real redis-server
 def test_the_redis_store_counts_like_the_sqlite_store(redis_url: str) -> None:
     reasons = "http://fhir-dm.org/fhir/CodeSystem/dm-cds-override-reason"
     client = redis.Redis.from_url(redis_url, decode_responses=True)

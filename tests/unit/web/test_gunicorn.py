@@ -6,6 +6,7 @@ server standing in for the FHIR server: one that throttles for an hour, one that
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -309,3 +310,45 @@ def test_gunicorns_error_handling_message_loses_the_path() -> None:
 
     assert "Error handling request POST /Patient/…" in stream.getvalue()
     assert THROTTLED not in stream.getvalue() and NOW not in stream.getvalue()
+
+
+def test_every_line_gunicorn_writes_from_start_to_stop_is_json(tmp_path: Path) -> None:
+    port = _free_port()
+    env = {
+        **os.environ,
+        "FHIR_DM_FHIR__BASE_URL": "http://127.0.0.1:9/fhir",
+        "FHIR_DM_TRUST__MODE": "off",
+        "FHIR_DM_LOCK_DIR": str(tmp_path / "locks"),
+    }
+    env.pop("FHIR_DM_SETTINGS_FILE", None)
+    log_path = tmp_path / "gunicorn.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "gunicorn", "--config", "python:fhir_dm.web.gunicorn_conf"),
+                *("--bind", f"127.0.0.1:{port}", "--workers", "1", "--access-logfile", "-"),
+                "fhir_dm.web.wsgi:app",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, log_path.read_text()
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).ok:
+                    break
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+    finally:
+        process.terminate()
+        process.wait(30)
+    lines = [line for line in log_path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # fails on any plain-text line
+    messages = " | ".join(str(r.get("message", "")) for r in records)
+    for said in ("Starting gunicorn", "Listening at", "Booting worker", "Shutting down"):
+        assert said in messages, messages
+    assert any(r.get("logger") == "gunicorn.access" and r["route"] == "/healthz" for r in records)
+    assert all(r["logger"] != "gunicorn.error" or "level" in r for r in records)
