@@ -268,6 +268,7 @@ def test_the_redis_store_counts_like_the_sqlite_store(redis_url: str) -> None:
     client.close()
 
 
+@pytest.mark.integration  # starts a real redis-server
 def test_both_stores_count_cards_not_clicks_and_keep_the_write_note(redis_url: str) -> None:
     """The sandbox sends `accepted` on every click: one card accepted three times counts once."""
     client = redis.Redis.from_url(redis_url, decode_responses=True)

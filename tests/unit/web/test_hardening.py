@@ -313,6 +313,7 @@ def test_the_app_csp_names_its_frame_ancestors_and_fhir_servers(tmp_path: Path) 
     assert "connect-src 'self' https://fhir.example.org https://auth.example.org" in csp
 
 
+@pytest.mark.integration  # starts a real redis-server
 def test_readyz_checks_the_cds_state_on_redis(tmp_path: Path, fhir_server: FakeFhirServer) -> None:
     from fhir_dm.cds.state import StateSettings
     from fhir_dm.web.cds_hooks import CdsSettings
