@@ -15,9 +15,9 @@ from urllib.parse import urljoin, urlsplit
 import requests
 from requests.auth import AuthBase
 
-from fhir_dm import deadline as deadlines
-from fhir_dm.deadline import Deadline
-from fhir_dm.errors import (
+from fhir_dm.common import deadline as deadlines
+from fhir_dm.common.deadline import Deadline
+from fhir_dm.common.errors import (
     DeadlineExceededError,
     InputError,
     UpstreamError,
@@ -66,7 +66,7 @@ class FhirClient:
     `UpstreamError` tree; messages and logs name the call, never ids, query values or bodies.
     The client owns `session` and closes it in `close()`.
 
-    Every call respects a deadline (`deadline`, else the current one of `fhir_dm.deadline`):
+    Every call respects a deadline (`deadline`, else the current one of `fhir_dm.common.deadline`):
     timeouts are cut to the time left, and a retry is not made when its wait would outlast it
     or when the server's `Retry-After` asks for more than `max_backoff`; a 429/503 then raises
     `UpstreamUnavailableError` carrying that `Retry-After`.

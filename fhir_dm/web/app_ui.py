@@ -25,8 +25,8 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, jsonify, request, send_from_directory
 
-from fhir_dm import deadline as deadlines
-from fhir_dm.errors import DeadlineExceededError, FhirDmError, InputError
+from fhir_dm.common import deadline as deadlines
+from fhir_dm.common.errors import DeadlineExceededError, FhirDmError, InputError
 from fhir_dm.fhir.client import client_from_config
 from fhir_dm.knowledge.models import Knowledge
 from fhir_dm.population.config import MeasureConfig, PopulationConfig, load_population_config
@@ -36,7 +36,7 @@ from fhir_dm.population.rows import PatientRow
 from fhir_dm.population.run import PopulationRunner
 from fhir_dm.population.worklist import worklist
 from fhir_dm.web.settings import Service, current_service
-from fhir_dm.writeback import PatientWrite
+from fhir_dm.writeback.writer import PatientWrite
 
 LAUNCH_PATH = "/app/launch"
 bp = Blueprint("app_ui", __name__, url_prefix="/app", static_folder="static")

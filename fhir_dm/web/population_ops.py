@@ -16,7 +16,13 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, request
 
-from fhir_dm.errors import FhirDmError, InputError, NotFhirError, TooCostlyError, UpstreamError
+from fhir_dm.common.errors import (
+    FhirDmError,
+    InputError,
+    NotFhirError,
+    TooCostlyError,
+    UpstreamError,
+)
 from fhir_dm.population.config import PopulationConfig, load_population_config
 from fhir_dm.population.finder import find_iim_patients, iim_search_tokens
 from fhir_dm.population.measures import measure_report
@@ -168,12 +174,11 @@ def _run_call() -> OperationCall:
 
 
 def _queue(service: Service) -> Any:
-    from fhir_dm.jobs.queue import Jobs, build_runtime, open_huey
+    from fhir_dm.web.jobs import queue_for
 
     jobs = service.settings.jobs
     assert jobs is not None
-    settings = service.settings
-    return Jobs(open_huey(jobs), jobs, lambda: build_runtime(settings))
+    return queue_for(service.settings, jobs)
 
 
 @bp.post(f"/{RUN_OPERATION}")

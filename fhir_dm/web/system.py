@@ -9,8 +9,8 @@ from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 from flask import Blueprint, Response, jsonify
 
 from fhir_dm import __version__
+from fhir_dm.common.errors import FhirDmError
 from fhir_dm.core.assess import SOFTWARE_NAME
-from fhir_dm.errors import FhirDmError
 from fhir_dm.knowledge.models import Knowledge
 from fhir_dm.web.outcomes import fhir_response, outcome_response
 from fhir_dm.web.settings import Settings, current_service

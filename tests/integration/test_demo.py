@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from fhir_dm import demo
+from fhir_dm.cli import demo
 
 pytestmark = pytest.mark.integration
 

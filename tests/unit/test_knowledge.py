@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fhir_dm.errors import KnowledgeError
+from fhir_dm.common.errors import KnowledgeError
 from fhir_dm.knowledge.load import DEFAULT_CONFIG_DIR, load_knowledge
 
 PACKAGE = Path(__file__).resolve().parents[2] / "fhir_dm"

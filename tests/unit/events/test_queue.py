@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from huey import Huey, SqliteHuey
 
-from fhir_dm.errors import PatientNotFoundError, UpstreamUnavailableError
-from fhir_dm.jobs.queue import (
+from fhir_dm.common.errors import KnowledgeError, PatientNotFoundError, UpstreamUnavailableError
+from fhir_dm.events.queue import (
     AGAIN_PREFIX,
     DEAD_PREFIX,
     PENDING_PREFIX,
@@ -22,7 +22,7 @@ from fhir_dm.jobs.queue import (
     open_huey,
     patient_id_of,
 )
-from fhir_dm.jobs.settings import JobsSettings
+from fhir_dm.events.settings import JobsSettings
 
 BASE = "https://fhir.example.org/r4"
 
@@ -393,3 +393,15 @@ def test_an_idle_worker_polls_the_sqlite_queue_often(tmp_path: Path) -> None:
     settings, huey = queued(tmp_path)
     consumer = make_jobs(huey, settings, StubWriteBack()).consumer(workers=1, worker_type="thread")
     assert consumer.default_delay == consumer.max_delay == settings.poll_seconds == 0.1
+
+
+def test_the_queue_knows_no_edge_until_it_registers_its_task(tmp_path: Path) -> None:
+    settings, huey = immediate(tmp_path)
+    jobs = make_jobs(huey, settings, StubWriteBack())
+    with pytest.raises(KnowledgeError, match=r"no task 'edge\.task' is registered"):
+        jobs.task("edge.task")
+    seen: list[str] = []
+    jobs.register("edge.task", seen.append)
+    jobs.register("edge.task", lambda value: None)  # a second registration keeps the first
+    jobs.task("edge.task")("one")
+    assert seen == ["one"]
