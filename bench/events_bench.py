@@ -38,12 +38,13 @@ from typing import Any
 import requests
 from werkzeug.serving import make_server
 
+from fhir_dm.events.queue import Jobs, Runtime, open_huey
+from fhir_dm.events.settings import JobsSettings
+from fhir_dm.events.subscriptions import ensure_subscriptions, inactive_subscriptions
 from fhir_dm.fhir.client import FhirClient
 from fhir_dm.fhir.config import FhirServerConfig
-from fhir_dm.jobs.queue import Jobs, Runtime, build_runtime, open_huey
-from fhir_dm.jobs.settings import JobsSettings
-from fhir_dm.subscriptions import ensure_subscriptions, inactive_subscriptions
 from fhir_dm.web.app import create_app
+from fhir_dm.web.jobs import build_runtime
 from fhir_dm.web.settings import Settings
 from fhir_dm.web.trust import TrustConfig
 from tests import factories as f

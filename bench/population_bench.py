@@ -23,10 +23,10 @@ import requests
 from fhir_dm.core.assess import Engine
 from fhir_dm.fhir.client import FhirClient
 from fhir_dm.knowledge.load import load_knowledge
-from fhir_dm.locks import PatientLocks
 from fhir_dm.population.config import load_population_config
 from fhir_dm.population.finder import find_iim_patients, iim_search_tokens
 from fhir_dm.population.run import PopulationRunner
+from fhir_dm.writeback.locks import PatientLocks
 from tests.population_data import population, transactions
 
 NOW = date(2026, 12, 2)

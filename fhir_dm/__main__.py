@@ -1,5 +1,5 @@
 """`python -m fhir_dm`: the same command line as `fhir-dm`."""
 
-from fhir_dm.cli import main_cli
+from fhir_dm.cli.main import main_cli
 
 main_cli()

@@ -43,11 +43,11 @@ from fhir_dm.cds.models import (
     Suggestion,
 )
 from fhir_dm.cds.settings import CdsConfig
+from fhir_dm.common.errors import KnowledgeError
 from fhir_dm.core.assess import PatientResult
 from fhir_dm.core.build.common import plan_definition_url
 from fhir_dm.core.explain import Explanation, ScheduleRow
 from fhir_dm.core.plan import STATUS_ORDER, PlanItem
-from fhir_dm.errors import KnowledgeError
 from fhir_dm.knowledge.models import Knowledge
 
 Json = dict[str, Any]

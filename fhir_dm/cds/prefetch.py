@@ -25,7 +25,7 @@ from urllib.parse import parse_qsl, quote
 
 from fhir_dm.cds.models import is_safe_fhir_id
 from fhir_dm.cds.settings import CodeFilter, PrefetchConfig, TemplateUse
-from fhir_dm.errors import FhirDmError, InputError, KnowledgeError, PreconditionFailedError
+from fhir_dm.common.errors import FhirDmError, InputError, KnowledgeError, PreconditionFailedError
 from fhir_dm.knowledge.models import Knowledge
 
 logger = logging.getLogger(__name__)

@@ -40,7 +40,7 @@ from fhir_dm.cds.feedback import (
 )
 from fhir_dm.cds.models import FeedbackItem
 from fhir_dm.cds.replay import replay_key
-from fhir_dm.errors import AuthError, KnowledgeError
+from fhir_dm.common.errors import AuthError, KnowledgeError
 
 logger = logging.getLogger(__name__)
 

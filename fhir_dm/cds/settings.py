@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fhir_dm.errors import KnowledgeError
+from fhir_dm.common.errors import KnowledgeError
 from fhir_dm.knowledge.load import DEFAULT_CONFIG_DIR, read_yaml, validation_lines
 
 DEFAULT_CDS_CONFIG = DEFAULT_CONFIG_DIR / "cds.yaml"

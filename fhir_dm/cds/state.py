@@ -30,9 +30,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from fhir_dm.cds.feedback import BUSY_TIMEOUT_SECONDS, CdsStore, FeedbackStore
-from fhir_dm.cds.replay import replay_key
-from fhir_dm.errors import AuthError, KnowledgeError
-from fhir_dm.web.trust import ReplayGuard
+from fhir_dm.cds.replay import ReplayGuard, replay_key
+from fhir_dm.common.errors import AuthError, KnowledgeError
 
 logger = logging.getLogger(__name__)
 

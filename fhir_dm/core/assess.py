@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, time
 from typing import Any
 
+from fhir_dm.common.errors import InputError
 from fhir_dm.core.build.bundle import conditional_create, put_by_id, transaction
 from fhir_dm.core.build.care_plan import build_care_plan
 from fhir_dm.core.build.common import BuildContext, Json
@@ -20,7 +21,6 @@ from fhir_dm.core.inputs import PatientRecord, Relevance, read_patients
 from fhir_dm.core.plan import Plan, build_plan
 from fhir_dm.core.rules import assess_facts
 from fhir_dm.core.terminology import Matcher, TerminologyOverlay
-from fhir_dm.errors import InputError
 from fhir_dm.knowledge.models import Knowledge
 
 SOFTWARE_NAME = "fhir-dm"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from fhir_dm.errors import InputError
+from fhir_dm.common.errors import InputError
 
 # The grammar itself, for patterns that embed an id (references, locations).
 FHIR_ID_PATTERN = r"(?!\.{1,2}(?![A-Za-z0-9\-.]))[A-Za-z0-9\-.]{1,64}"

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import BaseModel, ValidationError
 
+from fhir_dm.common.errors import NoPatientError, NotFhirError
 from fhir_dm.core.terminology import normalise_name
-from fhir_dm.errors import NoPatientError, NotFhirError
 
 if TYPE_CHECKING:
     from fhir_dm.core.terminology import Matcher

@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from requests.auth import AuthBase
 
-from fhir_dm import deadline as deadlines
-from fhir_dm.errors import (
+from fhir_dm.common import deadline as deadlines
+from fhir_dm.common.errors import (
     KnowledgeError,
     UpstreamError,
     UpstreamRejectedError,

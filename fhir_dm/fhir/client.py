@@ -16,10 +16,9 @@ import requests
 import tenacity
 from requests.auth import AuthBase
 
-from fhir_dm import deadline as deadlines
-from fhir_dm.core.ids import check_fhir_id
-from fhir_dm.deadline import Deadline
-from fhir_dm.errors import (
+from fhir_dm.common import deadline as deadlines
+from fhir_dm.common.deadline import Deadline
+from fhir_dm.common.errors import (
     DeadlineExceededError,
     FhirBaseUnreachableError,
     KnowledgeError,
@@ -29,10 +28,11 @@ from fhir_dm.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
+from fhir_dm.common.metrics import FHIR_ERRORS
+from fhir_dm.core.ids import check_fhir_id
 from fhir_dm.fhir.auth import NoAuth, auth_from_config
 from fhir_dm.fhir.config import FhirServerConfig
 from fhir_dm.fhir.retry import RetryPolicy, is_idempotent_bundle, parse_retry_after
-from fhir_dm.metrics import FHIR_ERRORS
 
 __all__ = ["FhirClient", "check_fhir_base", "client_from_config", "upstream_status"]
 
@@ -73,7 +73,7 @@ class FhirClient:
     `UpstreamError` tree; messages and logs name the call, never ids, query values or bodies.
     The client owns `session` and closes it in `close()`.
 
-    Every call respects a deadline (`deadline`, else the current one of `fhir_dm.deadline`):
+    Every call respects a deadline (`deadline`, else the current one of `fhir_dm.common.deadline`):
     timeouts are cut to the time left, and a retry is not made when its wait would outlast it
     or when the server's `Retry-After` asks for more than `max_backoff`; a 429/503 then raises
     `UpstreamUnavailableError` carrying that `Retry-After`.

@@ -33,11 +33,11 @@ import requests
 from cachetools import TTLCache
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fhir_dm import deadline as deadlines
+from fhir_dm.common import deadline as deadlines
+from fhir_dm.common.errors import FhirDmError
 from fhir_dm.core.assess import AssessmentRun, Engine
 from fhir_dm.core.inputs import PatientRecord
 from fhir_dm.core.terminology import Code, TerminologyOverlay
-from fhir_dm.errors import FhirDmError
 from fhir_dm.fhir.auth import auth_from_config
 from fhir_dm.fhir.config import AuthConfig, check_http_url
 from fhir_dm.knowledge.models import Knowledge, Terminology

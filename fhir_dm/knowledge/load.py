@@ -9,7 +9,7 @@ import yaml
 from pydantic import ValidationError
 
 from fhir_dm._data import bundled_dir
-from fhir_dm.errors import KnowledgeError
+from fhir_dm.common.errors import KnowledgeError
 from fhir_dm.knowledge.models import Knowledge, RuleSet, Site, Terminology
 
 # The knowledge base shipped with the package; a site names its own (--config, FHIR_DM_CONFIG_DIR).

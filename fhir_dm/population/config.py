@@ -12,7 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from fhir_dm.errors import KnowledgeError
+from fhir_dm.common.errors import KnowledgeError
 from fhir_dm.knowledge.load import DEFAULT_CONFIG_DIR
 from fhir_dm.knowledge.models import Knowledge
 

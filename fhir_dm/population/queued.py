@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from datetime import date
 from typing import TYPE_CHECKING, Any, TextIO
 
-from fhir_dm.errors import FhirDmError, KnowledgeError
-from fhir_dm.jobs.queue import PatientLock, patient_key
+from fhir_dm.common.errors import FhirDmError, KnowledgeError
+from fhir_dm.events.queue import PatientLock, patient_key
 from fhir_dm.population.rows import PatientRow, patient_row
 from fhir_dm.population.run import Done, Failure, Progress, RunResult, StateFile
 
 if TYPE_CHECKING:
-    from fhir_dm.jobs.queue import Jobs
+    from fhir_dm.events.queue import Jobs
 
 RUN_PREFIX = "fhir-dm:population:"
 QUEUED = b'{"state": "queued"}'
@@ -44,6 +44,18 @@ def record_key(run_id: str, patient_id: str) -> str:
 def manifest_key(run_id: str) -> str:
     """Where a run submitted by the service keeps its patients, for its status."""
     return f"{RUN_PREFIX}{run_id}"
+
+
+POPULATION_TASK = "fhir-dm.population-assess"
+
+
+def register_population_task(jobs: Jobs) -> None:
+    """Add the population run's task to the queue (in the service and in every worker)."""
+
+    def population_assess(run_id: str, patient_id: str, now: str, preview: bool) -> None:
+        assess_for_run(jobs, jobs.lock, run_id, patient_id, now=now, preview=preview)
+
+    jobs.register(POPULATION_TASK, population_assess)
 
 
 def assess_for_run(
@@ -100,7 +112,7 @@ class QueuedRun:
                 if record is None or record.get("state") != "failed":
                     continue  # queued or done already
                 storage.put_data(key, QUEUED)
-            self.jobs.population_assess(self.run_id, patient_id, now.isoformat(), preview)
+            self.jobs.task(POPULATION_TASK)(self.run_id, patient_id, now.isoformat(), preview)
             count += 1
         return count
 

@@ -24,13 +24,13 @@ from datetime import date
 from pathlib import Path
 from typing import Any, TextIO
 
+from fhir_dm.common.errors import FhirDmError
 from fhir_dm.core.assess import Engine
-from fhir_dm.errors import FhirDmError
 from fhir_dm.fhir.client import FhirClient
 from fhir_dm.knowledge.models import Knowledge
-from fhir_dm.locks import PatientLocks
 from fhir_dm.population.rows import PatientRow, patient_row
-from fhir_dm.writeback import WriteBack
+from fhir_dm.writeback.locks import PatientLocks
+from fhir_dm.writeback.writer import WriteBack
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 PLAIN_PROGRESS_SECONDS = 10.0

@@ -33,7 +33,7 @@ import requests
 from cachetools import TLRUCache, TTLCache
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from fhir_dm.errors import AuthError, UpstreamUnavailableError
+from fhir_dm.common.errors import AuthError, UpstreamUnavailableError
 from fhir_dm.web.scopes import Scope, parse_scopes
 
 logger = logging.getLogger(__name__)

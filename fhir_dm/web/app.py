@@ -8,10 +8,9 @@ from pathlib import Path
 import requests
 from flask import Flask
 
+from fhir_dm.cds.replay import ReplayGuard
 from fhir_dm.cds.state import StateSettings, open_replay
 from fhir_dm.fhir.client import client_from_config
-from fhir_dm.jobs.queue import Jobs, build_runtime, open_huey
-from fhir_dm.locks import PatientLocks
 from fhir_dm.web import (
     app_ui,
     cds_hooks,
@@ -24,9 +23,11 @@ from fhir_dm.web import (
     population_ops,
     system,
 )
+from fhir_dm.web.jobs import queue_for
 from fhir_dm.web.settings import EXTENSION_KEY, Service, Settings, load_engine, load_settings
-from fhir_dm.web.trust import InboundAuth, ReplayGuard
-from fhir_dm.writeback import WriteBack
+from fhir_dm.web.trust import InboundAuth
+from fhir_dm.writeback.locks import PatientLocks
+from fhir_dm.writeback.writer import WriteBack
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -74,7 +75,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     jobs = settings.jobs
     if jobs is not None and jobs.notification_secret is not None:
         # The endpoint only enqueues; `fhir-dm worker` runs the re-assessments.
-        queue = Jobs(open_huey(jobs), jobs, lambda: build_runtime(settings))
+        queue = queue_for(settings, jobs)
         notifications.init_app(app, queue)
     if settings.cds is not None:
         cds = settings.cds

@@ -25,13 +25,13 @@ from urllib.parse import urlsplit
 
 from flask import Blueprint, Flask, Response, jsonify, request, send_from_directory
 
-from fhir_dm import deadline as deadlines
+from fhir_dm.common import deadline as deadlines
+from fhir_dm.common.errors import DeadlineExceededError, FhirDmError, InputError
 from fhir_dm.core.dates import years_between
 from fhir_dm.core.explain import factor_text
 from fhir_dm.core.facts import UNKNOWN
 from fhir_dm.core.ids import is_fhir_id
 from fhir_dm.core.rules import Assessment
-from fhir_dm.errors import DeadlineExceededError, FhirDmError, InputError
 from fhir_dm.fhir.client import FhirClient, client_from_config
 from fhir_dm.knowledge.models import Knowledge
 from fhir_dm.population.config import MeasureConfig, PopulationConfig, load_population_config
@@ -44,7 +44,7 @@ from fhir_dm.web.authorize import require_patient, require_population
 from fhir_dm.web.params import check_fhir_id, parse_date
 from fhir_dm.web.settings import Service, Settings, current_service
 from fhir_dm.web.trust import Principal
-from fhir_dm.writeback import PatientWrite
+from fhir_dm.writeback.writer import PatientWrite
 
 LAUNCH_PATH = "/app/launch"
 bp = Blueprint("app_ui", __name__, url_prefix="/app", static_folder="static")

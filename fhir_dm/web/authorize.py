@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fhir_dm.errors import ForbiddenError
+from fhir_dm.common.errors import ForbiddenError
 from fhir_dm.web.scopes import Level, Need, has_level, missing_permissions
 from fhir_dm.web.trust import Principal
-from fhir_dm.writeback import PATIENT_SEARCHES
+from fhir_dm.writeback.writer import PATIENT_SEARCHES
 
 # Every type an assessment reads from the FHIR server (the patient, its record, plans on file).
 READ_TYPES = ("Patient", *PATIENT_SEARCHES, "CarePlan", "RiskAssessment")

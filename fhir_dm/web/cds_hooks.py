@@ -30,7 +30,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from redis import RedisError
 from werkzeug.exceptions import NotFound
 
-from fhir_dm import deadline as deadlines
 from fhir_dm.cds.cards import CardBuilder, IssuedCard
 from fhir_dm.cds.feedback import CdsStore, IssuedCardRecord
 from fhir_dm.cds.fetch import (
@@ -58,14 +57,15 @@ from fhir_dm.cds.prefetch import (
 )
 from fhir_dm.cds.settings import CdsConfig, load_cds_config
 from fhir_dm.cds.state import StateSettings, open_state
-from fhir_dm.core.assess import Engine
-from fhir_dm.errors import (
+from fhir_dm.common import deadline as deadlines
+from fhir_dm.common.errors import (
     AuthError,
     FhirDmError,
     InputError,
     KnowledgeError,
     PreconditionFailedError,
 )
+from fhir_dm.core.assess import Engine
 from fhir_dm.fhir.auth import BearerAuth
 from fhir_dm.fhir.client import FhirClient
 from fhir_dm.fhir.config import check_http_url
@@ -73,7 +73,7 @@ from fhir_dm.fhir.retry import RetryPolicy
 from fhir_dm.knowledge.models import Knowledge
 from fhir_dm.web.outcomes import read_json_body
 from fhir_dm.web.trust import InboundAuth, TrustConfig
-from fhir_dm.writeback import WriteBack
+from fhir_dm.writeback.writer import WriteBack
 
 logger = logging.getLogger(__name__)
 

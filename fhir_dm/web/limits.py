@@ -12,9 +12,9 @@ from typing import Any
 
 from flask import Flask, g, request
 
-from fhir_dm import deadline as deadlines
-from fhir_dm.deadline import Deadline
-from fhir_dm.errors import HeaderTooLargeError, TooCostlyError
+from fhir_dm.common import deadline as deadlines
+from fhir_dm.common.deadline import Deadline
+from fhir_dm.common.errors import HeaderTooLargeError, TooCostlyError
 from fhir_dm.web.http_limits import MAX_HEADER_FIELD_BYTES, MAX_HEADER_FIELDS
 from fhir_dm.web.settings import current_service
 
@@ -78,7 +78,7 @@ def check_response_size(size: int, limit: int) -> None:
 
 
 def _start_request() -> None:
-    """Check the headers and start the request's clock (see fhir_dm.deadline)."""
+    """Check the headers and start the request's clock (see fhir_dm.common.deadline)."""
     seconds = current_service().settings.request_deadline_seconds
     g.deadline_token = deadlines.enter(Deadline.after(seconds))
     check_headers()

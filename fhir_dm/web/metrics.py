@@ -14,13 +14,19 @@ from typing import TYPE_CHECKING
 
 from flask import Blueprint, Flask, Response, g, request
 
-from fhir_dm.metrics import CONTENT_TYPE, HTTP_LATENCY, HTTP_REQUESTS, QueueCollector, exposition
+from fhir_dm.common.metrics import (
+    CONTENT_TYPE,
+    HTTP_LATENCY,
+    HTTP_REQUESTS,
+    QueueCollector,
+    exposition,
+)
 from fhir_dm.web.logs import UNMATCHED_ROUTE
 from fhir_dm.web.operations import authenticate
 from fhir_dm.web.settings import Service, current_service
 
 if TYPE_CHECKING:
-    from fhir_dm.jobs.queue import Runtime
+    from fhir_dm.events.queue import Runtime
 
 bp = Blueprint("metrics", __name__)
 
@@ -44,8 +50,8 @@ def _observe(response: Response) -> Response:
 
 def _queue_counts(service: Service) -> tuple[int, int] | None:
     """(tasks waiting, dead letters) of the job queue; None when it cannot be read."""
-    from fhir_dm.errors import FhirDmError
-    from fhir_dm.jobs.queue import QUEUE_ERRORS, Jobs, open_huey_checked
+    from fhir_dm.common.errors import FhirDmError
+    from fhir_dm.events.queue import QUEUE_ERRORS, Jobs, open_huey_checked
 
     settings = service.settings.jobs
     assert settings is not None

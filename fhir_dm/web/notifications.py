@@ -1,6 +1,6 @@
 """Rest-hook notifications from the FHIR server: authenticate, find the patient, enqueue, answer.
 
-Routes (key: a watched resource type in lower case, see `fhir_dm.subscriptions`):
+Routes (key: a watched resource type in lower case, see `fhir_dm.events.subscriptions`):
 
 - `POST /notifications/{key}`: the changed resource (or a Bundle of them) as body; an empty
   body (an id-only / heartbeat notification) names no patient and is acknowledged.
@@ -11,7 +11,7 @@ Routes (key: a watched resource type in lower case, see `fhir_dm.subscriptions`)
 
 Each request carries the subscription's secret header, compared in constant time; the answer
 (202) comes as soon as the work is enqueued. A resource fhir-dm generated itself (its plan's
-ServiceRequests, see `fhir_dm.subscriptions.is_own_write`) is acknowledged and ignored: the
+ServiceRequests, see `fhir_dm.events.subscriptions.is_own_write`) is acknowledged and ignored: the
 write-back that stored it needs no second run. Logs name the key and counts, never a patient.
 """
 
@@ -24,16 +24,16 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, request
 
-from fhir_dm.core.ids import NOT_A_SAFE_ID, check_fhir_id, is_fhir_id
-from fhir_dm.errors import (
+from fhir_dm.common.errors import (
     AuthError,
     InputError,
     NotFhirError,
     PatientNotFoundError,
     TooCostlyError,
 )
-from fhir_dm.jobs.queue import Jobs, patient_id_of
-from fhir_dm.subscriptions import (
+from fhir_dm.core.ids import NOT_A_SAFE_ID, check_fhir_id, is_fhir_id
+from fhir_dm.events.queue import Jobs, patient_id_of
+from fhir_dm.events.subscriptions import (
     KEY_TYPES,
     NOTIFICATION_PATH,
     SECRET_HEADER,

@@ -9,15 +9,15 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
+from fhir_dm.common.errors import InputError, NotFhirError
 from fhir_dm.core.assess import AssessmentRun
-from fhir_dm.errors import InputError, NotFhirError
 from fhir_dm.web import limits
 from fhir_dm.web.authorize import require_patient, require_population
 from fhir_dm.web.outcomes import fhir_json, fhir_response, issue, outcome_of, read_json_body
 from fhir_dm.web.params import check_fhir_id, parse_date
 from fhir_dm.web.settings import Service, current_service
 from fhir_dm.web.trust import Principal
-from fhir_dm.writeback import PatientWrite
+from fhir_dm.writeback.writer import PatientWrite
 
 bp = Blueprint("operations", __name__)
 

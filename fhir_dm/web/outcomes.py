@@ -11,7 +11,7 @@ from fhir.resources.R4B.operationoutcome import OperationOutcome
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from fhir_dm.errors import (
+from fhir_dm.common.errors import (
     AuthError,
     FhirDmError,
     ForbiddenError,

@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from datetime import date
 
+from fhir_dm.common.errors import InputError
 from fhir_dm.core.ids import check_fhir_id
-from fhir_dm.errors import InputError
 
 EARLIEST_DATE = date(1900, 1, 1)
 LATEST_DATE = date(2200, 12, 31)

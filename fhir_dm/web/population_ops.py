@@ -15,7 +15,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, request
 
-from fhir_dm.errors import (
+from fhir_dm.common.errors import (
     DeadlineExceededError,
     FhirDmError,
     InputError,
@@ -177,12 +177,11 @@ def _run_call() -> OperationCall:
 
 
 def _queue(service: Service) -> Any:
-    from fhir_dm.jobs.queue import Jobs, build_runtime, open_huey_checked
+    from fhir_dm.web.jobs import queue_for
 
     jobs = service.settings.jobs
     assert jobs is not None
-    settings = service.settings
-    return Jobs(open_huey_checked(jobs), jobs, lambda: build_runtime(settings))
+    return queue_for(service.settings, jobs)
 
 
 def _running(jobs: Any) -> str | None:
@@ -250,7 +249,7 @@ def population_run() -> Response:
         _check_size(service, len(patient_ids))
         result = _assess_all(service, patient_ids, now=now, preview=preview)
         return fhir_response(_summary(result, preview=preview, complete=True))
-    from fhir_dm.jobs.queue import queue_available
+    from fhir_dm.events.queue import queue_available
 
     jobs = _queue(service)
     try:
@@ -294,7 +293,7 @@ def population_run_status(run_id: str) -> Response:
         raise InputError("not a valid run id") from None
     if service.settings.jobs is None:
         raise NotFoundError("no job queue is configured; runs are answered in the request")
-    from fhir_dm.jobs.queue import queue_available
+    from fhir_dm.events.queue import queue_available
 
     jobs = _queue(service)
     try:

@@ -26,18 +26,18 @@ from pydantic_settings import (
 )
 
 from fhir_dm import __version__
+from fhir_dm.common.errors import KnowledgeError
 from fhir_dm.core.assess import Engine
-from fhir_dm.errors import KnowledgeError
+from fhir_dm.events.settings import JobsSettings
 from fhir_dm.fhir.client import FhirClient
 from fhir_dm.fhir.config import FhirServerConfig, check_http_url
 from fhir_dm.fhir.terminology import TerminologyServerConfig, engine_for
-from fhir_dm.jobs.settings import JobsSettings
 from fhir_dm.knowledge.load import load_knowledge
 from fhir_dm.knowledge.models import Knowledge
-from fhir_dm.locks import PatientLocks
 from fhir_dm.web.cds_hooks import CdsSettings
 from fhir_dm.web.trust import InboundAuth, TrustConfig
-from fhir_dm.writeback import WriteBack
+from fhir_dm.writeback.locks import PatientLocks
+from fhir_dm.writeback.writer import WriteBack
 
 ENV_PREFIX = "FHIR_DM_"
 SETTINGS_FILE_VARIABLE = "FHIR_DM_SETTINGS_FILE"

@@ -11,10 +11,10 @@ from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 from flask import Blueprint, Response, jsonify
 
 from fhir_dm import __version__
+from fhir_dm.common.errors import FhirDmError
 from fhir_dm.core.assess import SOFTWARE_NAME
-from fhir_dm.errors import FhirDmError
-from fhir_dm.jobs.queue import Jobs, Runtime, open_huey_checked
-from fhir_dm.jobs.settings import JobsSettings
+from fhir_dm.events.queue import Jobs, Runtime, open_huey_checked
+from fhir_dm.events.settings import JobsSettings
 from fhir_dm.knowledge.models import Knowledge
 from fhir_dm.web.outcomes import fhir_response, issue, outcome_of
 from fhir_dm.web.settings import Settings, current_service

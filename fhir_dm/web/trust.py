@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import jwt
@@ -26,7 +26,8 @@ import requests
 from cachetools import TLRUCache
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from fhir_dm.errors import AuthError, KnowledgeError
+from fhir_dm.cds.replay import ReplayGuard
+from fhir_dm.common.errors import AuthError, KnowledgeError
 from fhir_dm.web.access_tokens import AccessGrant, AccessTokenVerifier, SmartTrust
 
 logger = logging.getLogger(__name__)
@@ -400,15 +401,6 @@ def _bind_key(jwk_data: Mapping[str, Any], algorithm: str) -> jwt.PyJWK:
         return jwt.PyJWK(dict(jwk_data), algorithm=algorithm)
     except jwt.PyJWTError as exc:
         raise AuthError("jwt rejected: key unusable") from exc
-
-
-class ReplayGuard(Protocol):
-    """Remembers (iss, jti) until `exp`; raises AuthError("jwt rejected: jti replayed") if seen.
-
-    `ReplayCache` is per process; `fhir_dm.cds.state` has stores every worker and host share.
-    """
-
-    def check_and_remember(self, iss: str, jti: str, exp: float) -> None: ...
 
 
 class ReplayCache:

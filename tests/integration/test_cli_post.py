@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import requests
 
-from fhir_dm import cli
+from fhir_dm.cli import main as cli
 
 pytestmark = pytest.mark.integration
 

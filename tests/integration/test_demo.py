@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-from fhir_dm import demo
+from fhir_dm.cli import demo
 
 pytestmark = pytest.mark.integration
 

@@ -29,12 +29,19 @@ import requests
 from huey.constants import EmptyData
 from werkzeug.serving import make_server
 
+from fhir_dm.events.queue import (
+    PENDING_PREFIX,
+    Jobs,
+    Runtime,
+    open_huey,
+    patient_key,
+)
+from fhir_dm.events.settings import JobsSettings
+from fhir_dm.events.subscriptions import WATCHED_TYPES, ensure_subscriptions, inactive_subscriptions
 from fhir_dm.fhir.client import FhirClient
 from fhir_dm.fhir.config import FhirServerConfig
-from fhir_dm.jobs.queue import PENDING_PREFIX, Jobs, Runtime, build_runtime, open_huey, patient_key
-from fhir_dm.jobs.settings import JobsSettings
-from fhir_dm.subscriptions import WATCHED_TYPES, ensure_subscriptions, inactive_subscriptions
 from fhir_dm.web.app import create_app
+from fhir_dm.web.jobs import build_runtime
 from fhir_dm.web.settings import Settings
 from fhir_dm.web.trust import TrustConfig
 from tests import factories as f
@@ -572,7 +579,7 @@ def on_redis(hapi_url: str, service: Service, tmp_path: Path) -> Iterator[RedisS
             }
             log_path = home / "worker.log"
             log = log_path.open("wb")
-            command = [sys.executable, "-c", "import sys; from fhir_dm.cli import main; "]
+            command = [sys.executable, "-c", "import sys; from fhir_dm.cli.main import main; "]
             command[-1] += "sys.exit(main(sys.argv[1:]))"
             command += ["worker", "--workers", "2", "--worker-type", "thread"]
             process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)

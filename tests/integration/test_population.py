@@ -24,13 +24,13 @@ from fhir_dm.core.assess import Engine
 from fhir_dm.fhir.client import FhirClient
 from fhir_dm.knowledge.load import load_knowledge
 from fhir_dm.knowledge.models import Knowledge
-from fhir_dm.locks import PatientLocks
 from fhir_dm.population.config import load_population_config
 from fhir_dm.population.finder import find_iim_patients, iim_search_tokens
 from fhir_dm.population.measures import measure_report
 from fhir_dm.population.run import Done, PopulationRunner, StateFile
 from fhir_dm.population.worklist import worklist
-from fhir_dm.writeback import WriteBack
+from fhir_dm.writeback.locks import PatientLocks
+from fhir_dm.writeback.writer import WriteBack
 from tests.population_data import MEASURE_CASES, Case, done_tests, measure_population, transactions
 
 pytestmark = pytest.mark.integration

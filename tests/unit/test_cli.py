@@ -11,7 +11,9 @@ import pytest
 import requests
 import responses
 
-from fhir_dm import __version__, cli, demo
+from fhir_dm import __version__
+from fhir_dm.cli import demo
+from fhir_dm.cli import main as cli
 from fhir_dm.core.assess import Engine
 from fhir_dm.knowledge.load import DEFAULT_CONFIG_DIR, load_knowledge
 from fhir_dm.knowledge.models import Knowledge

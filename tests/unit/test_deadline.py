@@ -11,16 +11,16 @@ import pytest
 import requests
 import responses
 
-from fhir_dm import deadline as deadlines
-from fhir_dm.deadline import Deadline, within
-from fhir_dm.errors import (
+from fhir_dm.common import deadline as deadlines
+from fhir_dm.common.deadline import Deadline, within
+from fhir_dm.common.errors import (
     DeadlineExceededError,
     PatientBusyError,
     UpstreamThrottledError,
     UpstreamUnavailableError,
 )
 from fhir_dm.fhir import FhirClient, RetryPolicy
-from fhir_dm.locks import PatientLocks
+from fhir_dm.writeback.locks import PatientLocks
 
 BASE = "https://fhir.example.org/r4"
 PATIENT_URL = f"{BASE}/Patient/p1"

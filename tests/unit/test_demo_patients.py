@@ -7,7 +7,7 @@ from datetime import date, timedelta
 import pytest
 import yaml
 
-from fhir_dm import demo
+from fhir_dm.cli import demo
 from fhir_dm.core.dates import years_between
 
 TODAY = date(2026, 3, 1)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fhir_dm import errors
+from fhir_dm.common import errors
 
 FHIR_ISSUE_TYPES = {
     "invalid",

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fhir_dm.common.errors import KnowledgeError
 from fhir_dm.core.assess import Engine
-from fhir_dm.errors import KnowledgeError
 from fhir_dm.knowledge.load import DEFAULT_CONFIG_DIR, load_knowledge
 from fhir_dm.knowledge.models import Knowledge
 from tests import factories as f

@@ -12,8 +12,7 @@ import pytest
 import requests
 import responses
 
-from fhir_dm.fhir.client import FhirClient
-from fhir_dm.subscriptions import (
+from fhir_dm.events.subscriptions import (
     SECRET_HEADER,
     WATCHED_TYPES,
     Inactive,
@@ -24,6 +23,7 @@ from fhir_dm.subscriptions import (
     secret_matches,
     subscription_secret,
 )
+from fhir_dm.fhir.client import FhirClient
 
 BASE = "https://fhir.example.org/r4"
 ENDPOINT = "https://dm.example.org"

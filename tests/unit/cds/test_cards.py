@@ -23,8 +23,8 @@ from fhir_dm.cds.cards import (
 )
 from fhir_dm.cds.models import MAX_SUMMARY_CHARS
 from fhir_dm.cds.settings import CdsConfig
+from fhir_dm.common.errors import KnowledgeError
 from fhir_dm.core.assess import Engine, PatientResult
-from fhir_dm.errors import KnowledgeError
 from fhir_dm.knowledge.models import Knowledge
 from tests import factories as f
 from tests.conftest import NOW

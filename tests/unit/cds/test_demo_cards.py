@@ -14,8 +14,8 @@ from datetime import UTC, date, datetime
 import pytest
 
 from fhir_dm.cds.cards import CardBuilder
+from fhir_dm.cli.demo import DemoPatient, demo_patients
 from fhir_dm.core.assess import Engine, PatientResult
-from fhir_dm.demo import DemoPatient, demo_patients
 
 TODAY = date(2026, 12, 7)
 PATIENTS = {p.pid: p for p in demo_patients(TODAY)}

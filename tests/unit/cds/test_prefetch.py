@@ -17,7 +17,7 @@ from fhir_dm.cds.prefetch import (
     resolve_prefetch,
 )
 from fhir_dm.cds.settings import CdsConfig, CodeFilter, PrefetchConfig, TemplateConfig
-from fhir_dm.errors import (
+from fhir_dm.common.errors import (
     InputError,
     KnowledgeError,
     PreconditionFailedError,

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from fhir_dm.cds.settings import DEFAULT_CDS_CONFIG, load_cds_config
-from fhir_dm.errors import KnowledgeError
+from fhir_dm.common.errors import KnowledgeError
 
 
 def test_shipped_config_loads() -> None:

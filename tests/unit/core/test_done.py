@@ -291,7 +291,7 @@ def test_an_active_cancer_is_named_and_deferred_to_oncology(engine: Engine) -> N
 
 def test_the_cli_summary_and_the_card_show_status_overdue_first(engine: Engine) -> None:
     from fhir_dm.cds.cards import render_detail
-    from fhir_dm.cli import render_summary
+    from fhir_dm.cli.main import render_summary
 
     rs = high_risk()
     result = run_one(engine, *rs, report(rs[0], CT, "2024-03-20"), now=date(2026, 3, 2))

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import yaml
 
+from fhir_dm.common.errors import KnowledgeError
 from fhir_dm.core.assess import Engine, PatientResult
 from fhir_dm.core.facts import Evidence
-from fhir_dm.errors import KnowledgeError
 from fhir_dm.knowledge.load import DEFAULT_CONFIG_DIR, load_knowledge
 from fhir_dm.knowledge.models import Knowledge
 from tests import factories as f

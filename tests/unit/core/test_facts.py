@@ -6,10 +6,10 @@ from datetime import date
 
 import pytest
 
+from fhir_dm.common.errors import InputError, NoPatientError, NotFhirError
 from fhir_dm.core.assess import Engine
 from fhir_dm.core.facts import UNKNOWN
 from fhir_dm.core.inputs import read_patients
-from fhir_dm.errors import InputError, NoPatientError, NotFhirError
 from tests import factories as f
 from tests.conftest import NOW
 from tests.unit.core.helpers import facts_of, run_one

@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 
+from fhir_dm.common.errors import NotFhirError
 from fhir_dm.core import facts as facts_module
 from fhir_dm.core.assess import Engine, PatientResult
 from fhir_dm.core.inputs import FOLLOWED_REFERENCES, READ_TYPES, Relevance, read_patients
 from fhir_dm.core.terminology import SERVER_CHECKED_TYPES, Matcher
-from fhir_dm.errors import NotFhirError
 from fhir_dm.knowledge.models import Knowledge, LocalCode
 from tests import factories as f
 from tests import synthea

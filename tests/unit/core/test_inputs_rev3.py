@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from fhir_dm.common.errors import NotFhirError
 from fhir_dm.core.assess import Engine
 from fhir_dm.core.inputs import (
     LINK_OUTSIDE,
@@ -22,7 +23,6 @@ from fhir_dm.core.inputs import (
     read_patients,
     validate_resource,
 )
-from fhir_dm.errors import NotFhirError
 from tests import factories as f
 from tests.unit.core.helpers import facts_of, planned_tests, run_one
 

@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import ValidationError
 
-from fhir_dm.deadline import Deadline, within
-from fhir_dm.errors import KnowledgeError, UpstreamRejectedError, UpstreamTimeoutError
+from fhir_dm.common.deadline import Deadline, within
+from fhir_dm.common.errors import KnowledgeError, UpstreamRejectedError, UpstreamTimeoutError
 from fhir_dm.fhir import (
     AuthConfig,
     BearerAuth,

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import responses
 
-from fhir_dm.errors import KnowledgeError
+from fhir_dm.common.errors import KnowledgeError
 from fhir_dm.fhir.client import FhirClient, check_fhir_base
 
 BASE = "http://h.example/fhir"

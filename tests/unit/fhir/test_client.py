@@ -13,7 +13,7 @@ import requests
 import responses
 from responses import matchers
 
-from fhir_dm.errors import (
+from fhir_dm.common.errors import (
     InputError,
     UpstreamError,
     UpstreamRejectedError,

@@ -12,8 +12,8 @@ import pytest
 import requests
 import responses
 
-from fhir_dm import deadline as deadlines
-from fhir_dm.cli import EXIT_CONFIG, main
+from fhir_dm.cli.main import EXIT_CONFIG, main
+from fhir_dm.common import deadline as deadlines
 from fhir_dm.core.assess import Engine, PatientResult
 from fhir_dm.fhir.terminology import (
     ServerCheckedEngine,

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from fhir_dm.common.errors import FhirDmError, UpstreamError
 from fhir_dm.core.assess import Engine
-from fhir_dm.errors import FhirDmError, UpstreamError
 from fhir_dm.knowledge.load import load_knowledge
 from fhir_dm.knowledge.models import Knowledge
 from fhir_dm.population.config import MeasureConfig, PopulationConfig, load_population_config
@@ -582,7 +582,7 @@ def test_state_file_refuses_a_run_id_that_is_a_path(tmp_path: Path) -> None:
 def test_cli_refuses_a_server_that_is_not_a_url(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    from fhir_dm.cli import main
+    from fhir_dm.cli.main import main
 
     state = tmp_path / "state"
     assert main(["population", "run", "--server", "file:///etc", "--state-dir", str(state)]) == 1

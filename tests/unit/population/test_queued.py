@@ -12,22 +12,23 @@ from pathlib import Path
 
 import pytest
 import responses
+from huey import Huey
 from huey.constants import EmptyData
 
 from fhir_dm import __version__
 from fhir_dm.core.identifiers import Identity
+from fhir_dm.events.queue import Jobs, Runtime, open_huey
+from fhir_dm.events.settings import JobsSettings
 from fhir_dm.fhir.client import client_from_config
 from fhir_dm.fhir.config import FhirServerConfig
 from fhir_dm.fhir.terminology import engine_for
-from fhir_dm.jobs.queue import Jobs, Runtime, open_huey
-from fhir_dm.jobs.settings import JobsSettings
 from fhir_dm.knowledge.load import load_knowledge
-from fhir_dm.locks import PatientLocks
 from fhir_dm.population.config import load_population_config
 from fhir_dm.population.finder import find_iim_patients, iim_search_tokens
-from fhir_dm.population.queued import QueuedRun, record_key, run_queued
+from fhir_dm.population.queued import QueuedRun, record_key, register_population_task, run_queued
 from fhir_dm.population.run import Done, StateFile
-from fhir_dm.writeback import WriteBack
+from fhir_dm.writeback.locks import PatientLocks
+from fhir_dm.writeback.writer import WriteBack
 from tests import factories as f
 from tests.redis_server import RedisServer
 from tests.unit.web.conftest import BASE, FakeFhirServer
@@ -55,6 +56,13 @@ def _runtime(tmp_path: Path) -> Runtime:
     return Runtime(writeback, fhir, series, knowledge)
 
 
+def _jobs(huey: Huey, settings: JobsSettings, runtime: Runtime) -> Jobs:
+    """The queue as the service opens it: the population run's task registered."""
+    jobs = Jobs(huey, settings, lambda: runtime)
+    register_population_task(jobs)
+    return jobs
+
+
 def _found(runtime: Runtime) -> list[str]:
     assert runtime.knowledge is not None
     population = load_population_config(runtime.knowledge)
@@ -66,7 +74,7 @@ def test_a_queued_run_assesses_each_found_patient_once_and_resumes(
 ) -> None:
     runtime = _runtime(tmp_path)
     settings = JobsSettings(sqlite_file=tmp_path / "q.sqlite3")
-    jobs = Jobs(open_huey(settings, immediate=True), settings, lambda: runtime)
+    jobs = _jobs(open_huey(settings, immediate=True), settings, runtime)
     found = _found(runtime)
     assert found == ["q1", "q2", "q3"]  # the healthy patient is not found
     # A Condition whose subject is gone: that patient fails, the run goes on.
@@ -109,7 +117,7 @@ def test_a_patient_queued_or_done_is_not_enqueued_again(
 ) -> None:
     runtime = _runtime(tmp_path)
     settings = JobsSettings(sqlite_file=tmp_path / "q.sqlite3")
-    jobs = Jobs(open_huey(settings, immediate=True), settings, lambda: runtime)
+    jobs = _jobs(open_huey(settings, immediate=True), settings, runtime)
     run = QueuedRun(jobs, "r3")
     assert run.submit(["q1", "q2"], now=NOW, preview=True) == 2
     assert run.submit(["q1", "q2", "q3"], now=NOW, preview=True) == 1
@@ -142,9 +150,9 @@ def test_two_workers_on_redis_share_one_run(fake: FakeFhirServer, tmp_path: Path
             return assess(patient_id, **kw)  # type: ignore[arg-type]
 
         object.__setattr__(runtime.writeback, "assess_patient", counting)
-        caller = Jobs(open_huey(settings), settings, lambda: runtime)
+        caller = _jobs(open_huey(settings), settings, runtime)
         # Two "hosts", each a consumer with one worker thread, on the same Redis queue.
-        hosts = [Jobs(open_huey(settings), settings, lambda: runtime) for _ in range(2)]
+        hosts = [_jobs(open_huey(settings), settings, runtime) for _ in range(2)]
         consumers = [h.consumer(workers=1, worker_type="thread") for h in hosts]
         for consumer in consumers:
             consumer.start()
@@ -181,17 +189,17 @@ def test_the_cli_runs_through_the_queue_and_prints_the_summary(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from fhir_dm import cli
-    from fhir_dm.jobs import queue
+    from fhir_dm.cli import main as cli
+    from fhir_dm.web import jobs
 
     monkeypatch.setenv("FHIR_DM_FHIR__BASE_URL", BASE)
     monkeypatch.setenv("FHIR_DM_FHIR__MAX_RETRIES", "0")
     monkeypatch.setenv("FHIR_DM_TRUST__MODE", "off")
     monkeypatch.setenv("FHIR_DM_LOCK_DIR", str(tmp_path / "locks"))
     monkeypatch.setenv("FHIR_DM_JOBS__SQLITE_FILE", str(tmp_path / "q.sqlite3"))
-    real_open = queue.open_huey
+    real_open = jobs.open_huey
     # Immediate mode: the enqueued tasks run at once, as a worker would run them.
-    monkeypatch.setattr(queue, "open_huey", lambda s, immediate=False: real_open(s, immediate=True))
+    monkeypatch.setattr(jobs, "open_huey", lambda s, immediate=False: real_open(s, immediate=True))
     state = tmp_path / "state"
     argv = ["population", "run", "--queue", "--preview", "--state-dir", str(state)]
     assert cli.main([*argv, "--run-id", "cli-1", "--now", NOW.isoformat()]) == 0

@@ -24,7 +24,7 @@ from fhir_dm.web import logs
 from fhir_dm.web.app import create_app
 from fhir_dm.web.settings import Service, Settings, current_service
 from fhir_dm.web.trust import TrustConfig
-from fhir_dm.writeback import PATIENT_SEARCHES
+from fhir_dm.writeback.writer import PATIENT_SEARCHES
 
 BASE = "https://fhir.example.org/r4"
 PAGE_SIZE = 3

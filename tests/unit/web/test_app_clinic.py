@@ -9,7 +9,7 @@ import pytest
 import responses
 from flask.testing import FlaskClient
 
-from fhir_dm import deadline
+from fhir_dm.common import deadline
 from fhir_dm.web import app_ui
 from tests import factories as f
 from tests.unit.web.conftest import FakeFhirServer, transaction_calls

@@ -23,11 +23,11 @@ from fhir_dm.cds.state import StateSettings
 from fhir_dm.core.assess import Engine
 from fhir_dm.fhir.client import FhirClient
 from fhir_dm.fhir.retry import RetryPolicy
-from fhir_dm.locks import PatientLocks
 from fhir_dm.web import logs, outcomes
 from fhir_dm.web.cds_hooks import CdsSettings, PlanWriter, current_cds, init_app
 from fhir_dm.web.trust import IssuerTrust, TrustConfig
-from fhir_dm.writeback import WriteBack
+from fhir_dm.writeback.locks import PatientLocks
+from fhir_dm.writeback.writer import WriteBack
 from tests import factories as f
 from tests.unit.cds import scenarios
 from tests.unit.web.conftest import BASE, FakeFhirServer

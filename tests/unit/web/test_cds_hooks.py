@@ -37,7 +37,7 @@ from fhir_dm.web.cds_hooks import (
 )
 from fhir_dm.web.settings import Settings, current_service
 from fhir_dm.web.trust import IssuerTrust, TrustConfig
-from fhir_dm.writeback import PATIENT_SEARCHES
+from fhir_dm.writeback.writer import PATIENT_SEARCHES
 from tests import factories as f
 from tests.unit.cds import scenarios
 

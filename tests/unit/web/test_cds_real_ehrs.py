@@ -23,18 +23,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from flask import Flask
 
 from fhir_dm.cds.state import StateSettings
+from fhir_dm.common.errors import KnowledgeError
 from fhir_dm.core.assess import Engine
-from fhir_dm.errors import KnowledgeError
 from fhir_dm.fhir.client import FhirClient
 from fhir_dm.fhir.config import FhirServerConfig
 from fhir_dm.fhir.retry import RetryPolicy
-from fhir_dm.locks import PatientLocks
 from fhir_dm.web import logs, outcomes
 from fhir_dm.web.app import create_app
 from fhir_dm.web.cds_hooks import CdsSettings, PlanWriter, current_cds, init_app
 from fhir_dm.web.settings import Settings
 from fhir_dm.web.trust import IssuerTrust, TrustConfig
-from fhir_dm.writeback import WriteBack
+from fhir_dm.writeback.locks import PatientLocks
+from fhir_dm.writeback.writer import WriteBack
 from tests.unit.cds import scenarios
 from tests.unit.web.conftest import BASE, FakeFhirServer, transaction_calls
 from tests.unit.web.test_cds_hooks import (

@@ -22,8 +22,8 @@ from fhir_dm.cds.feedback import FeedbackStore, IssuedCardRecord
 from fhir_dm.cds.models import FeedbackRequest
 from fhir_dm.cds.redis_store import RedisFeedbackStore, RedisReplayStore
 from fhir_dm.cds.state import SqliteReplayStore, StateSettings, open_state
+from fhir_dm.common.errors import AuthError, KnowledgeError
 from fhir_dm.core.assess import Engine
-from fhir_dm.errors import AuthError, KnowledgeError
 from fhir_dm.knowledge.load import load_knowledge
 from fhir_dm.web.cds_hooks import current_cds
 from tests.redis_server import RedisServer

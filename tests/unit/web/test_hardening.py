@@ -11,12 +11,12 @@ import pytest
 import responses
 from flask.testing import FlaskClient
 
-from fhir_dm.errors import DeadlineExceededError, InputError
+from fhir_dm.common.errors import DeadlineExceededError, InputError
+from fhir_dm.events.queue import patient_id_of
+from fhir_dm.events.settings import JobsSettings
+from fhir_dm.events.subscriptions import SECRET_HEADER, subscription_secret
 from fhir_dm.fhir.client import client_from_config
 from fhir_dm.fhir.config import FhirServerConfig
-from fhir_dm.jobs.queue import patient_id_of
-from fhir_dm.jobs.settings import JobsSettings
-from fhir_dm.subscriptions import SECRET_HEADER, subscription_secret
 from fhir_dm.web.app import create_app
 from fhir_dm.web.trust import TrustConfig
 from tests import factories as f

@@ -12,7 +12,7 @@ import requests
 import responses
 from flask import Flask
 
-from fhir_dm import deadline as deadlines
+from fhir_dm.common import deadline as deadlines
 from fhir_dm.fhir.config import FhirServerConfig
 from fhir_dm.web.app import create_app
 from fhir_dm.web.http_limits import MAX_HEADER_FIELD_BYTES

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fhir_dm.locks import PatientLocks, lock_name
+from fhir_dm.writeback.locks import PatientLocks, lock_name
 
 
 def _locked_elsewhere(path: Path) -> bool:

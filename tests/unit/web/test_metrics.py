@@ -9,9 +9,9 @@ import pytest
 from flask.testing import FlaskClient
 from prometheus_client import REGISTRY
 
-from fhir_dm.errors import UpstreamRejectedError
-from fhir_dm.jobs.queue import Jobs
-from fhir_dm.jobs.settings import JobsSettings
+from fhir_dm.common.errors import UpstreamRejectedError
+from fhir_dm.events.queue import Jobs
+from fhir_dm.events.settings import JobsSettings
 from fhir_dm.web.app import create_app
 from fhir_dm.web.trust import TrustConfig
 from tests import factories as f

@@ -10,9 +10,9 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from fhir_dm.jobs.queue import Jobs
-from fhir_dm.jobs.settings import JobsSettings
-from fhir_dm.subscriptions import SECRET_HEADER, subscription_secret
+from fhir_dm.events.queue import Jobs
+from fhir_dm.events.settings import JobsSettings
+from fhir_dm.events.subscriptions import SECRET_HEADER, subscription_secret
 from fhir_dm.web.app import create_app
 from fhir_dm.web.notifications import JOBS_KEY
 from tests import factories as f

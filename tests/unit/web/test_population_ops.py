@@ -7,7 +7,7 @@ from typing import Any
 
 from flask.testing import FlaskClient
 
-from fhir_dm.jobs.settings import JobsSettings
+from fhir_dm.events.settings import JobsSettings
 from fhir_dm.knowledge.load import load_knowledge
 from fhir_dm.web.app import create_app
 from fhir_dm.web.trust import TrustConfig

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
-from fhir_dm.errors import KnowledgeError
+from fhir_dm.common.errors import KnowledgeError
 from fhir_dm.fhir.config import FhirServerConfig
 from fhir_dm.web.app import create_app
 from fhir_dm.web.settings import (

@@ -19,7 +19,7 @@ import responses
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from flask.testing import FlaskClient
 
-from fhir_dm.errors import AuthError, ForbiddenError, UpstreamUnavailableError
+from fhir_dm.common.errors import AuthError, ForbiddenError, UpstreamUnavailableError
 from fhir_dm.web.access_tokens import AccessTokenVerifier, IntrospectionClient, SmartTrust
 from fhir_dm.web.app import create_app
 from fhir_dm.web.authorize import require_patient, require_population

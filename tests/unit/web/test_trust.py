@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import ValidationError
 
-from fhir_dm.errors import AuthError
+from fhir_dm.common.errors import AuthError
 from fhir_dm.web.trust import (
     InboundAuth,
     IssuerTrust,

@@ -8,7 +8,7 @@ from typing import Any
 import responses
 from flask.testing import FlaskClient
 
-from fhir_dm.writeback import MAX_WRITE_ATTEMPTS, WriteBack
+from fhir_dm.writeback.writer import MAX_WRITE_ATTEMPTS, WriteBack
 from tests import factories as f
 from tests.unit.web.conftest import BASE, FakeFhirServer, transaction_calls
 

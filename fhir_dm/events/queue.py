@@ -32,7 +32,6 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Protocol
 
 import redis
@@ -41,9 +40,7 @@ from huey.constants import EmptyData
 from huey.consumer import Consumer
 from huey.exceptions import CancelExecution, RetryTask
 
-from fhir_dm.core.identifiers import Identity
-from fhir_dm.core.ids import FHIR_ID_PATTERN, is_fhir_id
-from fhir_dm.errors import (
+from fhir_dm.common.errors import (
     FhirDmError,
     InputError,
     KnowledgeError,
@@ -51,20 +48,17 @@ from fhir_dm.errors import (
     PatientNotFoundError,
     QueueUnavailableError,
 )
-from fhir_dm.fhir.client import FhirClient, client_from_config
-from fhir_dm.jobs.settings import JobsSettings
-from fhir_dm.knowledge.load import CONFIG_DIR_VARIABLE
+from fhir_dm.common.metrics import NOTIFICATION_LAG
+from fhir_dm.core.ids import FHIR_ID_PATTERN, is_fhir_id
+from fhir_dm.events.settings import JobsSettings
+from fhir_dm.fhir.client import FhirClient
 from fhir_dm.knowledge.models import Knowledge
-from fhir_dm.locks import PatientLocks
-from fhir_dm.metrics import NOTIFICATION_LAG
-from fhir_dm.web.settings import Settings, load_engine, load_settings
-from fhir_dm.writeback import WriteBack
+from fhir_dm.writeback.writer import WriteBack
 
 _log = logging.getLogger(__name__)
 
 REASSESS_TASK = "fhir-dm.reassess"
 SWEEP_TASK = "fhir-dm.sweep"
-POPULATION_TASK = "fhir-dm.population-assess"
 PENDING_PREFIX = "fhir-dm:pending:"  # a run is claimed (queued, running, or waiting to retry)
 AGAIN_PREFIX = "fhir-dm:again:"  # a change was notified after the claimed run began reading
 DEAD_PREFIX = "fhir-dm:dead:"
@@ -120,26 +114,6 @@ class Runtime:
     fhir: FhirClient
     plan_series_system: str
     knowledge: Knowledge | None = None  # for the population task's rows
-
-
-def open_jobs(config: Path | None = None) -> tuple[Jobs, Settings]:
-    """The queue and the service's settings, for a command line (`--config` names the
-    knowledge base); KnowledgeError when `jobs` is not configured."""
-    if config is not None:
-        os.environ[CONFIG_DIR_VARIABLE] = str(config)
-    settings = load_settings()
-    if settings.jobs is None:
-        raise KnowledgeError("settings: jobs is not configured (e.g. FHIR_DM_JOBS__BACKEND)")
-    return Jobs(open_huey(settings.jobs), settings.jobs, lambda: build_runtime(settings)), settings
-
-
-def build_runtime(settings: Settings) -> Runtime:
-    """The worker's long-lived objects, built like the web service's from the same settings."""
-    knowledge, engine = load_engine(settings)
-    fhir = client_from_config(settings.fhir)
-    writeback = WriteBack(fhir, engine, PatientLocks(settings.lock_dir))
-    series = Identity(knowledge.ruleset.canonical_base, "", "").series_system
-    return Runtime(writeback, fhir, series, knowledge)
 
 
 class PatientLock(Protocol):
@@ -246,7 +220,7 @@ class Jobs:
 
     Usage::
 
-        jobs = Jobs(open_huey(settings.jobs), settings.jobs, lambda: build_runtime(settings))
+        jobs = queue_for(settings, settings.jobs)   # fhir_dm.web.jobs: every task registered
         jobs.request("123")          # from a notification: enqueue, or mark for one more run
         jobs.consumer().run()        # in `fhir-dm worker`
         jobs.dead_letters()          # what kept failing, for an operator
@@ -277,9 +251,7 @@ class Jobs:
             crontab(minute=str(settings.sweep_minute), hour=str(settings.sweep_hour)),
             name=SWEEP_TASK,
         )(self._daily_sweep)
-        # A population run's patients (fhir_dm.population.queued); no Huey retry: a failure
-        # is recorded for the run, and resuming the run asks again.
-        self.population_assess = huey.task(name=POPULATION_TASK)(self._population_assess)
+        self._tasks: dict[str, Any] = {}
 
     # -- asking for a re-assessment -------------------------------------------------------
 
@@ -429,11 +401,29 @@ class Jobs:
         self.huey.storage.put_data(DEAD_PREFIX + task_id, json.dumps(record).encode("utf-8"))
         _log.error("re-assessment failed for good", extra={"error": type(exc).__name__})
 
-    def _population_assess(self, run_id: str, patient_id: str, now: str, preview: bool) -> None:
-        """One patient of a queued population run, under the cross-host patient lock."""
-        from fhir_dm.population.queued import assess_for_run  # the population view is optional
+    # -- tasks of other edges -------------------------------------------------------------
 
-        assess_for_run(self, self._lock, run_id, patient_id, now=now, preview=preview)
+    def register(self, name: str, body: Callable[..., None]) -> None:
+        """Add another edge's task (no Huey retry: its owner records failures).
+
+        The queue knows no edge: an edge registers its task in every process that enqueues or
+        runs it (the service and `fhir-dm worker` both open the queue through one function).
+        Registering a name twice keeps the first.
+        """
+        if name not in self._tasks:
+            self._tasks[name] = self.huey.task(name=name)(body)
+
+    def task(self, name: str) -> Any:
+        """A registered task, to enqueue with its arguments; KnowledgeError when missing."""
+        try:
+            return self._tasks[name]
+        except KeyError:
+            raise KnowledgeError(f"job queue: no task {name!r} is registered") from None
+
+    @property
+    def lock(self) -> PatientLock:
+        """The cross-host per-patient lock every task that writes holds."""
+        return self._lock
 
     def _daily_sweep(self) -> None:
         """Once a day across all hosts: every patient with an active plan of ours."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fhir_dm.fhir.client import FhirClient
-from fhir_dm.writeback import PATIENT_SEARCHES
+from fhir_dm.writeback.writer import PATIENT_SEARCHES
 
 SECRET_HEADER = "X-Fhir-Dm-Notification-Secret"  # noqa: S105 - a header name
 NOTIFICATION_PATH = "/notifications"

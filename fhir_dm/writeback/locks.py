@@ -10,9 +10,9 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from fhir_dm import deadline as deadlines
-from fhir_dm.deadline import Deadline
-from fhir_dm.errors import PatientBusyError
+from fhir_dm.common import deadline as deadlines
+from fhir_dm.common.deadline import Deadline
+from fhir_dm.common.errors import PatientBusyError
 
 LOCK_NAMESPACE = b"fhir-dm patient lock\x00"
 LOCK_SUFFIX = ".lock"
@@ -49,7 +49,7 @@ class PatientLocks:
     workers on one host wait for each other; the kernel releases it when a worker dies). Lock
     files are empty, named by a hash of the key, and kept: deleting them while another process
     waits would split the lock in two.
-    Waiting ends at the current request deadline (`fhir_dm.deadline`) with PatientBusyError;
+    Waiting ends at the current request deadline (`fhir_dm.common.deadline`) with PatientBusyError;
     without one (the CLI, tests) it is unbounded.
     """
 

@@ -13,7 +13,17 @@ from datetime import UTC, date, datetime
 from typing import Any, Literal
 from urllib.parse import urljoin, urlsplit
 
-from fhir_dm import deadline as deadlines
+from fhir_dm.common import deadline as deadlines
+from fhir_dm.common.errors import (
+    ConflictError,
+    InputError,
+    NoPatientError,
+    NotFhirError,
+    PatientNotFoundError,
+    UpstreamError,
+    UpstreamRejectedError,
+)
+from fhir_dm.common.metrics import ASSESSMENTS, counting_assessment
 from fhir_dm.core.assess import AssessmentRun, Engine, PatientResult
 from fhir_dm.core.ids import FHIR_ID_PATTERN, is_fhir_id
 from fhir_dm.core.inputs import (
@@ -32,19 +42,9 @@ from fhir_dm.core.revision import (
     plan_revision,
     write_back_bundle,
 )
-from fhir_dm.errors import (
-    ConflictError,
-    InputError,
-    NoPatientError,
-    NotFhirError,
-    PatientNotFoundError,
-    UpstreamError,
-    UpstreamRejectedError,
-)
 from fhir_dm.fhir.client import FhirClient, upstream_status
 from fhir_dm.fhir.retry import is_idempotent_bundle
-from fhir_dm.locks import PatientLocks
-from fhir_dm.metrics import ASSESSMENTS, counting_assessment
+from fhir_dm.writeback.locks import PatientLocks
 
 _log = logging.getLogger(__name__)
 

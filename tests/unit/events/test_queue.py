@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from huey import Huey, SqliteHuey
 
-from fhir_dm.errors import PatientNotFoundError, UpstreamUnavailableError
-from fhir_dm.jobs.queue import (
+from fhir_dm.common.errors import KnowledgeError, PatientNotFoundError, UpstreamUnavailableError
+from fhir_dm.events.queue import (
     AGAIN_PREFIX,
     DEAD_PREFIX,
     PENDING_PREFIX,
@@ -22,7 +22,7 @@ from fhir_dm.jobs.queue import (
     open_huey,
     patient_id_of,
 )
-from fhir_dm.jobs.settings import JobsSettings
+from fhir_dm.events.settings import JobsSettings
 
 BASE = "https://fhir.example.org/r4"
 
@@ -417,3 +417,15 @@ def test_the_notification_to_plan_lag_is_observed_from_the_request(tmp_path: Pat
     assert jobs.request("p1") is True  # requested at 1000, the plan written at 1042
     assert REGISTRY.get_sample_value(f"{name}_count") == count + 1
     assert REGISTRY.get_sample_value(f"{name}_sum") == total + 42.0
+
+
+def test_the_queue_knows_no_edge_until_it_registers_its_task(tmp_path: Path) -> None:
+    settings, huey = immediate(tmp_path)
+    jobs = make_jobs(huey, settings, StubWriteBack())
+    with pytest.raises(KnowledgeError, match=r"no task 'edge\.task' is registered"):
+        jobs.task("edge.task")
+    seen: list[str] = []
+    jobs.register("edge.task", seen.append)
+    jobs.register("edge.task", lambda value: None)  # a second registration keeps the first
+    jobs.task("edge.task")("one")
+    assert seen == ["one"]

@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from fhir_dm import __version__
-from fhir_dm.errors import FhirDmError, InputError
+from fhir_dm.common.errors import FhirDmError, InputError
 from fhir_dm.fhir.client import FhirClient
 from fhir_dm.fhir.terminology import engine_for
 from fhir_dm.knowledge.load import load_knowledge
 from fhir_dm.knowledge.models import Knowledge
-from fhir_dm.locks import PatientLocks
 from fhir_dm.population.config import PopulationConfig, load_population_config
 from fhir_dm.population.finder import find_iim_patients, iim_search_tokens, unexpanded_prefixes
 from fhir_dm.population.measures import measure_report
@@ -28,6 +27,7 @@ from fhir_dm.population.run import (
     summary_table,
 )
 from fhir_dm.population.worklist import to_csv, to_fhir_list, worklist
+from fhir_dm.writeback.locks import PatientLocks
 
 DEFAULT_STATE_DIR = Path(".fhir-dm-population")
 DEFAULT_WORKERS = 4
@@ -192,8 +192,8 @@ def _run_queued(args: argparse.Namespace, config: Path | None) -> int:
     from rich.console import Console
 
     from fhir_dm.fhir.client import client_from_config
-    from fhir_dm.jobs.queue import open_jobs
     from fhir_dm.population.queued import QueuedRun, run_queued
+    from fhir_dm.web.jobs import open_jobs
 
     run_id = args.run_id or new_run_id()
     StateFile.check_run_id(run_id)

@@ -26,7 +26,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from flask import Flask
 from werkzeug.serving import make_server
 
-from fhir_dm.errors import FhirDmError
+from fhir_dm.common.errors import FhirDmError
 from fhir_dm.fhir.client import FhirClient, check_fhir_base
 from fhir_dm.fhir.config import FhirServerConfig
 from fhir_dm.web.app import create_app

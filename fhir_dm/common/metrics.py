@@ -33,7 +33,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from fhir_dm.errors import (
+from fhir_dm.common.errors import (
     AuthError,
     ConflictError,
     FhirDmError,

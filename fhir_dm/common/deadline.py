@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 
-from fhir_dm.errors import DeadlineExceededError
+from fhir_dm.common.errors import DeadlineExceededError
 
 # Below this, a call cannot usefully start: fail at once rather than with a zero timeout.
 MIN_CALL_SECONDS = 0.05

@@ -26,16 +26,16 @@ from typing import Any, TextIO
 from pydantic import ValidationError
 
 from fhir_dm import __version__
-from fhir_dm.core.assess import AssessmentRun, Engine, PatientResult
-from fhir_dm.core.build.bundle import full_url_for
-from fhir_dm.core.inputs import normalise_reference
-from fhir_dm.errors import (
+from fhir_dm.common.errors import (
     FhirBaseUnreachableError,
     FhirDmError,
     InputError,
     KnowledgeError,
     NotJsonError,
 )
+from fhir_dm.core.assess import AssessmentRun, Engine, PatientResult
+from fhir_dm.core.build.bundle import full_url_for
+from fhir_dm.core.inputs import normalise_reference
 from fhir_dm.fhir.config import FhirServerConfig
 from fhir_dm.fhir.terminology import TerminologyServerConfig, engine_for
 from fhir_dm.knowledge.load import CONFIG_DIR_VARIABLE, load_knowledge
@@ -50,7 +50,7 @@ EXIT_CONFIG = 78
 # The same variable the web service reads (settings `terminology.base_url`).
 TERMINOLOGY_VARIABLE = "FHIR_DM_TERMINOLOGY__BASE_URL"
 WSGI_APP = "fhir_dm.web.wsgi:app"
-# `fhir-dm subscriptions --wait` default (fhir_dm.subscriptions.ACTIVATION_WAIT_SECONDS, kept
+# `fhir-dm subscriptions --wait` default (fhir_dm.events.subscriptions.ACTIVATION_WAIT_SECONDS, kept
 # here so that --help needs no FHIR client import; a test keeps them equal).
 SUBSCRIPTION_WAIT_SECONDS = 30.0
 # The service's gunicorn settings (workers, timeouts, limits, log redaction); options given to
@@ -212,7 +212,7 @@ def _parser() -> argparse.ArgumentParser:
         help="keep the service (and its app) and the local HAPI running until Ctrl-C, so the"
         " printed links work (default); --no-keep-running ends at once, for scripts",
     )
-    from fhir_dm.population.commands import add_parser as add_population_parser
+    from fhir_dm.cli.population import add_parser as add_population_parser
 
     add_population_parser(sub)
     return parser
@@ -485,14 +485,14 @@ def check_fhir_server(fhir: FhirServerConfig) -> None:
 
 
 def _demo(args: argparse.Namespace, config: Path | None) -> int:
-    from fhir_dm import demo  # the web stack is not needed by assess/explain
+    from fhir_dm.cli import demo  # the web stack is not needed by assess/explain
 
     return demo.main(args.fhir_base_url, keep_running=args.keep_running, config_dir=config)
 
 
 def _jobs_of(config: Path | None) -> tuple[Any, Any]:
     """The queue (`Jobs`) and the service's `Settings`; KnowledgeError without jobs.*."""
-    from fhir_dm.jobs.queue import open_jobs  # not needed by assess
+    from fhir_dm.web.jobs import open_jobs  # not needed by assess
 
     return open_jobs(config)
 
@@ -521,7 +521,7 @@ def _dead_letters(args: argparse.Namespace, config: Path | None) -> int:
 
 def _subscriptions(args: argparse.Namespace, config: Path | None) -> int:
     """Ensure the Subscriptions, then check the server activated them (EXIT_CONFIG if not)."""
-    from fhir_dm.subscriptions import ensure_subscriptions, inactive_subscriptions
+    from fhir_dm.events.subscriptions import ensure_subscriptions, inactive_subscriptions
 
     jobs, service_settings = _jobs_of(config)
     settings = jobs.settings
@@ -570,7 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "subscriptions":
             return _subscriptions(args, config)
         if args.command == "population":
-            from fhir_dm.population.commands import main as population_main
+            from fhir_dm.cli.population import main as population_main
 
             return population_main(args, config)
         knowledge = load_knowledge(config)

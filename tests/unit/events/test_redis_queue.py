@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 import redis
 
-from fhir_dm.errors import PatientBusyError, UpstreamUnavailableError
-from fhir_dm.jobs.queue import Jobs, RedisPatientLock, open_huey
-from fhir_dm.jobs.settings import JobsSettings
+from fhir_dm.common.errors import PatientBusyError, UpstreamUnavailableError
+from fhir_dm.events.queue import Jobs, RedisPatientLock, open_huey
+from fhir_dm.events.settings import JobsSettings
 from tests.redis_server import RedisServer
-from tests.unit.jobs.test_queue import StubWriteBack, make_jobs
+from tests.unit.events.test_queue import StubWriteBack, make_jobs
 
 # A real redis-server: not part of a `-m "not integration"` run.
 pytestmark = pytest.mark.integration

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import responses
 
-from fhir_dm import cli
-from fhir_dm.errors import PatientNotFoundError
-from fhir_dm.jobs.queue import open_huey
-from fhir_dm.jobs.settings import JobsSettings
-from fhir_dm.subscriptions import ACTIVATION_WAIT_SECONDS, WATCHED_TYPES
-from tests.unit.jobs.test_queue import StubWriteBack, make_jobs
+from fhir_dm.cli import main as cli
+from fhir_dm.common.errors import PatientNotFoundError
+from fhir_dm.events.queue import open_huey
+from fhir_dm.events.settings import JobsSettings
+from fhir_dm.events.subscriptions import ACTIVATION_WAIT_SECONDS, WATCHED_TYPES
+from tests.unit.events.test_queue import StubWriteBack, make_jobs
 from tests.unit.test_subscriptions import ENDPOINT, MASTER, SubscriptionServer
 
 

@@ -1,0 +1,1 @@
+"""The command line: ``fhir-dm`` (``main``), the demo and the population commands."""

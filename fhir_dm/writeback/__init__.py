@@ -1,0 +1,2 @@
+"""Write-back: a patient's result written to the FHIR server atomically and idempotently,
+under a per-patient lock (``writer``, ``locks``)."""
