@@ -40,7 +40,7 @@ ONSET_DAYS_AGO = 60
 RECORDED_DAYS_AGO = 20
 OBSERVED_DAYS_AGO = 15
 # A clone of the repository holds these; an installed wheel does not.
-SOURCE_ROOT = Path(__file__).resolve().parents[1]
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
 HAPI_TOOL = ("tools", "hapi_server.py")
 HAPI_POM = ("hapi", "pom.xml")
 CLINICAL_STATUS = "http://terminology.hl7.org/CodeSystem/condition-clinical"

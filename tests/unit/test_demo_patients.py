@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import date, timedelta
+from pathlib import Path
 
 import pytest
 import yaml
@@ -33,7 +34,7 @@ def test_every_demo_patient_has_a_name_an_mrn_a_sex_and_a_birth_date() -> None:
 
 @pytest.mark.parametrize("today", [date(2026, 3, 1), date(2024, 2, 29), date(2025, 12, 31)])
 def test_the_age_at_onset_is_the_age_the_yaml_gives(today: date) -> None:
-    specs = yaml.safe_load((demo.SOURCE_ROOT / "fhir_dm" / demo.PATIENTS_FILE).read_text())
+    specs = yaml.safe_load((Path(demo.__file__).with_name(demo.PATIENTS_FILE)).read_text())
     onset = today - timedelta(days=demo.ONSET_DAYS_AGO)
     for spec, p in zip(specs["patients"], demo.demo_patients(today), strict=True):
         assert int(years_between(p.birth_date, onset)) == spec["age"]

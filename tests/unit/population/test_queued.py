@@ -197,9 +197,8 @@ def test_the_cli_runs_through_the_queue_and_prints_the_summary(
     monkeypatch.setenv("FHIR_DM_TRUST__MODE", "off")
     monkeypatch.setenv("FHIR_DM_LOCK_DIR", str(tmp_path / "locks"))
     monkeypatch.setenv("FHIR_DM_JOBS__SQLITE_FILE", str(tmp_path / "q.sqlite3"))
-    real_open = jobs.open_huey
     # Immediate mode: the enqueued tasks run at once, as a worker would run them.
-    monkeypatch.setattr(jobs, "open_huey", lambda s, immediate=False: real_open(s, immediate=True))
+    monkeypatch.setattr(jobs, "open_huey_checked", lambda s: open_huey(s, immediate=True))
     state = tmp_path / "state"
     argv = ["population", "run", "--queue", "--preview", "--state-dir", str(state)]
     assert cli.main([*argv, "--run-id", "cli-1", "--now", NOW.isoformat()]) == 0
