@@ -253,10 +253,10 @@ def test_launch_view_write_and_clinic_through_the_authorization_server(
 
     browser.find_element(By.ID, "to-clinic").click()
     WebDriverWait(browser, WAIT_S * 2, ignored_exceptions=NAVIGATING).until(
-        lambda d: d.find_elements(By.ID, "worklist") and _settled(d)
+        lambda d: d.find_elements(By.ID, "patients") and _settled(d)
     )
     assert _loaded(browser), browser.find_element(By.ID, "status").text
-    rows = browser.find_elements(By.CSS_SELECTOR, "#worklist tbody tr")
+    rows = browser.find_elements(By.CSS_SELECTOR, "#patients tbody tr.patient-row")
     assert f"Patient/{pid}" in {r.get_attribute("data-patient") for r in rows}
     assert not browser.find_elements(By.ID, "token-problem")
 
