@@ -453,6 +453,13 @@ def gunicorn_argv(bind: str | None, workers: int | None, extra: Sequence[str]) -
     return [*argv, *extra, WSGI_APP]
 
 
+# Said at every start with trust off: nothing limits who reads what (docs/decisions.md).
+TRUST_OFF_WARNING = (
+    "trust.mode is off: every caller is anonymous and reaches every patient (the app, the"
+    " clinic page, population operations); for development only, never on a network"
+)
+
+
 def _serve(args: argparse.Namespace) -> int:
     """Check settings and knowledge once, then become gunicorn (workers build the app again)."""
     from fhir_dm.web.app import create_app  # the web stack is not needed by assess/explain
@@ -461,7 +468,10 @@ def _serve(args: argparse.Namespace) -> int:
     if args.config is not None:
         os.environ[CONFIG_DIR_VARIABLE] = str(args.config)
     create_app()  # raises KnowledgeError with one line per problem, before any worker starts
-    check_fhir_server(load_settings().fhir)
+    settings = load_settings()
+    if settings.trust.mode == "off":
+        sys.stderr.write(f"fhir-dm: warning: {TRUST_OFF_WARNING}\n")
+    check_fhir_server(settings.fhir)
     argv = gunicorn_argv(args.bind, args.workers, args.gunicorn_args)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -213,6 +213,22 @@ def test_serve_checks_the_settings_then_becomes_gunicorn(monkeypatch: pytest.Mon
 
 
 @pytest.mark.usefixtures("service_env")
+@pytest.mark.parametrize(("mode", "warned"), [("off", True), ("static", False)])
+def test_serve_with_trust_off_warns_that_every_caller_reaches_every_patient(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], mode: str, warned: bool
+) -> None:
+    _capture_exec(monkeypatch)
+    monkeypatch.setenv("FHIR_DM_TRUST__MODE", mode)
+    if mode == "static":
+        monkeypatch.setenv(
+            "FHIR_DM_TRUST__STATIC_TOKENS", '["a-long-enough-static-token-0123456789"]'
+        )
+    with pytest.raises(ExecCalled):
+        cli.main(["serve"])
+    assert (cli.TRUST_OFF_WARNING in capsys.readouterr().err) is warned
+
+
+@pytest.mark.usefixtures("service_env")
 def test_serve_with_bad_settings_exits_with_the_config_code_before_gunicorn(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
