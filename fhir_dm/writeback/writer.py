@@ -135,7 +135,7 @@ def _counts(result: PatientResult) -> str:
     """Orders and plan activities named apart, so the counts add up to the plan's items."""
     plan = result.plan
     orders = len(result.service_requests)
-    return f"{orders} service requests, {len(plan.items) - orders} other plan items"
+    return f"{orders} service requests, {len(plan.items) - orders} care-plan activities"
 
 
 @dataclass(frozen=True, slots=True)

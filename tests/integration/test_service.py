@@ -161,7 +161,7 @@ def test_new_antibodies_revise_the_plan_in_place_and_keep_completed_work(
     body = _ok(client.post(_operation(patient_id)))
     diagnostics = _diagnostics(body)
     assert f"Patient/{patient_id}: tier high;" in diagnostics
-    assert " other plan items; written; revoked 0 care plan(s) and 1 service request(s);" in (
+    assert " care-plan activities; written; revoked 0 care plan(s) and 1 service request(s);" in (
         diagnostics
     )
     kept = [

@@ -61,7 +61,7 @@ def test_bundle_preview_is_the_default_and_reads_no_server(
     body = _ok(_post(client, f"{OP}?now=2015-10-25", f.bundle(*f.seed_case())))
     (diagnostics,) = _diagnostics(body)
     assert diagnostics.startswith("Patient/seed-case: tier high; ")
-    assert diagnostics.endswith(" other plan items; preview")
+    assert diagnostics.endswith(" care-plan activities; preview")
     types = _types(body)
     assert types[:2] == ["RiskAssessment", "CarePlan"]
     assert types[-1] == "Provenance"
@@ -69,7 +69,7 @@ def test_bundle_preview_is_the_default_and_reads_no_server(
     # Orders and the plan's other activities (later rounds, "consider" items) add up.
     orders = types.count("ServiceRequest")
     activities = len(body["entry"][2]["resource"]["activity"])
-    assert f"; {orders} service requests, {activities - orders} other plan items;" in diagnostics
+    assert f"; {orders} service requests, {activities - orders} care-plan activities;" in diagnostics
     assert 0 < orders < activities
     assert all(e["fullUrl"].startswith("urn:uuid:") for e in body["entry"][1:-1])
     assert body["entry"][-1]["fullUrl"].startswith(f"{BASE}/Provenance/")
