@@ -180,18 +180,23 @@ def test_standard_card_is_info(builder: CardBuilder, engine: Engine) -> None:
     assert issued.card.indicator == "info"
 
 
-@pytest.mark.parametrize("scenario", [scenarios.juvenile, scenarios.no_iim])
-def test_out_of_scope_gives_no_card(builder: CardBuilder, engine: Engine, scenario: Any) -> None:
-    assert _cards(builder, run_one(engine, *scenario())) == []
+def test_no_iim_gives_no_card(builder: CardBuilder, engine: Engine) -> None:
+    assert _cards(builder, run_one(engine, *scenarios.no_iim())) == []
 
 
-def test_not_applicable_card_only_when_configured_and_only_with_an_iim(
+def test_an_iim_outside_the_guideline_gets_no_card_only_when_a_site_turns_it_off(
     cds_config: CdsConfig, knowledge: Knowledge, engine: Engine
 ) -> None:
     config = cds_config.model_copy(
-        update={"cards": cds_config.cards.model_copy(update={"not_applicable_card": True})}
+        update={"cards": cds_config.cards.model_copy(update={"not_applicable_card": False})}
     )
-    builder = CardBuilder(knowledge, config)
+    silent = CardBuilder(knowledge, config)
+    assert silent.cards(run_one(engine, *scenarios.juvenile()), hook_instance=HOOK) == []
+
+
+def test_an_iim_outside_the_guideline_gets_an_info_card_by_default(
+    builder: CardBuilder, engine: Engine
+) -> None:
     [issued] = builder.cards(run_one(engine, *scenarios.juvenile()), hook_instance=HOOK)
     assert issued.card_type == CARD_NOT_APPLICABLE
     assert issued.card.indicator == "info"

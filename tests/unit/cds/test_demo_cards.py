@@ -72,11 +72,16 @@ def test_each_demo_card_tells_the_tier_why_and_the_next_things_to_do(
     assert len(items) <= 5
 
 
-def test_the_juvenile_demo_patient_gets_no_card_by_default(
+def test_the_juvenile_demo_patient_is_told_the_guideline_does_not_apply(
     builder: CardBuilder, engine: Engine
 ) -> None:
-    """Juvenile onset is outside the guideline: no card unless `not_applicable_card` is on."""
-    assert builder.cards(_result(engine, PATIENTS["demo-jdm"]), hook_instance="demo") == []
+    """Juvenile onset is outside the guideline: an info card says so, never silence."""
+    [issued] = builder.cards(_result(engine, PATIENTS["demo-jdm"]), hook_instance="demo")
+    card = issued.card
+    assert card.indicator == "info"
+    assert card.summary.startswith("IIM cancer screening: not stratified — ")
+    assert "Juvenile" in card.summary and not NOISE.search(card.summary), card.summary
+    assert card.suggestions is None  # nothing to write: there is no plan to propose
 
 
 def test_every_demo_patient_is_covered() -> None:

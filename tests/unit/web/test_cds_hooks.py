@@ -559,11 +559,21 @@ def test_card_per_tier(
     assert card["selectionBehavior"] == "any"
 
 
-@pytest.mark.parametrize("scenario", [scenarios.juvenile, scenarios.no_iim])
-def test_out_of_scope_is_no_cards(call: Poster, templates: Any, scenario: Any) -> None:
-    response = call(full_request(templates, scenario()))
+def test_no_iim_is_no_cards(call: Poster, templates: Any) -> None:
+    response = call(full_request(templates, scenarios.no_iim()))
     assert response.status_code == 200
     assert response.get_json() == {"cards": []}
+
+
+def test_an_iim_outside_the_guideline_is_one_info_card_without_a_suggestion(
+    call: Poster, templates: Any
+) -> None:
+    response = call(full_request(templates, scenarios.juvenile()))
+    assert response.status_code == 200
+    [card] = response.get_json()["cards"]
+    assert card["summary"].startswith("IIM cancer screening: not stratified — ")
+    assert card["indicator"] == "info"
+    assert "suggestions" not in card
 
 
 def test_existing_plan_is_not_proposed_again(

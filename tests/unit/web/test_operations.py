@@ -69,7 +69,9 @@ def test_bundle_preview_is_the_default_and_reads_no_server(
     # Orders and the plan's other activities (later rounds, "consider" items) add up.
     orders = types.count("ServiceRequest")
     activities = len(body["entry"][2]["resource"]["activity"])
-    assert f"; {orders} service requests, {activities - orders} care-plan activities;" in diagnostics
+    assert (
+        f"; {orders} service requests, {activities - orders} care-plan activities;" in diagnostics
+    )
     assert 0 < orders < activities
     assert all(e["fullUrl"].startswith("urn:uuid:") for e in body["entry"][1:-1])
     assert body["entry"][-1]["fullUrl"].startswith(f"{BASE}/Provenance/")
