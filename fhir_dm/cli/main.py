@@ -469,9 +469,9 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ[CONFIG_DIR_VARIABLE] = str(args.config)
     create_app()  # raises KnowledgeError with one line per problem, before any worker starts
     settings = load_settings()
+    check_fhir_server(settings.fhir)
     if settings.trust.mode == "off":
         sys.stderr.write(f"fhir-dm: warning: {TRUST_OFF_WARNING}\n")
-    check_fhir_server(settings.fhir)
     argv = gunicorn_argv(args.bind, args.workers, args.gunicorn_args)
     sys.stdout.flush()
     sys.stderr.flush()
