@@ -108,3 +108,17 @@ def hook_request(
     if prefetch is not None:
         body["prefetch"] = prefetch
     return body
+
+
+def accepted(card: Json, at: str) -> Json:
+    """Feedback that accepts the card's first suggestion, as the sandbox sends on each click."""
+    return {
+        "feedback": [
+            {
+                "card": card["uuid"],
+                "outcome": "accepted",
+                "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}],
+                "outcomeTimestamp": at,
+            }
+        ]
+    }
