@@ -52,7 +52,7 @@ MAX_TOKEN_BYTES = 16 * 1024
 _LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
-def _secure_url(url: str, what: str) -> str:
+def secure_url(url: str, what: str) -> str:
     """https, or plain http on loopback only (a key set or token answer must not be swapped)."""
     from urllib.parse import urlsplit
 
@@ -85,7 +85,7 @@ class IntrospectionClient(BaseModel):
     @field_validator("endpoint")
     @classmethod
     def _endpoint_is_secure(cls, value: str | None) -> str | None:
-        return None if value is None else _secure_url(value, "introspection endpoint")
+        return None if value is None else secure_url(value, "introspection endpoint")
 
 
 class SmartTrust(BaseModel):
@@ -144,7 +144,7 @@ class SmartTrust(BaseModel):
     @field_validator("smart_configuration_url", "jwks_uri")
     @classmethod
     def _urls_are_secure(cls, value: str | None) -> str | None:
-        return None if value is None else _secure_url(value, "authorization server URL")
+        return None if value is None else secure_url(value, "authorization server URL")
 
     @field_validator("algorithms")
     @classmethod
@@ -352,7 +352,7 @@ class AccessTokenVerifier:
         if not isinstance(value, str):
             raise UpstreamUnavailableError(f"the smart-configuration's {name} is not a URL")
         try:
-            return _secure_url(value, name)
+            return secure_url(value, name)
         except ValueError as exc:
             raise UpstreamUnavailableError(str(exc)) from None
 
