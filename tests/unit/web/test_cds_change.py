@@ -30,6 +30,7 @@ from tests.unit.web.test_cds_hooks import (
     EhrFhir,
     auth,
     ec_key,
+    first_page,
     full_request,
     make_app,
     rsps,
@@ -134,10 +135,7 @@ def test_a_paged_key_without_a_token_is_fetched_from_a_server_marked_open(
     extra = [f.condition(patient, f.concept(f.SCT, "38341003", "Hypertension")) for _ in range(201)]
     ehr.resources = [*resources, *extra]
     body = full_request(templates_of(app), [*resources, *extra], fhir_server=EHR_FHIR)
-    body["prefetch"]["conditions"] = scenarios.searchset(
-        [r for r in resources if r["resourceType"] == "Condition"][:1],
-        next_url=f"{EHR_FHIR}?_getpages=abc&_getpagesoffset=200&_count=200",
-    )
+    body["prefetch"]["conditions"] = first_page(resources, 200)
     response = app.test_client().post(f"/cds-services/{SERVICE}", json=body, headers=auth(ec_key))
     assert response.status_code == 200
     [card] = response.get_json()["cards"]
@@ -152,10 +150,7 @@ def test_a_paged_key_that_cannot_be_fetched_is_an_incomplete_card_never_all_clea
     app = make_app(engine)
     resources = scenarios.high_risk()
     body = full_request(templates_of(app), resources, fhir_server=EHR_FHIR)
-    body["prefetch"]["conditions"] = scenarios.searchset(
-        [r for r in resources if r["resourceType"] == "Condition"],
-        next_url=f"{EHR_FHIR}?_getpages=abc&_getpagesoffset=200&_count=200",
-    )
+    body["prefetch"]["conditions"] = first_page(resources, 200)
     response = app.test_client().post(f"/cds-services/{SERVICE}", json=body, headers=auth(ec_key))
     assert response.status_code == 200
     [card] = response.get_json()["cards"]

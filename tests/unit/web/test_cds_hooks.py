@@ -292,6 +292,14 @@ def full_request(templates: tuple[PrefetchTemplate, ...], resources: list[Json],
     return scenarios.hook_request(resources[0]["id"], prefetch, **kw)
 
 
+def first_page(resources: list[Json], page_size: int) -> Json:
+    """The Conditions of `resources` as HAPI's first page: a searchset linking to the rest."""
+    return scenarios.searchset(
+        [r for r in resources if r["resourceType"] == "Condition"],
+        next_url=f"{EHR_FHIR}?_getpages=abc&_getpagesoffset={page_size}&_count={page_size}",
+    )
+
+
 # --- discovery ------------------------------------------------------------------------------
 
 

@@ -42,6 +42,7 @@ from tests.unit.web.test_cds_hooks import (
     EhrFhir,
     auth,
     ec_key,
+    first_page,
     full_request,
     incomplete_detail,
     make_app,
@@ -78,10 +79,7 @@ def test_a_first_page_without_a_token_is_an_incomplete_card_naming_the_key_and_w
     app = make_app(engine)
     resources = scenarios.high_risk()
     body = full_request(templates_of(app), resources, fhir_server=EHR_FHIR)
-    body["prefetch"]["conditions"] = scenarios.searchset(
-        [r for r in resources if r["resourceType"] == "Condition"],
-        next_url=f"{EHR_FHIR}?_getpages=abc&_getpagesoffset=20&_count=20",
-    )
+    body["prefetch"]["conditions"] = first_page(resources, 20)
     response = app.test_client().post(f"/cds-services/{SERVICE}", json=body, headers=auth(ec_key))
     text = incomplete_detail(response).replace("\\", "")
     assert "prefetch key 'conditions' is incomplete" in text
