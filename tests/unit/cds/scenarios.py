@@ -122,3 +122,12 @@ def accepted(card: Json, at: str) -> Json:
             }
         ]
     }
+
+
+def suggested_plan(card: Json) -> Json:
+    """The CarePlan the card's first suggestion would create."""
+    return next(
+        a["resource"]
+        for a in card["suggestions"][0]["actions"]
+        if a["resource"]["resourceType"] == "CarePlan"
+    )

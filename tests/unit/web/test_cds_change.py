@@ -110,11 +110,7 @@ def test_without_write_on_accept_the_changed_plan_card_offers_no_empty_suggestio
     resources = scenarios.moderate_preliminary()
     templates = templates_of(app)
     [first] = _call(app, ec_key, full_request(templates, resources), "h-1")
-    plan = next(
-        a["resource"]
-        for a in first["suggestions"][0]["actions"]
-        if a["resource"]["resourceType"] == "CarePlan"
-    )
+    plan = scenarios.suggested_plan(first)
     stored = {**plan, "id": "cp-1"}
     tif1g = f.antibody(resources[0], "tif1g", "positive")
     [card] = _call(app, ec_key, full_request(templates, [*resources, tif1g], plans=[stored]), "h-2")

@@ -622,11 +622,7 @@ def test_existing_plan_is_not_proposed_again(
 ) -> None:
     resources = scenarios.high_risk()
     first = call(full_request(templates, resources)).get_json()["cards"][0]
-    plan = next(
-        a["resource"]
-        for a in first["suggestions"][0]["actions"]
-        if a["resource"]["resourceType"] == "CarePlan"
-    )
+    plan = scenarios.suggested_plan(first)
     stored = {**plan, "id": "4711", "meta": {**plan["meta"], "lastUpdated": "2024-04-15T11:00:00Z"}}
     response = call(full_request(templates, resources, plans=[stored]))
     [card] = response.get_json()["cards"]

@@ -302,11 +302,7 @@ def test_an_accepted_suggestion_is_written_once_when_the_site_asks_for_it(
     assert done["outcome"] == "written" and BASE in done["reason"]
     assert transaction_calls(rsps) == 1
     [plan] = fhir.all("CarePlan")
-    suggested = next(
-        a["resource"]
-        for a in card["suggestions"][0]["actions"]
-        if a["resource"]["resourceType"] == "CarePlan"
-    )
+    suggested = scenarios.suggested_plan(card)
     assert plan["identifier"] == suggested["identifier"]  # the plan the card proposed
     # The sandbox sends "accepted" on every click, with a new timestamp each time.
     again = client.post(
