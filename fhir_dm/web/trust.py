@@ -27,7 +27,13 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from fhir_dm.cds.replay import ReplayGuard
 from fhir_dm.common.errors import AuthError, KnowledgeError
-from fhir_dm.web.access_tokens import AccessGrant, AccessTokenVerifier, SmartTrust, secure_url
+from fhir_dm.web.access_tokens import (
+    AccessGrant,
+    AccessTokenVerifier,
+    SmartTrust,
+    get_small_json,
+    secure_url,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -325,26 +331,11 @@ class JwksCache:
 
     def _download(self, url: str) -> dict[str, dict[str, Any]]:
         try:
-            with self._session.get(
-                url,
-                timeout=self._timeout,
-                headers={"Accept": "application/json"},
-                allow_redirects=False,
-                stream=True,
-            ) as response:
-                if response.status_code != 200:
-                    raise AuthError(f"jwt rejected: key set fetch returned {response.status_code}")
-                body = bytearray()
-                for chunk in response.iter_content(chunk_size=16384):
-                    body.extend(chunk)
-                    if len(body) > self._max_bytes:
-                        raise AuthError("jwt rejected: key set too large")
-        except requests.RequestException as exc:
-            raise AuthError("jwt rejected: key set unreachable") from exc
-        try:
-            document = json.loads(bytes(body))
-        except ValueError as exc:
-            raise AuthError("jwt rejected: key set is not JSON") from exc
+            document = get_small_json(
+                self._session, url, timeout=self._timeout, max_bytes=self._max_bytes
+            )
+        except AuthError as exc:
+            raise AuthError(f"jwt rejected: key set {exc.message}") from exc
         return _parse_key_set(document)
 
 
