@@ -519,6 +519,16 @@ class HapiServer:
         self.stop()
 
 
+@contextlib.contextmanager
+def fhir_base(url: str | None, *, progress_out: TextIO | None = None) -> Iterator[str]:
+    """The FHIR base `url` as given, or (None) a local server's, running for the block."""
+    if url:
+        yield url.rstrip("/")
+        return
+    with HapiServer(progress_out=progress_out) as server:
+        yield server.base_url.rstrip("/")
+
+
 class _PortInUseError(Exception):
     """The server could not bind the port picked for it (another process took it)."""
 
