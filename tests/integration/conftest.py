@@ -61,9 +61,12 @@ def open_app(fhir_base_url: str, tmp_path: Path) -> Flask:
     return create_app(settings)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def hapi(fhir_base_url: str) -> Iterator[FhirClient]:
-    """A FHIR client of the test server, for setting up records and reading results."""
+    """A FHIR client of the test server, for setting up records and reading results.
+
+    One per module, so that module-scoped fixtures (a browser session's patients) can use it.
+    """
     with FhirClient(fhir_base_url) as client:
         yield client
 

@@ -130,12 +130,6 @@ def service_url(fhir_base_url: str, tmp_path_factory: pytest.TempPathFactory) ->
             process.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def hapi(fhir_base_url: str) -> Iterator[FhirClient]:
-    with FhirClient(fhir_base_url) as client:
-        yield client
-
-
 def _high_risk_with_a_done_test(hapi: FhirClient) -> str:
     """A woman of 54 with DM and anti-TIF1-gamma, whose blood count was done at diagnosis."""
     pid = f"app-{uuid.uuid4().hex[:10]}"

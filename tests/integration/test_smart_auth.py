@@ -154,12 +154,6 @@ def deployment(
         auth.stop()
 
 
-@pytest.fixture(scope="module")
-def hapi(fhir_base_url: str) -> Iterator[FhirClient]:
-    with FhirClient(fhir_base_url) as client:
-        yield client
-
-
 def _high_risk(hapi: FhirClient) -> str:
     """A woman of 54 with DM and anti-TIF1-gamma (ids start with "0": the clinic keeps her)."""
     pid = f"0smart-{uuid.uuid4().hex[:10]}"
