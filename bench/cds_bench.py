@@ -15,10 +15,10 @@ import argparse
 import io
 import json
 import statistics
+import sys
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import date
 from typing import Any
 
@@ -149,18 +149,6 @@ def measure(label: str, app: Flask, key: Any, body: Json, n: int, warmup: int = 
     return latencies
 
 
-@contextmanager
-def fhir_server(base_url: str | None) -> Iterator[str]:
-    if base_url:
-        yield base_url.rstrip("/")
-        return
-    from tools.hapi_server import HapiServer
-
-    print("starting HAPI FHIR (tools.hapi_server) ...")
-    with HapiServer() as server:
-        yield server.base_url
-
-
 def fresh_seed_case() -> list[Json]:
     """The seed case under new ids, so a server holding an earlier run has no plan for it."""
     suffix = uuid.uuid4().hex[:8]
@@ -217,7 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  target p99 < {TARGET_P99_MS:.0f} ms: {verdict}")
     if args.no_fallback:
         return
-    with fhir_server(args.fhir_base_url) as base:
+    from tools.hapi_server import fhir_base
+
+    with fhir_base(args.fhir_base_url, progress_out=sys.stdout) as base:
         store(base, resources)
         app = build_app(engine, key, (base,))
         with app.app_context():

@@ -115,13 +115,10 @@ def main() -> None:
     parser.add_argument("--fhir-base-url", default=None)
     parser.add_argument("--repeat", type=int, default=1)
     args = parser.parse_args()
-    if args.fhir_base_url:
-        bench(args.fhir_base_url.rstrip("/"), args.repeat)
-        return
-    from tools.hapi_server import HapiServer
+    from tools.hapi_server import fhir_base
 
-    with HapiServer() as server:
-        bench(server.base_url.rstrip("/"), args.repeat)
+    with fhir_base(args.fhir_base_url) as base:
+        bench(base, args.repeat)
 
 
 if __name__ == "__main__":

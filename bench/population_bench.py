@@ -91,13 +91,10 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=1000)
     parser.add_argument("--iim", type=int, default=100)
     args = parser.parse_args()
-    if args.fhir_base_url:
-        bench(args.fhir_base_url.rstrip("/"), args.patients, args.iim)
-        return
-    from tools.hapi_server import HapiServer
+    from tools.hapi_server import fhir_base
 
-    with HapiServer() as server:
-        bench(server.base_url.rstrip("/"), args.patients, args.iim)
+    with fhir_base(args.fhir_base_url) as base:
+        bench(base, args.patients, args.iim)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import date
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from fhir_dm.core.assess import Engine
 from fhir_dm.knowledge.load import load_knowledge
@@ -23,6 +24,12 @@ def knowledge() -> Knowledge:
 @pytest.fixture(scope="session")
 def engine(knowledge: Knowledge) -> Engine:
     return Engine(knowledge, software_version="test")
+
+
+@pytest.fixture(scope="session")
+def rsa_key() -> rsa.RSAPrivateKey:
+    """One RSA signing key for the tests that sign tokens (generating one is slow)."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
 @pytest.hookimpl(tryfirst=True)

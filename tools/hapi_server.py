@@ -44,7 +44,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TextIO
@@ -86,6 +86,24 @@ WAIT_PROGRESS = "Waiting for HAPI FHIR to answer /metadata"
 
 
 @contextlib.contextmanager
+def _ticking(started: float, every: float, say: Callable[[float], None]) -> Iterator[None]:
+    """Call `say` with the seconds since `started` every `every` seconds while the body runs."""
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(every):
+            say(time.monotonic() - started)
+
+    ticker = threading.Thread(target=tick, name="hapi-progress", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
+
+
+@contextlib.contextmanager
 def progress(out: TextIO | None, label: str) -> Iterator[None]:
     """Say `label` and the seconds spent while the body runs; then how long it took.
 
@@ -96,38 +114,24 @@ def progress(out: TextIO | None, label: str) -> Iterator[None]:
         yield
         return
     started = time.monotonic()
-    done = threading.Event()
     console = Console(file=out, highlight=False)
     if console.is_terminal:
-        with console.status(f"{label}...") as status:
-
-            def tick() -> None:
-                while not done.wait(1.0):
-                    status.update(f"{label}... {time.monotonic() - started:.0f} s")
-
-            ticker = threading.Thread(target=tick, name="hapi-progress", daemon=True)
-            ticker.start()
-            try:
-                yield
-            finally:
-                done.set()
-                ticker.join()
-    else:
-        out.write(f"{label}...\n")
-        out.flush()
-
-        def tick() -> None:
-            while not done.wait(PLAIN_PROGRESS_EVERY_S):
-                out.write(f"{label}... {time.monotonic() - started:.0f} s\n")
-                out.flush()
-
-        ticker = threading.Thread(target=tick, name="hapi-progress", daemon=True)
-        ticker.start()
-        try:
+        with (
+            console.status(f"{label}...") as status,
+            _ticking(started, 1.0, lambda s: status.update(f"{label}... {s:.0f} s")),
+        ):
             yield
-        finally:
-            done.set()
-            ticker.join()
+    else:
+        plain = out
+
+        def say(seconds: float) -> None:
+            plain.write(f"{label}... {seconds:.0f} s\n")
+            plain.flush()
+
+        plain.write(f"{label}...\n")
+        plain.flush()
+        with _ticking(started, PLAIN_PROGRESS_EVERY_S, say):
+            yield
     out.write(f"{label}: done in {time.monotonic() - started:.0f} s\n")
     out.flush()
 
@@ -513,6 +517,16 @@ class HapiServer:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def fhir_base(url: str | None, *, progress_out: TextIO | None = None) -> Iterator[str]:
+    """The FHIR base `url` as given, or (None) a local server's, running for the block."""
+    if url:
+        yield url.rstrip("/")
+        return
+    with HapiServer(progress_out=progress_out) as server:
+        yield server.base_url.rstrip("/")
 
 
 class _PortInUseError(Exception):

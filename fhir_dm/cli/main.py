@@ -583,16 +583,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fhir_dm.cli.population import main as population_main
 
             return population_main(args, config)
-        knowledge = load_knowledge(config)
-    except KnowledgeError as exc:
-        sys.stderr.write(f"fhir-dm: configuration error: {exc.message}\n")
-        return EXIT_CONFIG
-    except FhirDmError as exc:
-        sys.stderr.write(f"fhir-dm: {exc.message}\n")
-        return EXIT_INPUT
-    try:
         engine = engine_for(
-            knowledge,
+            load_knowledge(config),
             _terminology_config(args.terminology_server),
             software_version=__version__,
             validate_output=args.validate_output,

@@ -52,7 +52,7 @@ MAX_TOKEN_BYTES = 16 * 1024
 _LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
-def _secure_url(url: str, what: str) -> str:
+def secure_url(url: str, what: str) -> str:
     """https, or plain http on loopback only (a key set or token answer must not be swapped)."""
     from urllib.parse import urlsplit
 
@@ -85,7 +85,7 @@ class IntrospectionClient(BaseModel):
     @field_validator("endpoint")
     @classmethod
     def _endpoint_is_secure(cls, value: str | None) -> str | None:
-        return None if value is None else _secure_url(value, "introspection endpoint")
+        return None if value is None else secure_url(value, "introspection endpoint")
 
 
 class SmartTrust(BaseModel):
@@ -144,7 +144,7 @@ class SmartTrust(BaseModel):
     @field_validator("smart_configuration_url", "jwks_uri")
     @classmethod
     def _urls_are_secure(cls, value: str | None) -> str | None:
-        return None if value is None else _secure_url(value, "authorization server URL")
+        return None if value is None else secure_url(value, "authorization server URL")
 
     @field_validator("algorithms")
     @classmethod
@@ -188,7 +188,7 @@ class _JwkClient(jwt.PyJWKClient):
 
     def fetch_data(self) -> Any:
         try:
-            document = _get_json(self._session, self.uri)
+            document = get_small_json(self._session, self.uri)
         except AuthError as exc:
             raise jwt.PyJWKClientConnectionError(exc.message) from None
         if self.jwk_set_cache is not None:
@@ -197,22 +197,31 @@ class _JwkClient(jwt.PyJWKClient):
         return document
 
 
-def _get_json(session: requests.Session, url: str) -> Json:
-    """GET a small JSON object; AuthError (with a short reason) on any failure."""
+def get_small_json(
+    session: requests.Session,
+    url: str,
+    *,
+    timeout: float = HTTP_TIMEOUT_SECONDS,
+    max_bytes: int = MAX_DOCUMENT_BYTES,
+) -> Json:
+    """GET a small JSON object (no redirects, size-capped while reading).
+
+    AuthError with a short reason on any failure, for the caller to put in context.
+    """
     try:
         with session.get(
             url,
-            timeout=HTTP_TIMEOUT_SECONDS,
+            timeout=timeout,
             headers={"Accept": "application/json"},
             allow_redirects=False,
             stream=True,
         ) as response:
             if response.status_code != 200:
-                raise AuthError(f"answered {response.status_code}")
+                raise AuthError(f"returned {response.status_code}")
             body = bytearray()
             for chunk in response.iter_content(chunk_size=16384):
                 body.extend(chunk)
-                if len(body) > MAX_DOCUMENT_BYTES:
+                if len(body) > max_bytes:
                     raise AuthError("answer too large")
     except requests.RequestException:
         raise AuthError("unreachable") from None
@@ -335,7 +344,7 @@ class AccessTokenVerifier:
             if document is not None:
                 return document
             try:
-                document = _get_json(self._session, self._configuration_url)
+                document = get_small_json(self._session, self._configuration_url)
             except AuthError as exc:
                 logger.warning("smart-configuration unavailable: %s", exc.message)
                 raise UpstreamUnavailableError(
@@ -352,7 +361,7 @@ class AccessTokenVerifier:
         if not isinstance(value, str):
             raise UpstreamUnavailableError(f"the smart-configuration's {name} is not a URL")
         try:
-            return _secure_url(value, name)
+            return secure_url(value, name)
         except ValueError as exc:
             raise UpstreamUnavailableError(str(exc)) from None
 

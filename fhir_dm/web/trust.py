@@ -19,7 +19,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import jwt
 import requests
@@ -28,7 +27,13 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from fhir_dm.cds.replay import ReplayGuard
 from fhir_dm.common.errors import AuthError, KnowledgeError
-from fhir_dm.web.access_tokens import AccessGrant, AccessTokenVerifier, SmartTrust
+from fhir_dm.web.access_tokens import (
+    AccessGrant,
+    AccessTokenVerifier,
+    SmartTrust,
+    get_small_json,
+    secure_url,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,17 +54,6 @@ MIN_STATIC_TOKEN_LENGTH = 32
 
 _EC_CURVES = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
 _PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
-_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
-
-
-def _check_jwks_url(url: str) -> str:
-    """Require https so keys cannot be swapped in transit; plain http only on loopback."""
-    parts = urlsplit(url)
-    if parts.scheme == "https" and parts.hostname:
-        return url
-    if parts.scheme == "http" and parts.hostname in _LOCAL_HOSTS:
-        return url
-    raise ValueError(f"JWKS URL must be https (http only for localhost): {url!r}")
 
 
 class IssuerTrust(BaseModel):
@@ -96,12 +90,12 @@ class IssuerTrust(BaseModel):
     @field_validator("jwks_url")
     @classmethod
     def _jwks_url_is_secure(cls, value: str | None) -> str | None:
-        return None if value is None else _check_jwks_url(value)
+        return None if value is None else secure_url(value, "JWKS URL")
 
     @field_validator("allowed_jku")
     @classmethod
     def _jku_are_secure(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(_check_jwks_url(url) for url in value)
+        return tuple(secure_url(url, "JWKS URL") for url in value)
 
     @field_validator("jwks")
     @classmethod
@@ -337,26 +331,11 @@ class JwksCache:
 
     def _download(self, url: str) -> dict[str, dict[str, Any]]:
         try:
-            with self._session.get(
-                url,
-                timeout=self._timeout,
-                headers={"Accept": "application/json"},
-                allow_redirects=False,
-                stream=True,
-            ) as response:
-                if response.status_code != 200:
-                    raise AuthError(f"jwt rejected: key set fetch returned {response.status_code}")
-                body = bytearray()
-                for chunk in response.iter_content(chunk_size=16384):
-                    body.extend(chunk)
-                    if len(body) > self._max_bytes:
-                        raise AuthError("jwt rejected: key set too large")
-        except requests.RequestException as exc:
-            raise AuthError("jwt rejected: key set unreachable") from exc
-        try:
-            document = json.loads(bytes(body))
-        except ValueError as exc:
-            raise AuthError("jwt rejected: key set is not JSON") from exc
+            document = get_small_json(
+                self._session, url, timeout=self._timeout, max_bytes=self._max_bytes
+            )
+        except AuthError as exc:
+            raise AuthError(f"jwt rejected: key set {exc.message}") from exc
         return _parse_key_set(document)
 
 

@@ -106,27 +106,30 @@ class PatientWrite:
         else:
             parts.append(self.status)
             revision = self.revision
+
+            def did(verb: str, past: str) -> str:
+                """What a preview would do, or what the write did."""
+                return f"would {verb}" if self.preview else past
+
             if revision and (revision.revoked_plans or revision.revoked_requests):
-                verb = "would revoke" if self.preview else "revoked"
                 parts.append(
-                    f"{verb} {len(revision.revoked_plans)} care plan(s) and "
+                    f"{did('revoke', 'revoked')} {len(revision.revoked_plans)} care plan(s) and "
                     f"{len(revision.revoked_requests)} service request(s)"
                 )
             if revision and revision.completed_plans:
-                verb = "would complete" if self.preview else "completed"
-                parts.append(f"{verb} {len(revision.completed_plans)} care plan(s)")
-            if revision and (revision.updated_plans or revision.completed_requests):
-                verb = "would update" if self.preview else "updated"
-                done = "would complete" if self.preview else "completed"
                 parts.append(
-                    f"{verb} {len(revision.updated_plans)} care plan(s) in place; {done}"
+                    f"{did('complete', 'completed')} {len(revision.completed_plans)} care plan(s)"
+                )
+            if revision and (revision.updated_plans or revision.completed_requests):
+                parts.append(
+                    f"{did('update', 'updated')} {len(revision.updated_plans)} care plan(s)"
+                    f" in place; {did('complete', 'completed')}"
                     f" {len(revision.completed_requests)} service request(s) done elsewhere"
                 )
             if revision and revision.plan_on_server:
-                verb = "would create" if self.preview else "created"
                 parts.append(
                     f"kept {len(revision.kept_requests)} open service request(s);"
-                    f" {verb} {revision.created_requests}"
+                    f" {did('create', 'created')} {revision.created_requests}"
                 )
         return "; ".join(parts)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ FHIR_JSON = "application/fhir+json"
 LOAD_ORDER = ("CodeSystem", "ValueSet", "StructureDefinition")
 
 Json = dict[str, Any]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 
 @pytest.fixture(scope="session")
@@ -58,11 +61,36 @@ def open_app(fhir_base_url: str, tmp_path: Path) -> Flask:
     return create_app(settings)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def hapi(fhir_base_url: str) -> Iterator[FhirClient]:
-    """A FHIR client of the test server, for setting up records and reading results."""
+    """A FHIR client of the test server, for setting up records and reading results.
+
+    One per module, so that module-scoped fixtures (a browser session's patients) can use it.
+    """
     with FhirClient(fhir_base_url) as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Chromium driven through its chromedriver, one per test module."""
+    # Imported here, so only the browser tests need selenium.
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service as ChromeService
+
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.fail("headless Chromium is needed: apt-get install chromium chromium-driver")
+    server_guard.check("Chromium")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(arg)
+    options.add_argument("--window-size=1280,1000")
+    driver = webdriver.Chrome(service=ChromeService(executable_path=CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
 
 
 @pytest.fixture(scope="session")

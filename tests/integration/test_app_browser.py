@@ -21,7 +21,6 @@ import base64
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -37,7 +36,6 @@ from fhir_dm.cds.prefetch import render
 from fhir_dm.fhir.client import FhirClient
 from fhir_dm.knowledge.load import load_knowledge
 from tests import factories as f
-from tests import server_guard
 from tests.integration.records import store
 from tools.hapi_server import free_port
 
@@ -47,7 +45,6 @@ from selenium.common.exceptions import (  # noqa: E402
     NoSuchElementException,
     StaleElementReferenceException,
 )
-from selenium.webdriver.chrome.service import Service as ChromeService  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
@@ -63,8 +60,6 @@ SCREENSHOTS = os.environ.get("FHIR_DM_SCREENSHOTS")
 DESKTOP, PHONE = 1280, 375
 # A documentation screenshot shows the top of a long page (the full page is in tests/artifacts).
 DOC_SHOT_MAX_HEIGHT = 2400
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 START_TIMEOUT_S = 60.0
 # The launch page redirects to the app page: an element read during that navigation is gone.
 NAVIGATING = (StaleElementReferenceException, NoSuchElementException)
@@ -133,29 +128,6 @@ def service_url(fhir_base_url: str, tmp_path_factory: pytest.TempPathFactory) ->
         finally:
             process.terminate()
             process.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        pytest.fail("headless Chromium is needed: apt-get install chromium chromium-driver")
-    server_guard.check("Chromium")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        options.add_argument(arg)
-    options.add_argument("--window-size=1280,1000")
-    driver = webdriver.Chrome(service=ChromeService(executable_path=CHROMEDRIVER), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
-@pytest.fixture(scope="module")
-def hapi(fhir_base_url: str) -> Iterator[FhirClient]:
-    with FhirClient(fhir_base_url) as client:
-        yield client
 
 
 def _high_risk_with_a_done_test(hapi: FhirClient) -> str:

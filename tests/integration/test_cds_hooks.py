@@ -192,6 +192,18 @@ def call_hook(client: FlaskClient, key: Any, body: Json) -> Any:
     )
 
 
+def accept(client: FlaskClient, key: Any, card: Json, at: str) -> Json:
+    """Accept the card's first suggestion as the sandbox does; the feedback answer."""
+    url = f"/cds-services/{SERVICE}/feedback"
+    answer = client.post(
+        url,
+        json=scenarios.accepted(card, at),
+        headers={"Authorization": f"Bearer {sandbox_jwt(key, PUBLIC + url)}"},
+    )
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    return dict(answer.get_json())
+
+
 def transaction_from_suggestion(suggestion: Json, fhir_server: str) -> Json:
     """The documented client convention: the actions as one transaction, each entry's fullUrl
     inferred as `{fhirServer}/{type}/{id}`, creates POSTed, updates PUT by id."""
@@ -414,30 +426,8 @@ def test_an_accepted_suggestion_is_written_by_fhir_dm_once_when_the_site_asks(
     prefetch = sandbox_prefetch(client, fhir, fhir_base_url, ec_key, patient_id)
     body = scenarios.hook_request(patient_id, prefetch, fhir_server=fhir_base_url)
     [card] = call_hook(client, ec_key, body).get_json()["cards"]
-    url = f"/cds-services/{SERVICE}/feedback"
-
-    def accept(at: str) -> Json:
-        feedback = {
-            "feedback": [
-                {
-                    "card": card["uuid"],
-                    "outcome": "accepted",
-                    "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}],
-                    "outcomeTimestamp": at,
-                }
-            ]
-        }
-        answer = client.post(
-            url,
-            json=feedback,
-            headers={"Authorization": f"Bearer {sandbox_jwt(ec_key, PUBLIC + url)}"},
-        )
-        assert answer.status_code == 200, answer.get_data(as_text=True)
-        plans: Json = answer.get_json()["plans"]
-        return plans
-
-    assert accept("2024-04-15T10:01:00Z")["written"] == 1
-    assert accept("2024-04-15T10:02:00Z")["alreadyHandled"] == 1
+    assert accept(client, ec_key, card, "2024-04-15T10:01:00Z")["plans"]["written"] == 1
+    assert accept(client, ec_key, card, "2024-04-15T10:02:00Z")["plans"]["alreadyHandled"] == 1
     plans = fhir.get(
         f"{fhir_base_url}/CarePlan", params={"subject": f"Patient/{patient_id}"}, timeout=60
     ).json()
@@ -463,7 +453,6 @@ def test_a_tier_rise_after_the_plan_is_written_is_a_warning_and_the_revision_is_
     resources = scenarios.moderate_preliminary()
     patient = resources[0]
     store(fhir, fhir_base_url, resources)
-    url = f"/cds-services/{SERVICE}/feedback"
 
     def card_now() -> Json:
         prefetch = sandbox_prefetch(client, fhir, fhir_base_url, ec_key, patient["id"])
@@ -472,25 +461,6 @@ def test_a_tier_rise_after_the_plan_is_written_is_a_warning_and_the_revision_is_
         assert response.status_code == 200, response.get_data(as_text=True)
         [card] = response.get_json()["cards"]
         return dict(card)
-
-    def accept(card: Json, at: str) -> Json:
-        feedback = {
-            "feedback": [
-                {
-                    "card": card["uuid"],
-                    "outcome": "accepted",
-                    "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}],
-                    "outcomeTimestamp": at,
-                }
-            ]
-        }
-        answer = client.post(
-            url,
-            json=feedback,
-            headers={"Authorization": f"Bearer {sandbox_jwt(ec_key, PUBLIC + url)}"},
-        )
-        assert answer.status_code == 200, answer.get_data(as_text=True)
-        return dict(answer.get_json())
 
     def plans(**params: str) -> list[Json]:
         found = fhir.get(
@@ -502,7 +472,7 @@ def test_a_tier_rise_after_the_plan_is_written_is_a_warning_and_the_revision_is_
 
     first = card_now()
     assert "Moderate risk" in first["summary"]
-    assert accept(first, "2024-04-15T10:01:00Z")["plans"]["written"] == 1
+    assert accept(client, ec_key, first, "2024-04-15T10:01:00Z")["plans"]["written"] == 1
     [plan] = plans()
     orders = sum(1 for a in plan["activity"] if "reference" in a)
 
@@ -515,7 +485,7 @@ def test_a_tier_rise_after_the_plan_is_written_is_a_warning_and_the_revision_is_
     [suggestion] = changed["suggestions"]
     assert suggestion["label"].startswith("Revise the plan on file to High risk")
 
-    answer = accept(changed, "2024-04-15T10:02:00Z")
+    answer = accept(client, ec_key, changed, "2024-04-15T10:02:00Z")
     assert answer["plans"]["written"] == 1, answer
     [active] = plans(status="active")
     assert "High risk" in active["title"]

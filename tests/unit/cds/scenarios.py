@@ -108,3 +108,26 @@ def hook_request(
     if prefetch is not None:
         body["prefetch"] = prefetch
     return body
+
+
+def accepted(card: Json, at: str) -> Json:
+    """Feedback that accepts the card's first suggestion, as the sandbox sends on each click."""
+    return {
+        "feedback": [
+            {
+                "card": card["uuid"],
+                "outcome": "accepted",
+                "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}],
+                "outcomeTimestamp": at,
+            }
+        ]
+    }
+
+
+def suggested_plan(card: Json) -> Json:
+    """The CarePlan the card's first suggestion would create."""
+    return next(
+        a["resource"]
+        for a in card["suggestions"][0]["actions"]
+        if a["resource"]["resourceType"] == "CarePlan"
+    )

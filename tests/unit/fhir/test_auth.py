@@ -27,25 +27,13 @@ from fhir_dm.fhir import (
     auth_from_config,
     upstream_status,
 )
+from tests.clock import FakeClock
 
 BASE = "https://fhir.example.org/r4"
 TOKEN_URL = "https://auth.example.org/oauth/token"
 CLIENT_ID = "fhir-dm-test"
 KEY_ID = "key-2024-03"
 START = 1_709_631_000.0  # a fixed instant; decoding below skips PyJWT's wall-clock checks
-
-
-class FakeClock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture(scope="module")
-def rsa_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from fhir_dm.fhir.terminology import (
     engine_for,
 )
 from fhir_dm.knowledge.models import Knowledge
+from tests.clock import FakeClock
 from tests.conftest import NOW
 from tests.factories import bundle, concept, condition, iim_condition, patient
 from tests.terminology_server import TEST_SYSTEM, TEST_VALUE_SET, knowledge_with_test_checks
@@ -39,19 +40,9 @@ def tx_knowledge(tmp_path_factory: pytest.TempPathFactory) -> Knowledge:
     return knowledge_with_test_checks(tmp_path_factory.mktemp("tx"))
 
 
-class FakeClock:
-    """A monotonic clock the tests move by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(1000.0)  # a monotonic reading
 
 
 @pytest.fixture

@@ -15,37 +15,27 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 import responses
 from flask import Flask
 
-from fhir_dm.cds.state import StateSettings
 from fhir_dm.core.assess import Engine
-from fhir_dm.fhir.client import FhirClient
-from fhir_dm.fhir.retry import RetryPolicy
-from fhir_dm.web import logs, outcomes
-from fhir_dm.web.cds_hooks import CdsSettings, PlanWriter, current_cds, init_app
-from fhir_dm.web.trust import IssuerTrust, TrustConfig
-from fhir_dm.writeback.locks import PatientLocks
-from fhir_dm.writeback.writer import WriteBack
 from tests import factories as f
 from tests.unit.cds import scenarios
 from tests.unit.web.conftest import BASE, FakeFhirServer
 from tests.unit.web.test_cds_hooks import (
     EHR_FHIR,
     FHIR_TOKEN,
-    ISS,
-    JWKS_URL,
-    NOW_EPOCH,
-    PINNED,
     PUBLIC,
     SERVICE,
     EhrFhir,
     auth,
     ec_key,
+    first_page,
     full_request,
     make_app,
     rsps,
+    templates_of,
+    writing_app,
 )
 
 __all__ = ["ec_key", "rsps"]  # fixtures shared with test_cds_hooks
@@ -53,51 +43,6 @@ __all__ = ["ec_key", "rsps"]  # fixtures shared with test_cds_hooks
 Json = dict[str, Any]
 FEEDBACK = f"/cds-services/{SERVICE}/feedback"
 OTHER_NAME = "https://fhir-internal.example.org/r4"  # the same server under another name
-
-
-def _app(engine: Engine, tmp_path: Path, **settings: Any) -> Flask:
-    """The CDS edge writing accepted suggestions to the fake FHIR server at BASE."""
-    app = Flask(__name__)
-    logs.init_app(app)
-    outcomes.init_app(app)
-    client = FhirClient(BASE, retry=RetryPolicy(max_retries=0), page_size=3)
-    writer = PlanWriter(WriteBack(client, engine, PatientLocks(tmp_path / "locks")), BASE)
-    init_app(
-        app,
-        CdsSettings(
-            public_base_url=PUBLIC,
-            trust=TrustConfig(issuers=(IssuerTrust(iss=ISS, jwks_url=JWKS_URL),)),
-            allowed_fhir_servers=(BASE,),
-            state=StateSettings(sqlite_path=tmp_path / "state.sqlite3"),
-            write_on_accept=True,
-            **settings,
-        ),
-        engine=engine,
-        knowledge=engine.knowledge,
-        clock=lambda: PINNED,
-        http_session=requests.Session(),
-        trust_clock=lambda: NOW_EPOCH,
-        plan_writer=writer,
-    )
-    return app
-
-
-def _templates(app: Flask) -> Any:
-    with app.app_context():
-        return current_cds().templates
-
-
-def _accept(card: Json, at: str) -> Json:
-    return {
-        "feedback": [
-            {
-                "card": card["uuid"],
-                "outcome": "accepted",
-                "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}],
-                "outcomeTimestamp": at,
-            }
-        ]
-    }
 
 
 def _call(app: Flask, ec_key: Any, body: Json, hook_instance: str) -> list[Json]:
@@ -123,12 +68,17 @@ def test_a_tier_rise_after_the_plan_is_written_is_a_warning_naming_both_with_a_r
     fhir = FakeFhirServer(rsps)
     resources = scenarios.moderate_preliminary()
     fhir.put(*resources)
-    app = _app(engine, tmp_path)
-    templates = _templates(app)
+    app = writing_app(engine, tmp_path)
+    templates = templates_of(app)
     body = full_request(templates, resources, fhir_server=BASE, token=FHIR_TOKEN)
     [first] = _call(app, ec_key, body, "00000000-0000-4000-8000-000000000001")
     orders_on_file = first["suggestions"][0]["label"].split("(")[1].split(" ")[0]
-    assert _feedback(app, ec_key, _accept(first, "2024-04-15T10:01:00Z"))["plans"]["written"] == 1
+    assert (
+        _feedback(app, ec_key, scenarios.accepted(first, "2024-04-15T10:01:00Z"))["plans"][
+            "written"
+        ]
+        == 1
+    )
     [plan] = fhir.all("CarePlan")
 
     # A TIF1-gamma result arrives: the record now gives High risk.
@@ -147,7 +97,7 @@ def test_a_tier_rise_after_the_plan_is_written_is_a_warning_naming_both_with_a_r
     assert suggestion["label"].startswith("Revise the plan on file to High risk")
     assert "actions" not in suggestion  # the write-back applies it (write_on_accept)
 
-    answer = _feedback(app, ec_key, _accept(card, "2024-04-15T10:02:00Z"))
+    answer = _feedback(app, ec_key, scenarios.accepted(card, "2024-04-15T10:02:00Z"))
     assert answer["plans"]["written"] == 1, answer
     [revised] = [p for p in fhir.all("CarePlan") if p.get("status") == "active"]
     assert "High risk" in revised["title"]
@@ -158,13 +108,9 @@ def test_without_write_on_accept_the_changed_plan_card_offers_no_empty_suggestio
 ) -> None:
     app = make_app(engine)
     resources = scenarios.moderate_preliminary()
-    templates = _templates(app)
+    templates = templates_of(app)
     [first] = _call(app, ec_key, full_request(templates, resources), "h-1")
-    plan = next(
-        a["resource"]
-        for a in first["suggestions"][0]["actions"]
-        if a["resource"]["resourceType"] == "CarePlan"
-    )
+    plan = scenarios.suggested_plan(first)
     stored = {**plan, "id": "cp-1"}
     tif1g = f.antibody(resources[0], "tif1g", "positive")
     [card] = _call(app, ec_key, full_request(templates, [*resources, tif1g], plans=[stored]), "h-2")
@@ -184,11 +130,8 @@ def test_a_paged_key_without_a_token_is_fetched_from_a_server_marked_open(
     patient = resources[0]
     extra = [f.condition(patient, f.concept(f.SCT, "38341003", "Hypertension")) for _ in range(201)]
     ehr.resources = [*resources, *extra]
-    body = full_request(_templates(app), [*resources, *extra], fhir_server=EHR_FHIR)
-    body["prefetch"]["conditions"] = scenarios.searchset(
-        [r for r in resources if r["resourceType"] == "Condition"][:1],
-        next_url=f"{EHR_FHIR}?_getpages=abc&_getpagesoffset=200&_count=200",
-    )
+    body = full_request(templates_of(app), [*resources, *extra], fhir_server=EHR_FHIR)
+    body["prefetch"]["conditions"] = first_page(resources, 200)
     response = app.test_client().post(f"/cds-services/{SERVICE}", json=body, headers=auth(ec_key))
     assert response.status_code == 200
     [card] = response.get_json()["cards"]
@@ -202,11 +145,8 @@ def test_a_paged_key_that_cannot_be_fetched_is_an_incomplete_card_never_all_clea
 ) -> None:
     app = make_app(engine)
     resources = scenarios.high_risk()
-    body = full_request(_templates(app), resources, fhir_server=EHR_FHIR)
-    body["prefetch"]["conditions"] = scenarios.searchset(
-        [r for r in resources if r["resourceType"] == "Condition"],
-        next_url=f"{EHR_FHIR}?_getpages=abc&_getpagesoffset=200&_count=200",
-    )
+    body = full_request(templates_of(app), resources, fhir_server=EHR_FHIR)
+    body["prefetch"]["conditions"] = first_page(resources, 200)
     response = app.test_client().post(f"/cds-services/{SERVICE}", json=body, headers=auth(ec_key))
     assert response.status_code == 200
     [card] = response.get_json()["cards"]
@@ -222,11 +162,11 @@ def test_feedback_for_another_server_name_says_skipped_naming_both_never_already
     fhir = FakeFhirServer(rsps)
     resources = scenarios.high_risk()
     fhir.put(*resources)
-    app = _app(engine, tmp_path)
+    app = writing_app(engine, tmp_path)
     other_name = OTHER_NAME
-    body = full_request(_templates(app), resources, fhir_server=other_name, token=FHIR_TOKEN)
+    body = full_request(templates_of(app), resources, fhir_server=other_name, token=FHIR_TOKEN)
     [card] = _call(app, ec_key, body, "00000000-0000-4000-8000-000000000003")
-    answer = _feedback(app, ec_key, _accept(card, "2024-04-15T10:01:00Z"))
+    answer = _feedback(app, ec_key, scenarios.accepted(card, "2024-04-15T10:01:00Z"))
     assert answer["plans"]["alreadyHandled"] == 0
     assert answer["plans"]["skipped"] == 1
     [detail] = answer["details"]
@@ -244,10 +184,10 @@ def test_feedback_for_an_aliased_server_name_is_written(
     fhir.put(*resources)
     # Another name of the same server, spelled with upper case, a default port and a slash.
     other_name = "https://FHIR-INTERNAL.example.org:443/r4/"
-    app = _app(engine, tmp_path, fhir_server_aliases=((BASE, OTHER_NAME),))
-    body = full_request(_templates(app), resources, fhir_server=other_name, token=FHIR_TOKEN)
+    app = writing_app(engine, tmp_path, fhir_server_aliases=((BASE, OTHER_NAME),))
+    body = full_request(templates_of(app), resources, fhir_server=other_name, token=FHIR_TOKEN)
     [card] = _call(app, ec_key, body, "00000000-0000-4000-8000-000000000004")
-    answer = _feedback(app, ec_key, _accept(card, "2024-04-15T10:01:00Z"))
+    answer = _feedback(app, ec_key, scenarios.accepted(card, "2024-04-15T10:01:00Z"))
     assert answer["plans"]["written"] == 1, answer
     assert len(fhir.all("CarePlan")) == 1
 
@@ -256,9 +196,9 @@ def test_feedback_summary_counts_cards_not_clicks(
     engine: Engine, rsps: responses.RequestsMock, ec_key: Any
 ) -> None:
     app = make_app(engine)
-    [card] = _call(app, ec_key, full_request(_templates(app), scenarios.high_risk()), "h-9")
+    [card] = _call(app, ec_key, full_request(templates_of(app), scenarios.high_risk()), "h-9")
     for at in ("2024-04-15T10:01:00Z", "2024-04-15T10:02:00Z", "2024-04-15T10:03:00Z"):
-        _feedback(app, ec_key, _accept(card, at))  # the sandbox sends one per click
+        _feedback(app, ec_key, scenarios.accepted(card, at))  # the sandbox sends one per click
     summary_url = f"/cds-services/{SERVICE}/feedback/summary"
     summary = (
         app.test_client()
@@ -274,7 +214,7 @@ def test_a_patient_whose_complete_conditions_show_no_iim_gets_no_incomplete_card
 ) -> None:
     """No nagging: missing observations cannot make an IIM; missing conditions could."""
     app = make_app(engine)
-    body = full_request(_templates(app), scenarios.no_iim())
+    body = full_request(templates_of(app), scenarios.no_iim())
     del body["prefetch"][missing]
     cards = _call(app, ec_key, body, f"h-{missing}")
     assert (len(cards) == 1) is card

@@ -26,20 +26,25 @@ from fhir_dm.cds.feedback import FeedbackStore
 from fhir_dm.cds.prefetch import PrefetchTemplate
 from fhir_dm.cds.state import StateSettings
 from fhir_dm.core.assess import Engine
+from fhir_dm.fhir.client import FhirClient
 from fhir_dm.fhir.config import FhirServerConfig
+from fhir_dm.fhir.retry import RetryPolicy
 from fhir_dm.web import logs, outcomes
 from fhir_dm.web.app import create_app
 from fhir_dm.web.cds_hooks import (
     CdsSettings,
+    PlanWriter,
     current_cds,
     fhir_server_allowed,
     init_app,
 )
 from fhir_dm.web.settings import Settings, current_service
 from fhir_dm.web.trust import IssuerTrust, TrustConfig
-from fhir_dm.writeback.writer import PATIENT_SEARCHES
+from fhir_dm.writeback.locks import PatientLocks
+from fhir_dm.writeback.writer import PATIENT_SEARCHES, WriteBack
 from tests import factories as f
 from tests.unit.cds import scenarios
+from tests.unit.web.conftest import BASE
 
 SERVICE = "dm-cancer-screening"
 PUBLIC = "https://dm.example.org"
@@ -196,6 +201,44 @@ def make_app(engine: Engine, **settings: Any) -> Flask:
     return app
 
 
+def writing_app(engine: Engine, tmp_path: Path, **settings: Any) -> Flask:
+    """The CDS edge with the write-back to the fake FHIR server at BASE (the EHR's, here).
+
+    `write_on_accept` is on unless a test turns it off; other settings pass through.
+    """
+    app = Flask(__name__)
+    logs.init_app(app)
+    outcomes.init_app(app)
+    client = FhirClient(BASE, retry=RetryPolicy(max_retries=0), page_size=3)
+    writer = PlanWriter(WriteBack(client, engine, PatientLocks(tmp_path / "locks")), BASE)
+    init_app(
+        app,
+        CdsSettings(
+            **{
+                "public_base_url": PUBLIC,
+                "trust": TrustConfig(issuers=(IssuerTrust(iss=ISS, jwks_url=JWKS_URL),)),
+                "allowed_fhir_servers": (BASE,),
+                "state": StateSettings(sqlite_path=tmp_path / "state.sqlite3"),
+                "write_on_accept": True,
+                **settings,
+            }
+        ),
+        engine=engine,
+        knowledge=engine.knowledge,
+        clock=lambda: PINNED,
+        http_session=requests.Session(),
+        trust_clock=lambda: NOW_EPOCH,
+        plan_writer=writer,
+    )
+    return app
+
+
+def templates_of(app: Flask) -> tuple[PrefetchTemplate, ...]:
+    """The prefetch templates the app's CDS edge announces."""
+    with app.app_context():
+        return current_cds().templates
+
+
 @pytest.fixture
 def app(engine: Engine, rsps: responses.RequestsMock) -> Flask:
     return make_app(engine)
@@ -247,6 +290,14 @@ def call(client: FlaskClient, ec_key: Any) -> Poster:
 def full_request(templates: tuple[PrefetchTemplate, ...], resources: list[Json], **kw: Any) -> Json:
     prefetch = scenarios.full_prefetch(templates, resources, plans=kw.pop("plans", ()))
     return scenarios.hook_request(resources[0]["id"], prefetch, **kw)
+
+
+def first_page(resources: list[Json], page_size: int) -> Json:
+    """The Conditions of `resources` as HAPI's first page: a searchset linking to the rest."""
+    return scenarios.searchset(
+        [r for r in resources if r["resourceType"] == "Condition"],
+        next_url=f"{EHR_FHIR}?_getpages=abc&_getpagesoffset={page_size}&_count={page_size}",
+    )
 
 
 # --- discovery ------------------------------------------------------------------------------
@@ -581,11 +632,7 @@ def test_existing_plan_is_not_proposed_again(
 ) -> None:
     resources = scenarios.high_risk()
     first = call(full_request(templates, resources)).get_json()["cards"][0]
-    plan = next(
-        a["resource"]
-        for a in first["suggestions"][0]["actions"]
-        if a["resource"]["resourceType"] == "CarePlan"
-    )
+    plan = scenarios.suggested_plan(first)
     stored = {**plan, "id": "4711", "meta": {**plan["meta"], "lastUpdated": "2024-04-15T11:00:00Z"}}
     response = call(full_request(templates, resources, plans=[stored]))
     [card] = response.get_json()["cards"]

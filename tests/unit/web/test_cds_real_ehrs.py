@@ -20,40 +20,35 @@ import requests
 import responses
 import yaml
 from cryptography.hazmat.primitives.asymmetric import ec
-from flask import Flask
 
 from fhir_dm.cds.state import StateSettings
 from fhir_dm.common.errors import KnowledgeError
 from fhir_dm.core.assess import Engine
-from fhir_dm.fhir.client import FhirClient
 from fhir_dm.fhir.config import FhirServerConfig
-from fhir_dm.fhir.retry import RetryPolicy
-from fhir_dm.web import logs, outcomes
 from fhir_dm.web.app import create_app
-from fhir_dm.web.cds_hooks import CdsSettings, PlanWriter, current_cds, init_app
+from fhir_dm.web.cds_hooks import CdsSettings, current_cds
 from fhir_dm.web.settings import Settings
 from fhir_dm.web.trust import IssuerTrust, TrustConfig
-from fhir_dm.writeback.locks import PatientLocks
-from fhir_dm.writeback.writer import WriteBack
 from tests.unit.cds import scenarios
 from tests.unit.web.conftest import BASE, FakeFhirServer, transaction_calls
 from tests.unit.web.test_cds_hooks import (
     EHR_FHIR,
     FHIR_TOKEN,
     ISS,
-    JWKS_URL,
     NOW_EPOCH,
-    PINNED,
     PUBLIC,
     SERVICE,
     SERVICE_URL,
     EhrFhir,
     auth,
     ec_key,
+    first_page,
     full_request,
     incomplete_detail,
     make_app,
     rsps,
+    templates_of,
+    writing_app,
 )
 
 __all__ = ["ec_key", "rsps"]  # fixtures shared with test_cds_hooks
@@ -62,11 +57,6 @@ DOCS = Path(__file__).resolve().parents[3] / "docs"
 SANDBOX_ISS = "https://sandbox.cds-hooks.org"
 SANDBOX_JKU = "https://sandbox.cds-hooks.org/.well-known/jwks.json"
 Json = dict[str, Any]
-
-
-def templates_of(app: Flask) -> Any:
-    with app.app_context():
-        return current_cds().templates
 
 
 # --- paged prefetch and precise 412 answers -----------------------------------------------
@@ -89,10 +79,7 @@ def test_a_first_page_without_a_token_is_an_incomplete_card_naming_the_key_and_w
     app = make_app(engine)
     resources = scenarios.high_risk()
     body = full_request(templates_of(app), resources, fhir_server=EHR_FHIR)
-    body["prefetch"]["conditions"] = scenarios.searchset(
-        [r for r in resources if r["resourceType"] == "Condition"],
-        next_url=f"{EHR_FHIR}?_getpages=abc&_getpagesoffset=20&_count=20",
-    )
+    body["prefetch"]["conditions"] = first_page(resources, 20)
     response = app.test_client().post(f"/cds-services/{SERVICE}", json=body, headers=auth(ec_key))
     text = incomplete_detail(response).replace("\\", "")
     assert "prefetch key 'conditions' is incomplete" in text
@@ -285,52 +272,13 @@ def test_the_sandbox_example_keeps_security_and_one_public_base_url(tmp_path: Pa
 # --- write on accept ------------------------------------------------------------------------
 
 
-def _writing_app(engine: Engine, tmp_path: Path, *, write_on_accept: bool) -> Flask:
-    """The CDS edge with the write-back to the fake FHIR server (the EHR's, in this test)."""
-    app = Flask(__name__)
-    logs.init_app(app)
-    outcomes.init_app(app)
-    client = FhirClient(BASE, retry=RetryPolicy(max_retries=0), page_size=3)
-    writer = PlanWriter(WriteBack(client, engine, PatientLocks(tmp_path / "locks")), BASE)
-    init_app(
-        app,
-        CdsSettings(
-            public_base_url=PUBLIC,
-            trust=TrustConfig(issuers=(IssuerTrust(iss=ISS, jwks_url=JWKS_URL),)),
-            allowed_fhir_servers=(BASE,),
-            state=StateSettings(sqlite_path=tmp_path / "state.sqlite3"),
-            write_on_accept=write_on_accept,
-        ),
-        engine=engine,
-        knowledge=engine.knowledge,
-        clock=lambda: PINNED,
-        http_session=requests.Session(),
-        trust_clock=lambda: NOW_EPOCH,
-        plan_writer=writer,
-    )
-    return app
-
-
-def _accept(card: Json, at: str) -> Json:
-    return {
-        "feedback": [
-            {
-                "card": card["uuid"],
-                "outcome": "accepted",
-                "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}],
-                "outcomeTimestamp": at,
-            }
-        ]
-    }
-
-
 def test_an_accepted_suggestion_is_written_once_when_the_site_asks_for_it(
     engine: Engine, rsps: responses.RequestsMock, ec_key: Any, tmp_path: Path
 ) -> None:
     fhir = FakeFhirServer(rsps)
     resources = scenarios.high_risk()
     fhir.put(*resources)
-    app = _writing_app(engine, tmp_path, write_on_accept=True)
+    app = writing_app(engine, tmp_path)
     client = app.test_client()
     body = full_request(templates_of(app), resources, fhir_server=BASE, token=FHIR_TOKEN)
     card = client.post(f"/cds-services/{SERVICE}", json=body, headers=auth(ec_key)).get_json()[
@@ -338,7 +286,9 @@ def test_an_accepted_suggestion_is_written_once_when_the_site_asks_for_it(
     ][0]
     url = f"/cds-services/{SERVICE}/feedback"
     first = client.post(
-        url, json=_accept(card, "2024-04-15T10:01:00Z"), headers=auth(ec_key, aud=PUBLIC + url)
+        url,
+        json=scenarios.accepted(card, "2024-04-15T10:01:00Z"),
+        headers=auth(ec_key, aud=PUBLIC + url),
     )
     assert first.status_code == 200
     assert first.get_json()["plans"] == {
@@ -352,15 +302,13 @@ def test_an_accepted_suggestion_is_written_once_when_the_site_asks_for_it(
     assert done["outcome"] == "written" and BASE in done["reason"]
     assert transaction_calls(rsps) == 1
     [plan] = fhir.all("CarePlan")
-    suggested = next(
-        a["resource"]
-        for a in card["suggestions"][0]["actions"]
-        if a["resource"]["resourceType"] == "CarePlan"
-    )
+    suggested = scenarios.suggested_plan(card)
     assert plan["identifier"] == suggested["identifier"]  # the plan the card proposed
     # The sandbox sends "accepted" on every click, with a new timestamp each time.
     again = client.post(
-        url, json=_accept(card, "2024-04-15T10:05:00Z"), headers=auth(ec_key, aud=PUBLIC + url)
+        url,
+        json=scenarios.accepted(card, "2024-04-15T10:05:00Z"),
+        headers=auth(ec_key, aud=PUBLIC + url),
     )
     assert again.get_json()["plans"]["alreadyHandled"] == 1
     assert again.get_json()["details"][0]["reason"] == "the plan of this card was written before"
@@ -382,7 +330,7 @@ def test_a_failed_write_is_tried_again_by_the_next_accepted_feedback(
     resources = scenarios.high_risk()
     fhir.put(*resources)
     fhir.reject_transaction = (503, {"resourceType": "OperationOutcome", "issue": []})
-    app = _writing_app(engine, tmp_path, write_on_accept=True)
+    app = writing_app(engine, tmp_path)
     client = app.test_client()
     body = full_request(templates_of(app), resources, fhir_server=BASE, token=FHIR_TOKEN)
     card = client.post(f"/cds-services/{SERVICE}", json=body, headers=auth(ec_key)).get_json()[
@@ -390,12 +338,16 @@ def test_a_failed_write_is_tried_again_by_the_next_accepted_feedback(
     ][0]
     url = f"/cds-services/{SERVICE}/feedback"
     failed = client.post(
-        url, json=_accept(card, "2024-04-15T10:01:00Z"), headers=auth(ec_key, aud=PUBLIC + url)
+        url,
+        json=scenarios.accepted(card, "2024-04-15T10:01:00Z"),
+        headers=auth(ec_key, aud=PUBLIC + url),
     )
     assert failed.status_code == 200 and failed.get_json()["plans"]["failed"] == 1
     fhir.reject_transaction = None
     retried = client.post(
-        url, json=_accept(card, "2024-04-15T10:02:00Z"), headers=auth(ec_key, aud=PUBLIC + url)
+        url,
+        json=scenarios.accepted(card, "2024-04-15T10:02:00Z"),
+        headers=auth(ec_key, aud=PUBLIC + url),
     )
     assert retried.get_json()["plans"]["written"] == 1
     assert len(fhir.all("CarePlan")) == 1
@@ -408,14 +360,14 @@ def test_nothing_is_written_unless_asked_for(
     fhir = FakeFhirServer(rsps)
     resources = scenarios.high_risk()
     fhir.put(*resources)
-    app = _writing_app(engine, tmp_path, write_on_accept=case != "option-off")
+    app = writing_app(engine, tmp_path, write_on_accept=case != "option-off")
     client = app.test_client()
     server = EHR_FHIR if case == "other-fhir-server" else BASE
     body = full_request(templates_of(app), resources, fhir_server=server, token=FHIR_TOKEN)
     card = client.post(f"/cds-services/{SERVICE}", json=body, headers=auth(ec_key)).get_json()[
         "cards"
     ][0]
-    feedback = _accept(card, "2024-04-15T10:01:00Z")
+    feedback = scenarios.accepted(card, "2024-04-15T10:01:00Z")
     if case == "overridden":
         feedback["feedback"][0] = {
             "card": card["uuid"],

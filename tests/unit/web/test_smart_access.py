@@ -7,7 +7,6 @@ introspection); tests/integration/test_smart_auth.py runs a real one.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from fhir_dm.web.authorize import require_patient, require_population
 from fhir_dm.web.scopes import Need, missing_permissions, parse_scopes
 from fhir_dm.web.trust import Principal, TrustConfig
 from tests import factories as f
+from tests.clock import FakeClock
 from tests.unit.web.conftest import BASE, FakeFhirServer, make_settings, transaction_calls
 
 AS = "https://auth.example.org"
@@ -38,19 +38,6 @@ PATIENT_WRITE = PATIENT_READ + (
     " patient/RiskAssessment.c patient/CarePlan.cu patient/ServiceRequest.cu patient/Provenance.c"
 )
 Json = dict[str, Any]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture(scope="module")
-def rsa_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +71,7 @@ def auth_server(
     return rsps
 
 
-def token(key: Any, clock: Clock, *, alg: str = "RS384", kid: str = "r1", **claims: Any) -> str:
+def token(key: Any, clock: FakeClock, *, alg: str = "RS384", kid: str = "r1", **claims: Any) -> str:
     payload = {
         "iss": AS,
         "aud": BASE,
@@ -101,7 +88,7 @@ def token(key: Any, clock: Clock, *, alg: str = "RS384", kid: str = "r1", **clai
     return jwt.encode(payload, key, algorithm=alg, headers={"kid": kid, "typ": "at+jwt"})
 
 
-def verifier(clock: Clock, **config: Any) -> AccessTokenVerifier:
+def verifier(clock: FakeClock, **config: Any) -> AccessTokenVerifier:
     return AccessTokenVerifier(
         SmartTrust(**config), fhir_base_url=BASE, session=requests.Session(), clock=clock
     )
@@ -189,7 +176,7 @@ def test_ehr_style_tokens_are_accepted_by_the_fhir_servers_audience(
     auth_server: responses.RequestsMock, rsa_key: Any, ec_key: Any
 ) -> None:
     """RS256 (the SMART launcher's), RS384 and ES256 with aud = the FHIR base URL."""
-    clock = Clock()
+    clock = FakeClock()
     check = verifier(clock)
     for alg, key, kid in (
         ("RS256", rsa_key, "r1"),
@@ -205,7 +192,7 @@ def test_an_access_token_is_reused_and_may_be_old(
     auth_server: responses.RequestsMock, rsa_key: Any
 ) -> None:
     """Bearer tokens are used many times (no jti replay) until exp (no iat age limit)."""
-    clock = Clock()
+    clock = FakeClock()
     check = verifier(clock)
     issued_long_ago = token(rsa_key, clock, iat=int(clock.now) - 600)
     for _ in range(3):
@@ -217,7 +204,7 @@ def test_an_access_token_is_reused_and_may_be_old(
 def test_the_audience_is_the_fhir_server_or_the_service_as_configured(
     auth_server: responses.RequestsMock, rsa_key: Any
 ) -> None:
-    clock = Clock()
+    clock = FakeClock()
     endpoint = token(rsa_key, clock, aud=f"{SERVICE}/app/api/Patient/pa/view")
     with pytest.raises(AuthError, match="aud"):
         verifier(clock).verify(endpoint)
@@ -231,7 +218,7 @@ def test_the_audience_is_the_fhir_server_or_the_service_as_configured(
 def test_expired_foreign_and_unsigned_tokens_are_refused(
     auth_server: responses.RequestsMock, rsa_key: Any
 ) -> None:
-    clock = Clock()
+    clock = FakeClock()
     check = verifier(clock)
     with pytest.raises(AuthError, match="expired"):
         check.verify(token(rsa_key, clock, exp=int(clock.now) - 60))
@@ -250,7 +237,7 @@ def test_expired_foreign_and_unsigned_tokens_are_refused(
 def test_a_verified_token_is_cached_until_it_expires(
     auth_server: responses.RequestsMock, rsa_key: Any
 ) -> None:
-    clock = Clock()
+    clock = FakeClock()
     check = verifier(clock, leeway_seconds=0)
     short = token(rsa_key, clock, exp=int(clock.now) + 120)
     check.verify(short)
@@ -279,7 +266,7 @@ def _introspection(rsps: responses.RequestsMock, answer: Json) -> list[Any]:
 def test_opaque_tokens_are_introspected_with_the_services_credentials_and_cached(
     auth_server: responses.RequestsMock,
 ) -> None:
-    clock = Clock()
+    clock = FakeClock()
     calls = _introspection(
         auth_server,
         {
@@ -309,7 +296,7 @@ def test_an_inactive_token_is_refused_and_the_token_never_logged(
 ) -> None:
     _introspection(auth_server, {"active": False})
     check = verifier(
-        Clock(), introspection=IntrospectionClient(client_id="dm-rs", client_secret="s3cret")
+        FakeClock(), introspection=IntrospectionClient(client_id="dm-rs", client_secret="s3cret")
     )
     with pytest.raises(AuthError, match="not active"):
         check.verify("revoked-token-value")
@@ -321,7 +308,7 @@ def test_without_a_smart_configuration_the_answer_is_503_not_401(
 ) -> None:
     """The token may be fine: the service cannot check it, which is not the caller's fault."""
     rsps.add(responses.GET, SMART_CONFIG, status=404)
-    clock = Clock()
+    clock = FakeClock()
     with pytest.raises(UpstreamUnavailableError, match="smart-configuration"):
         verifier(clock).verify(token(rsa_key, clock))
 
@@ -351,7 +338,7 @@ def test_the_app_view_under_a_token_for_a_refuses_b(
     smart_client: FlaskClient, fhir_server: FakeFhirServer, rsa_key: Any
 ) -> None:
     _two_patients(fhir_server)
-    headers = _bearer(token(rsa_key, Clock(), scope=PATIENT_READ))
+    headers = _bearer(token(rsa_key, FakeClock(), scope=PATIENT_READ))
     own = smart_client.post("/app/api/Patient/pa/view?now=2024-04-15", headers=headers)
     assert own.status_code == 200, own.get_data(as_text=True)
     other = smart_client.post("/app/api/Patient/pb/view?now=2024-04-15", headers=headers)
@@ -369,14 +356,18 @@ def test_writing_needs_write_scopes_for_every_type_written(
 ) -> None:
     _two_patients(fhir_server)
     url = "/Patient/pa/$dm-cancer-screening?preview=false&now=2024-04-15"
-    read_only = smart_client.post(url, headers=_bearer(token(rsa_key, Clock(), scope=PATIENT_READ)))
+    read_only = smart_client.post(
+        url, headers=_bearer(token(rsa_key, FakeClock(), scope=PATIENT_READ))
+    )
     assert read_only.status_code == 403
     assert "patient/CarePlan.cu" in read_only.get_json()["issue"][0]["diagnostics"]
     assert "insufficient_scope" in read_only.headers["WWW-Authenticate"]
     assert transaction_calls(rsps) == 0
-    other = smart_client.post(url.replace("/pa/", "/pb/"), headers=_bearer(token(rsa_key, Clock())))
+    other = smart_client.post(
+        url.replace("/pa/", "/pb/"), headers=_bearer(token(rsa_key, FakeClock()))
+    )
     assert other.status_code == 403 and transaction_calls(rsps) == 0
-    written = smart_client.post(url, headers=_bearer(token(rsa_key, Clock())))
+    written = smart_client.post(url, headers=_bearer(token(rsa_key, FakeClock())))
     assert written.status_code == 200, written.get_data(as_text=True)
     assert transaction_calls(rsps) == 1
 
@@ -384,7 +375,7 @@ def test_writing_needs_write_scopes_for_every_type_written(
 def test_the_clinic_needs_user_scopes(
     smart_client: FlaskClient, fhir_server: FakeFhirServer, rsa_key: Any
 ) -> None:
-    patient_token = _bearer(token(rsa_key, Clock()))
+    patient_token = _bearer(token(rsa_key, FakeClock()))
     refused = smart_client.post("/app/api/clinic?now=2024-04-15", headers=patient_token)
     assert refused.status_code == 403
     assert "user-level" in refused.get_json()["issue"][0]["diagnostics"]
@@ -397,7 +388,7 @@ def test_the_clinic_needs_user_scopes(
 
 
 def test_an_expired_or_garbage_token_is_401(smart_client: FlaskClient, rsa_key: Any) -> None:
-    clock = Clock()
+    clock = FakeClock()
     for bad in (token(rsa_key, clock, exp=int(clock.now) - 3600), "garbage"):
         answer = smart_client.post("/app/api/Patient/pa/view", headers=_bearer(bad))
         assert answer.status_code == 401

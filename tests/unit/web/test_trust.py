@@ -29,6 +29,7 @@ from fhir_dm.web.trust import (
     ReplayCache,
     TrustConfig,
 )
+from tests.clock import FakeClock
 
 ISS = "https://ehr.example.org"
 JWKS_URL = "https://ehr.example.org/.well-known/jwks.json"
@@ -38,24 +39,6 @@ AUD = "https://dm.example.org/cds-services/dm-cancer-risk"
 # 2026-03-14T09:26:40Z; a fixed instant keeps every time check deterministic.
 NOW = 1_773_480_400.0
 STATIC_TOKEN = "static-token-for-tests-0123456789abcdef"
-
-
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture(scope="module")
-def rsa_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
 @pytest.fixture(scope="module")
