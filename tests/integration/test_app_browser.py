@@ -282,6 +282,10 @@ def test_the_patient_page_shows_tier_counts_and_chart_and_writes_one_plan(
         assert int(shown.text) == expected["counts"][status], status
     items = expected["items"]
     assert browser.find_element(By.ID, "items-line").text.startswith(items["line"])
+    # What writing would do, in the clinician's words: no FHIR reference, the same counts.
+    plan_summary = browser.find_element(By.ID, "plan-summary").text
+    assert "Patient/" not in plan_summary
+    assert items["line"].removeprefix("Proposed: ") in plan_summary
 
     # What each factor contributed; the reasons in clinical words, the rules behind a summary.
     factors = browser.find_elements(By.CSS_SELECTOR, "#factors tbody tr")

@@ -219,11 +219,14 @@
     }
     $("items-line").textContent = view.items.line + (view.items.total ? "; a service request is an order placed now, a care-plan activity is later, to consider, done or an examination." : "");
     const plan = view.plan;
+    const size = view.items.line.replace(/^Proposed: /, "");
     let summary;
     if (!plan.proposed) summary = "No plan is proposed for this patient.";
     else if (plan.status === "unchanged") summary = "This plan is on file in the record; nothing to write.";
-    else if (plan.revision) summary = "A revision is pending: the plan on file differs from the record's current assessment. " + plan.summary;
-    else summary = "No plan is on file yet. " + plan.summary;
+    // In the clinician's words: what writing would do (the service's one-line summary, with its
+    // Patient reference, is for integration engines and logs).
+    else if (plan.revision) summary = "The plan on file differs from what the record now gives: writing revises it in place (" + size + ").";
+    else summary = "No plan is on file yet: writing records the care plan and its orders (" + size + ").";
     $("plan-summary").textContent = summary;
     const button = $("write");
     button.hidden = !plan.writable;
