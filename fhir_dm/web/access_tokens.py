@@ -234,14 +234,15 @@ def get_small_json(
     return document
 
 
-def _strip_slash(url: str) -> str:
+def strip_slash(url: str) -> str:
     return url[:-1] if url.endswith("/") else url
 
 
-def _audience_matches(aud: Any, expected: tuple[str, ...]) -> bool:
+def audience_matches(aud: Any, expected: tuple[str, ...]) -> bool:
+    """`aud` (a string, or an array of strings per RFC 7519) names one of `expected`."""
     values = aud if isinstance(aud, list) else [aud]
-    wanted = {_strip_slash(url) for url in expected}
-    return any(isinstance(value, str) and _strip_slash(value) in wanted for value in values)
+    wanted = {strip_slash(url) for url in expected}
+    return any(isinstance(value, str) and strip_slash(value) in wanted for value in values)
 
 
 def _number(claims: Mapping[str, Any], name: str) -> float | None:
@@ -290,7 +291,7 @@ class AccessTokenVerifier:
         self._session = session
         self._clock = clock
         self._configuration_url = config.smart_configuration_url or (
-            _strip_slash(fhir_base_url) + SMART_CONFIGURATION_PATH
+            strip_slash(fhir_base_url) + SMART_CONFIGURATION_PATH
         )
         self._audiences = config.audiences or (fhir_base_url,)
         self._lock = threading.Lock()
@@ -426,7 +427,7 @@ class AccessTokenVerifier:
         except jwt.PyJWTError:
             raise AuthError("access token rejected: token invalid") from None
         issuer = self._issuer()
-        if issuer is not None and _strip_slash(str(claims.get("iss"))) != _strip_slash(issuer):
+        if issuer is not None and strip_slash(str(claims.get("iss"))) != strip_slash(issuer):
             raise AuthError("access token rejected: iss is not the authorization server")
         return self._grant(claims, via="jwt", exp_required=True)
 
@@ -444,7 +445,7 @@ class AccessTokenVerifier:
         nbf = _number(claims, "nbf")
         if nbf is not None and nbf > now + leeway:
             raise AuthError("access token rejected: not yet valid")
-        if ("aud" in claims or via == "jwt") and not _audience_matches(
+        if ("aud" in claims or via == "jwt") and not audience_matches(
             claims.get("aud"), self._audiences
         ):
             raise AuthError("access token rejected: aud is not the FHIR server or the service")

@@ -31,6 +31,7 @@ from fhir_dm.web.access_tokens import (
     AccessGrant,
     AccessTokenVerifier,
     SmartTrust,
+    audience_matches,
     get_small_json,
     secure_url,
 )
@@ -567,7 +568,7 @@ class JwtVerifier:
             raise AuthError("jwt rejected: exp before iat")
         if "nbf" in claims and _numeric(claims, "nbf") > now + leeway:
             raise AuthError("jwt rejected: not yet valid")
-        if not _audience_matches(claims["aud"], audience):
+        if not audience_matches(claims["aud"], (audience,)):  # the endpoint URL called
             raise AuthError("jwt rejected: aud does not match endpoint")
         jti = claims["jti"]
         if not isinstance(jti, str) or not jti:
@@ -585,17 +586,6 @@ def _numeric(claims: Mapping[str, Any], name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise AuthError(f"jwt rejected: {name} not a number")
     return float(value)
-
-
-def _audience_matches(aud: Any, audience: str) -> bool:
-    """`aud` is the endpoint URL called (string, or array of strings per the spec)."""
-    expected = _strip_slash(audience)
-    values = aud if isinstance(aud, list) else [aud]
-    return any(isinstance(value, str) and _strip_slash(value) == expected for value in values)
-
-
-def _strip_slash(url: str) -> str:
-    return url[:-1] if url.endswith("/") else url
 
 
 class InboundAuth:
