@@ -14,7 +14,7 @@ from datetime import date
 
 from fhir_dm.core.dates import add_months
 from fhir_dm.core.facts import UNKNOWN, PatientFacts
-from fhir_dm.knowledge.models import Knowledge, Predicate, RuleSet, ScopeId
+from fhir_dm.knowledge.models import Knowledge, Predicate, RuleSet, ScopeId, TierRule
 
 Tri = bool | None  # None = unknown
 
@@ -261,13 +261,23 @@ def _merge(value: Tri, parts: list[Evaluation]) -> Evaluation:
     )
 
 
-def _tier(rs: RuleSet, high: int, intermediate: int) -> str:
+def tier_rule(rs: RuleSet, high: int, intermediate: int) -> TierRule | None:
+    """The first tier rule these factor counts meet; None when none does (the default tier).
+
+    The one reading of the tier rules: the tier itself and the page's "why this tier" both
+    come from it.
+    """
     for rule in rs.tiers.rules:
         if rule.min_high is not None and high >= rule.min_high:
-            return rule.tier
+            return rule
         if rule.min_intermediate is not None and intermediate >= rule.min_intermediate:
-            return rule.tier
-    return rs.tiers.default
+            return rule
+    return None
+
+
+def _tier(rs: RuleSet, high: int, intermediate: int) -> str:
+    rule = tier_rule(rs, high, intermediate)
+    return rs.tiers.default if rule is None else rule.tier
 
 
 def _count(evaluator: Evaluator, rs: RuleSet) -> tuple[list[FiredRule], int, int]:

@@ -31,7 +31,7 @@ from fhir_dm.core.dates import years_between
 from fhir_dm.core.explain import factor_text
 from fhir_dm.core.facts import UNKNOWN
 from fhir_dm.core.ids import is_fhir_id
-from fhir_dm.core.rules import Assessment
+from fhir_dm.core.rules import Assessment, tier_rule
 from fhir_dm.fhir.client import FhirClient, client_from_config
 from fhir_dm.knowledge.models import Knowledge
 from fhir_dm.population.config import MeasureConfig, PopulationConfig, load_population_config
@@ -250,21 +250,18 @@ def factor_contributions(a: Assessment, knowledge: Knowledge) -> Json:
     intermediate = sum(f.kind == "factor-intermediate" for f in a.factors)
     assert a.tier is not None
     label = rs.tiers.level(a.tier).label
-    basis = f"{label}: no rule for a higher tier is met"
-    for rule in rs.tiers.rules:
-        if rule.min_high is not None and high >= rule.min_high:
-            basis = f"{label}: {_count(high, 'high-risk factor')} (at least {rule.min_high})"
-            break
-        if rule.min_intermediate is not None and intermediate >= rule.min_intermediate:
-            basis = (
-                f"{label}: {_count(intermediate, 'intermediate-risk factor')} "
-                f"(at least {rule.min_intermediate})"
-            )
-            break
-    else:
+    rule = tier_rule(rs, high, intermediate)
+    if rule is None:
         basis = (
             f"{label}: {_count(high, 'high-risk factor')} and "
             f"{_count(intermediate, 'intermediate-risk factor')}"
+        )
+    elif rule.min_high is not None and high >= rule.min_high:
+        basis = f"{label}: {_count(high, 'high-risk factor')} (at least {rule.min_high})"
+    else:
+        basis = (
+            f"{label}: {_count(intermediate, 'intermediate-risk factor')} "
+            f"(at least {rule.min_intermediate})"
         )
     return {"factors": factors, "basis": basis}
 
