@@ -962,10 +962,25 @@ class RegionalRisk(_Frozen):
         return frozenset(c.strip().casefold() for c in given)
 
 
+class IdentifierType(_Frozen):
+    """A coding of Identifier.type: which of a Patient's identifiers is the one shown."""
+
+    system: str
+    code: str
+
+
+class PatientDisplay(_Frozen):
+    # The medical record number shown on the app's page: the identifier of this type.
+    mrn_identifier_type: IdentifierType = IdentifierType(
+        system="http://terminology.hl7.org/CodeSystem/v2-0203", code="MR"
+    )
+
+
 class Site(_Frozen):
     """config/site.yaml: how this installation reads data and what it writes."""
 
     site: SiteFlags = SiteFlags()
+    patient_display: PatientDisplay = PatientDisplay()
     regional_risk: RegionalRisk = RegionalRisk()
     antibody_results: AntibodyResults = AntibodyResults()
     observations: ObservationSettings = ObservationSettings()

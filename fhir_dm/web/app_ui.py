@@ -33,7 +33,7 @@ from fhir_dm.core.facts import UNKNOWN
 from fhir_dm.core.ids import is_fhir_id
 from fhir_dm.core.rules import Assessment, tier_rule
 from fhir_dm.fhir.client import FhirClient, client_from_config
-from fhir_dm.knowledge.models import Knowledge
+from fhir_dm.knowledge.models import IdentifierType, Knowledge
 from fhir_dm.population.config import MeasureConfig, PopulationConfig, load_population_config
 from fhir_dm.population.finder import find_iim_patients, iim_search_tokens
 from fhir_dm.population.measures import NO_VALUE, measure_report
@@ -61,9 +61,6 @@ CLINIC_PERIOD_DAYS = 365
 CLINIC_QUARTERS = 4
 # Stop assessing when less than this is left of the request's deadline, to answer in time.
 CLINIC_RESERVE_SECONDS = 3.0
-# The medical record number: the identifier typed "MR" in HL7 v2 table 0203 (Identifier Type,
-# https://terminology.hl7.org/CodeSystem-v2-0203.html), as FHIR R4's Patient examples type it.
-MR_TYPE = ("http://terminology.hl7.org/CodeSystem/v2-0203", "MR")
 # Ids per `_id` search when names are fetched in batch: short enough for any server's URL limit.
 IDS_PER_SEARCH = 100
 # The resource types whose names the clinic page shows, and the elements it needs of each.
@@ -173,11 +170,13 @@ def human_name(resource: Json | None) -> str | None:
     return None
 
 
-def medical_record_number(patient: Json | None) -> str | None:
-    """The value of the Patient's identifier typed MR (HL7 v2-0203), None if it has none."""
+def medical_record_number(patient: Json | None, mrn_type: IdentifierType) -> str | None:
+    """The value of the Patient's identifier of the site's MRN type (config/site.yaml), None if
+    it has none."""
+    wanted = (mrn_type.system, mrn_type.code)
     for identifier in (patient or {}).get("identifier") or []:
         codings = ((identifier.get("type") or {}).get("coding")) or []
-        if any((c.get("system"), c.get("code")) == MR_TYPE for c in codings):
+        if any((c.get("system"), c.get("code")) == wanted for c in codings):
             value = identifier.get("value")
             if isinstance(value, str) and value:
                 return value
@@ -194,7 +193,7 @@ def _age(a: Assessment) -> str | None:
     return str(oldest) if youngest == oldest else f"{youngest}-{oldest}"
 
 
-def header(write: PatientWrite, patient: Json | None) -> Json:
+def header(write: PatientWrite, patient: Json | None, knowledge: Knowledge) -> Json:
     """Who the page is about: name, age, sex as the rules read it, MRN, and the one diagnosis
     date the schedule is dated from (with where it was read), plus the symptom onset."""
     plan = write.result.plan
@@ -213,7 +212,7 @@ def header(write: PatientWrite, patient: Json | None) -> Json:
         "age": _age(a),
         "sex": "not recorded" if sex is UNKNOWN else str(sex),
         "sexNote": a.facts.sex_uncertain,
-        "mrn": medical_record_number(patient),
+        "mrn": medical_record_number(patient, knowledge.site.patient_display.mrn_identifier_type),
         "diagnosis": diagnosis,
         "onset": onset,
         # The IIM Condition both dates were read from.
@@ -285,7 +284,7 @@ def patient_view(write: PatientWrite, knowledge: Knowledge, patient: Json | None
     contributions = factor_contributions(a, knowledge)
     return {
         "patient": result.patient_reference,
-        "header": header(write, patient),
+        "header": header(write, patient, knowledge),
         "today": a.now.isoformat(),
         "tier": result.tier if stratified(a) else None,
         "tierLabel": explanation.tier_label if stratified(a) else None,
